@@ -1,0 +1,156 @@
+"""``smarttrim attach``: a released checkpoint in, a trimmable model directory out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SmartTrimError
+from .model_dir import DEFAULT_ATTACH_DIR, save_model_dir, sha256
+from .recipes import load_recipe
+from .trim.config import TrimConfig
+from .trim.cost import total_macs
+
+TOKENIZER_FILES = {"roberta": ("vocab.json", "merges.txt"), "bert": ("vocab.txt",)}
+
+
+def resolve_tokenizer(ckpt: Path, tokenizer_dir, family: str, name: str, vocab_size: int):
+    """Find the text tokenizer locally: --tokenizer, a ``tokenizer/`` folder beside the checkpoint, the
+    checkpoint's tokenizer name as a local path, or the local Hugging Face cache. Never the network."""
+    from transformers import AutoTokenizer, BertTokenizer, RobertaTokenizer
+
+    cls = RobertaTokenizer if family == "roberta" else BertTokenizer
+    tried = []
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [ckpt.parent / "tokenizer", Path(name) if name else None]
+    for d in candidates:
+        if d is None:
+            continue
+        tried.append(str(d))
+        if not d.is_dir():
+            if tokenizer_dir:
+                raise SmartTrimError(f"{d}: tokenizer directory not found")
+            continue
+        try:
+            if (d / "tokenizer_config.json").is_file():
+                tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            else:
+                missing = [f for f in TOKENIZER_FILES[family] if not (d / f).is_file()]
+                if missing:
+                    raise SmartTrimError(f"{d}: no {', '.join(missing)} for the {family} tokenizer")
+                tok = cls.from_pretrained(str(d), local_files_only=True)
+        except SmartTrimError:
+            raise
+        except Exception as e:
+            raise SmartTrimError(f"{d}: cannot load tokenizer ({type(e).__name__})") from None
+        break
+    else:
+        tok = None
+        if name and not tokenizer_dir:
+            try:  # a tokenizer already in the local Hugging Face cache; no download is attempted
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            except Exception:
+                tok = None
+        if tok is None:
+            want = " and ".join(TOKENIZER_FILES[family])
+            raise SmartTrimError(f"{ckpt}: no tokenizer found locally (tried {', '.join(tried) or 'nothing'}"
+                                 f"{' and the Hugging Face cache for ' + repr(name) if name else ''}); pass "
+                                 f"--tokenizer DIR with the {name or family} tokenizer files ({want})")
+    if len(tok) > vocab_size:
+        raise SmartTrimError(f"tokenizer has {len(tok)} tokens but the checkpoint's text embeddings only "
+                             f"{vocab_size}: wrong tokenizer for this model")
+    return tok
+
+
+def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, threshold=None) -> TrimConfig:
+    from .backbones import family
+
+    cfg = family(model.family).default_trim_config(model.config)
+    source = "defaults"
+    if recipe:
+        r = load_recipe(recipe)
+        t = r.get("trim") or {}
+        if "token_layers" in t:
+            cfg.token_layers = {k: list(v or []) for k, v in t["token_layers"].items()}
+        if "head_layers" in t:
+            cfg.head_layers = {k: list(v or []) for k, v in t["head_layers"].items()}
+        for k in ("threshold", "reduction", "init_keep"):
+            if k in t:
+                setattr(cfg, k, t[k])
+        source = r["_path"]
+    if token_layers:
+        cfg.token_layers.update(token_layers)
+        source = "--token-layers"
+    if head_layers:
+        cfg.head_layers.update(head_layers)
+        source = "--head-layers"
+    if threshold is not None:
+        cfg.threshold = threshold
+    cfg = TrimConfig.from_dict(cfg.to_dict())
+    cfg.validate(model.stream_layers(), source)
+    return cfg
+
+
+def dummy_batch(model, text_len=None, batch=1):
+    c = model.config
+    T = text_len or c.max_text_len
+    b = {"pixel_values": torch.zeros(batch, 3, c.image_size, c.image_size),
+         "input_ids": torch.full((batch, T), 5, dtype=torch.long),
+         "attention_mask": torch.ones(batch, T, dtype=torch.long)}
+    if c.task == "nlvr2":
+        b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
+    return b
+
+
+def full_macs(model, text_len=None) -> float:
+    """MACs of the untrimmed model on one input (text of ``text_len`` tokens, default max_text_len)."""
+    with torch.no_grad():
+        _, ctx = model.run(dummy_batch(model, text_len), mode="full", record=True)
+    return float(total_macs(ctx.records, full=True)[0])
+
+
+def summary(model) -> dict:
+    c = model.config
+    n_backbone = sum(p.numel() for p in model.backbone_parameters())
+    n_added = sum(p.numel() for p in model.trimmer_parameters())
+    t = model.trim_config
+    return {
+        "backbone": model.family, "task": c.task, "image_size": c.image_size, "patch_size": c.patch_size,
+        "image_tokens": c.n_patches + 1, "text_tokens": c.max_text_len,
+        "token_trimmers": {k: v for k, v in t.token_layers.items() if v},
+        "head_trimmers": {k: v for k, v in t.head_layers.items() if v},
+        "n_token_trimmers": len(model.token_trimmers), "n_head_trimmers": len(model.head_trimmers),
+        "params_backbone": n_backbone, "params_added": n_added, "params_added_pct": 100.0 * n_added / n_backbone,
+        "full_gmacs": full_macs(model) / 1e9, "threshold": t.threshold,
+    }
+
+
+@dataclass
+class AttachResult:
+    model: object
+    out_dir: Path
+    summary: dict
+    info: dict
+
+
+def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
+           head_layers=None, threshold=None) -> AttachResult:
+    from .backbones import meter
+
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise SmartTrimError(f"{ckpt}: no such file")
+    if ckpt.is_dir():
+        raise SmartTrimError(f"{ckpt}: is a directory; expected a METER .ckpt file")
+    model, info = meter.from_checkpoint(ckpt, image_size=image_size)
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
+    c = model.config
+    tok = resolve_tokenizer(ckpt, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
+    out_dir = Path(out_dir) if out_dir else DEFAULT_ATTACH_DIR
+    s = summary(model)
+    save_model_dir(model, out_dir, tokenizer=tok, provenance={
+        "source": str(ckpt.resolve()), "source_sha256": sha256(ckpt), "source_format": "meter-lightning-ckpt",
+        "source_image_size": info["source_image_size"], "ignored_keys": info["ignored_keys"]},
+        extra={"preprocess": {"image_size": c.image_size, "mean": list(meter.CLIP_MEAN), "std": list(meter.CLIP_STD),
+                              "max_text_len": c.max_text_len}})
+    return AttachResult(model, out_dir, s, info)

@@ -1,0 +1,146 @@
+"""What every trimmable backbone shares: the per-mode decision steps and the inference API."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn.attention import pad_to_additive
+from ..trim.context import LayerCost, TrimContext, count
+from ..trim.gather import gather_rows, kept_order
+from ..trim.gumbel import st_keep
+
+
+@dataclass
+class Stream:
+    """A token stream during a forward: states, validity, soft policy, original positions."""
+
+    x: torch.Tensor
+    pad: torch.Tensor            # (B, n) 1 = real token (hard: kept and not a batch-padding slot)
+    pos: torch.Tensor            # (B, n) original positions
+    n_full: torch.Tensor         # (B,) tokens the untrimmed model would process
+    policy: torch.Tensor | None  # (B, n) soft mode: cumulative straight-through keep mask
+    all_valid: bool              # no padding anywhere: attention needs no additive mask
+    n_orig: int = 0
+
+    @classmethod
+    def start(cls, x, pad, mode: str, all_valid: bool):
+        B, n = pad.shape
+        pos = torch.arange(n, device=x.device).unsqueeze(0).expand(B, n)
+        pad = pad.to(x.dtype)
+        return cls(x, pad, pos, count(pad), pad if mode == "soft" else None, all_valid, n)
+
+    def key_add(self):
+        return None if self.all_valid else pad_to_additive(self.pad, self.x.dtype)
+
+    def count(self):
+        return count(self.policy if self.policy is not None else self.pad)
+
+    def drop_padding(self):
+        """Hard mode: remove padding tokens before any compute is spent on them."""
+        self._gather(self.pad > 0)
+
+    def _gather(self, keep):
+        idx, _ = kept_order(keep)
+        self.x = gather_rows(self.x, idx)
+        self.pad = gather_rows(keep.to(self.x.dtype), idx)
+        self.pos = gather_rows(self.pos, idx)
+        self.all_valid = self.x.shape[0] == 1  # batch of one: every gathered token is real
+
+
+def _cls_kept(mask: torch.Tensor) -> torch.Tensor:
+    """Force token 0 ([CLS]) kept without in-place writes (autograd and export friendly)."""
+    return torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+
+
+class TrimmableModel(nn.Module):
+    """Base of backbones: owns ``token_trimmers``/``head_trimmers`` and the decision logic."""
+
+    family = "base"
+
+    def __init__(self):
+        super().__init__()
+        self.token_trimmers = nn.ModuleDict()
+        self.head_trimmers = nn.ModuleDict()
+        self.mode = "full"
+        self.threshold = 0.5
+        self.last_ctx: TrimContext | None = None
+
+    # ----- decisions -------------------------------------------------------------------------------
+    def token_step(self, name: str, s: Stream, c: torch.Tensor, ctx: TrimContext, key: str | None = None):
+        """Apply the token trimmer ``name`` to stream s (in place). ``key`` names the decision record."""
+        if ctx.mode == "full" or name not in self.token_trimmers:
+            return
+        key = "tok:" + (key or name)
+        tr = self.token_trimmers[name]
+        alive = s.policy if ctx.mode == "soft" else s.pad
+        logits = tr(s.x, alive, c)
+        ctx.add(LayerCost(key, "token_trimmer", tr.cost_dims(), n=count(alive), n_full=s.n_full))
+        forced = ctx.forced.get(key) if ctx.forced else None
+        if ctx.mode == "soft":
+            if forced is not None:
+                m = forced.to(s.x.dtype)
+            elif ctx.keep_ratio is not None:
+                m = self._topk_keep(logits, alive, ctx.keep_ratio).to(s.x.dtype)
+            else:
+                m = st_keep(logits, ctx.tau, self.training, ctx.threshold)
+            s.policy = s.policy * _cls_kept(m * s.pad)
+            ctx.decisions[key] = s.policy.detach()
+            ctx.keep_probs[key] = torch.sigmoid(logits.detach())
+        else:
+            if forced is not None:
+                keep = forced.to(s.x.device).gather(1, s.pos) > 0.5
+            elif ctx.keep_ratio is not None:
+                keep = self._topk_keep(logits, s.pad, ctx.keep_ratio)
+            else:
+                keep = torch.sigmoid(logits) > ctx.threshold
+            keep = _cls_kept(keep & (s.pad > 0))
+            s._gather(keep)
+            if ctx.record:  # kept mask over the stream's original positions, for reports and overlays
+                ctx.decisions[key] = torch.zeros(s.pad.shape[0], s.n_orig, dtype=s.pad.dtype,
+                                                 device=s.pad.device).scatter(1, s.pos, s.pad)
+
+    @staticmethod
+    def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:
+        """Keep the ceil(ratio * alive) highest-scoring live tokens of each instance (fixed-ratio rule)."""
+        k = torch.ceil(count(alive) * ratio).clamp_min(1)
+        score = logits.masked_fill(alive <= 0, float("-inf"))
+        rank = score.argsort(1, descending=True).argsort(1)
+        return (rank < k.unsqueeze(1)) & (alive > 0)
+
+    def head_step(self, name: str, cls_own, cls_other, ctx: TrimContext, key: str | None = None):
+        """-> (gate (B,h) or None, kept head indices or None, per-instance kept count or None)."""
+        if ctx.mode == "full" or name not in self.head_trimmers:
+            return None, None, None
+        key = "head:" + (key or name)
+        ht = self.head_trimmers[name]
+        logits = ht(cls_own, cls_other)
+        B, H = logits.shape
+        ctx.add(LayerCost(key, "head_trimmer", ht.cost_dims(),
+                          n=torch.ones(B, device=logits.device), n_full=torch.ones(B, device=logits.device)))
+        top = F.one_hot(logits.argmax(1), H).to(logits.dtype)  # at least one head always kept
+        forced = ctx.forced.get(key) if ctx.forced else None
+        if ctx.mode == "soft":
+            g = forced.to(logits.dtype) if forced is not None else st_keep(logits, ctx.tau, self.training, ctx.threshold)
+            g = torch.maximum(g, top)
+            ctx.decisions[key] = g.detach()
+            return g, None, g.sum(1)
+        keep = (forced > 0.5) if forced is not None else torch.sigmoid(logits) > ctx.threshold
+        keep = keep | top.bool()
+        ctx.decisions[key] = keep
+        idx = keep.any(0).nonzero().squeeze(1)
+        gate = None if B == 1 else keep.index_select(1, idx).to(logits.dtype)
+        return gate, idx, count(keep)
+
+    # ----- API -------------------------------------------------------------------------------------
+    def make_context(self, mode=None, threshold=None, record=False, forced=None, keep_ratio=None, tau=1.0):
+        return TrimContext(mode=mode or self.mode, threshold=self.threshold if threshold is None else threshold,
+                           record=record, forced=forced, keep_ratio=keep_ratio, tau=tau)
+
+    def run(self, batch: dict, **ctx_kw):
+        """Forward one collated batch; returns (logits, TrimContext with records and decisions)."""
+        ctx = self.make_context(**ctx_kw)
+        logits = self(**{k: batch[k] for k in self.input_names if k in batch}, ctx=ctx)
+        return logits, ctx

@@ -1,0 +1,435 @@
+"""METER (Dou et al., 2022) on the trimmable core, with the original checkpoint's weight names.
+
+CLIP ViT visual tower + RoBERTa/BERT text encoder + co-attention layers updated in parallel; see
+shared/NOTES.md for the layout. Forward order with trimmers: the cheap text tower runs first so its
+[CLS] can guide the vision tower's token and head trimmers; in the cross-modal encoder each stream is
+guided by the other stream's [CLS] of the previous layer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import SmartTrimError
+from ..nn.layers import BertCrossLayer, BertLayer, ClipBlock
+from ..trim.config import TrimConfig
+from ..trim.context import LayerCost, TrimContext
+from ..trim.trimmers import HeadTrimmer, TokenTrimmer
+from .base import Stream, TrimmableModel
+
+TASKS = ("vqa", "nlvr2", "snli", "retrieval")
+HEAD_PREFIX = {"vqa": "vqa_classifier", "nlvr2": "nlvr2_classifier", "snli": "snli_classifier",
+               "retrieval": "rank_output"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Keys present in released METER files that the model never uses (NOTES.md); ignored by name only.
+UNUSED_KEYS = ("vit_model.token_embedding.weight", "vit_model.positional_embedding",
+               "text_transformer.embeddings.position_ids")
+UNUSED_PREFIXES = ("vit_model.ln_final.", "text_transformer.pooler.")
+
+
+@dataclass
+class MeterConfig:
+    task: str = "vqa"
+    num_labels: int = 3129
+    image_size: int = 288
+    max_text_len: int = 50
+    # CLIP visual tower
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 11
+    vision_heads: int = 12
+    # text tower
+    text_family: str = "roberta"      # roberta: positions offset by the padding index; bert: 0..T-1
+    vocab_size: int = 50265
+    text_hidden: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_position: int = 514
+    text_type_vocab: int = 1
+    pad_token_id: int = 1
+    text_eps: float = 1e-5
+    # cross-modal encoder
+    hidden: int = 768
+    cross_layers: int = 6
+    cross_heads: int = 12
+    cross_intermediate: int = 3072
+    num_token_types: int = 2
+    has_itm: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def default_trim_config(cfg: MeterConfig) -> TrimConfig:
+    """Defaults: most cost scales with image tokens, so trim them early and repeatedly in the vision
+    tower and the cross-modal image stream; text tokens once per encoder; heads in the upper half of
+    the uni-modal towers and everywhere in the cross-modal encoder."""
+    lv, lt, lx = cfg.vision_layers, cfg.text_layers, cfg.cross_layers
+    return TrimConfig(
+        token_layers={"vision": list(range(max(1, lv // 4), lv, 2)), "text": [lt // 2] if lt > 1 else [],
+                      "xtext": list(range(0, lx, 2)), "ximage": list(range(0, lx, 2))},
+        head_layers={"vision": list(range(lv // 2, lv)), "text": list(range(lt // 2, lt)),
+                     "xtext": list(range(lx)), "ximage": list(range(lx))},
+    )
+
+
+class _Visual(nn.Module):
+    def __init__(self, c: MeterConfig):
+        super().__init__()
+        d = c.vision_width
+        self.conv1 = nn.Conv2d(3, d, c.patch_size, c.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(d) * d ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(c.n_patches + 1, d) * d ** -0.5)
+        self.ln_pre = nn.LayerNorm(d)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(ClipBlock(d, c.vision_heads) for _ in range(c.vision_layers))
+        self.ln_post = nn.LayerNorm(d)
+
+
+class _TextEmbeddings(nn.Module):
+    def __init__(self, c: MeterConfig):
+        super().__init__()
+        self.family, self.pad = c.text_family, c.pad_token_id
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.text_hidden, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position, c.text_hidden)
+        self.token_type_embeddings = nn.Embedding(c.text_type_vocab, c.text_hidden)
+        self.LayerNorm = nn.LayerNorm(c.text_hidden, eps=c.text_eps)
+
+    def forward(self, ids):
+        if self.family == "roberta":  # RoBERTa numbers real tokens from padding_idx + 1
+            real = ids.ne(self.pad).long()
+            pos = torch.cumsum(real, 1) * real + self.pad
+        else:
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        x = self.word_embeddings(ids) + self.token_type_embeddings.weight[0] + self.position_embeddings(pos)
+        return self.LayerNorm(x)
+
+
+class _Pooler(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+def _classifier(d_in, d_hidden, n_out):
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, n_out))
+
+
+def _const_macs(mod: nn.Module, rows: int = 1) -> int:
+    """MACs of a small fixed-size head (fvcore convention)."""
+    macs = 0
+    for m in mod.modules():
+        if isinstance(m, nn.Linear):
+            macs += rows * m.in_features * m.out_features
+        elif isinstance(m, nn.LayerNorm):
+            macs += rows * 5 * m.normalized_shape[0]
+    return macs
+
+
+class MeterModel(TrimmableModel):
+    family = "meter"
+    input_names = ("pixel_values", "input_ids", "attention_mask", "pixel_values2")
+
+    def __init__(self, config: MeterConfig, trim: TrimConfig | None = None):
+        super().__init__()
+        c = self.config = config
+        if c.task not in TASKS:
+            raise SmartTrimError(f"unsupported METER task {c.task!r} (supported: {', '.join(TASKS)})")
+        self.vit_model = nn.Module()
+        self.vit_model.visual = _Visual(c)
+        self.text_transformer = nn.Module()
+        self.text_transformer.embeddings = _TextEmbeddings(c)
+        self.text_transformer.encoder = nn.Module()
+        self.text_transformer.encoder.layer = nn.ModuleList(
+            BertLayer(c.text_hidden, c.text_heads, c.text_intermediate, c.text_eps) for _ in range(c.text_layers))
+        self.cross_modal_text_transform = nn.Linear(c.text_hidden, c.hidden)
+        self.cross_modal_image_transform = nn.Linear(c.vision_width, c.hidden)
+        self.token_type_embeddings = nn.Embedding(c.num_token_types, c.hidden)
+        self.cross_modal_text_layers = nn.ModuleList(
+            BertCrossLayer(c.hidden, c.cross_heads, c.cross_intermediate, 1e-12) for _ in range(c.cross_layers))
+        self.cross_modal_image_layers = nn.ModuleList(
+            BertCrossLayer(c.hidden, c.cross_heads, c.cross_intermediate, 1e-12) for _ in range(c.cross_layers))
+        self.cross_modal_text_pooler = _Pooler(c.hidden)
+        self.cross_modal_image_pooler = _Pooler(c.hidden)
+        h2 = 2 * c.hidden
+        if c.task == "vqa":
+            self.vqa_classifier = _classifier(h2, h2, c.num_labels)
+        elif c.task == "snli":
+            self.snli_classifier = _classifier(h2, h2, c.num_labels)
+        elif c.task == "nlvr2":
+            self.nlvr2_classifier = _classifier(2 * h2, h2, c.num_labels)
+        else:
+            self.rank_output = nn.Linear(h2, 1)
+            if c.has_itm:
+                self.itm_score = nn.Module()
+                self.itm_score.fc = nn.Linear(h2, 2)
+        self.trim_config = None
+        if trim is not None:
+            self.attach_trimmers(trim)
+
+    # ----- structure -------------------------------------------------------------------------------
+    def stream_layers(self) -> dict:
+        c = self.config
+        return {"text": c.text_layers, "vision": c.vision_layers, "xtext": c.cross_layers, "ximage": c.cross_layers}
+
+    def attach_trimmers(self, trim: TrimConfig):
+        """Insert token and head trimmers where ``trim`` says (replacing any already there)."""
+        c = self.config
+        trim.validate(self.stream_layers())
+        dims = {"text": (c.text_hidden, c.vision_width, c.text_heads),
+                "vision": (c.vision_width, c.text_hidden, c.vision_heads),
+                "xtext": (c.hidden, c.hidden, c.cross_heads), "ximage": (c.hidden, c.hidden, c.cross_heads)}
+        self.token_trimmers = nn.ModuleDict()
+        self.head_trimmers = nn.ModuleDict()
+        for stream, layers in trim.token_layers.items():
+            d, dc, _ = dims[stream]
+            for i in layers:
+                self.token_trimmers[f"{stream}_{i}"] = TokenTrimmer(d, dc, trim.reduction, trim.init_keep)
+        for stream, layers in trim.head_layers.items():
+            d, dc, H = dims[stream]
+            for i in layers:
+                subs = ("_self", "_cross") if stream.startswith("x") else ("",)
+                for sub in subs:
+                    self.head_trimmers[f"{stream}_{i}{sub}"] = HeadTrimmer(d, dc, H, trim.reduction, trim.init_keep)
+        self.trim_config = trim
+        self.threshold = trim.threshold
+        return self
+
+    def head(self):
+        return getattr(self, HEAD_PREFIX[self.config.task])
+
+    def backbone_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith(("token_trimmers.", "head_trimmers."))]
+
+    def trimmer_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def forward(self, pixel_values, input_ids, attention_mask, pixel_values2=None, ctx: TrimContext | None = None):
+        ctx = ctx or self.make_context()
+        self.last_ctx = ctx
+        c = self.config
+        if c.task == "nlvr2":
+            if pixel_values2 is None:
+                raise SmartTrimError("NLVR2 needs two images (pixel_values2)")
+            f1 = self.encode(pixel_values, input_ids, attention_mask, 1, ctx, "")
+            f2 = self.encode(pixel_values2, input_ids, attention_mask, 2, ctx, "img2/")
+            feats = torch.cat([f1, f2], dim=-1)
+        else:
+            feats = self.encode(pixel_values, input_ids, attention_mask, 1, ctx, "")
+        head = self.head()
+        B = feats.shape[0]
+        ones = torch.ones(B, device=feats.device)
+        ctx.add(LayerCost("head", "const", {"macs": _const_macs(head)}, n=ones, n_full=ones))
+        return head(feats)
+
+    def encode(self, pixel_values, input_ids, attention_mask, image_type: int, ctx: TrimContext, prefix: str):
+        c, mode = self.config, ctx.mode
+        vis = self.vit_model.visual
+        B = input_ids.shape[0]
+        dev = input_ids.device
+        ones = torch.ones(B, device=dev)
+
+        # image tokens: patch embedding, [CLS], positions, ln_pre
+        xi = vis.conv1(pixel_values.to(vis.conv1.weight.dtype))
+        gh, gw = xi.shape[-2:]
+        xi = xi.flatten(2).transpose(1, 2)
+        xi = torch.cat([vis.class_embedding.to(xi.dtype).expand(B, 1, -1), xi], dim=1)
+        xi = vis.ln_pre(xi + vis.positional_embedding.to(xi.dtype))
+        Ni = xi.shape[1]
+        ctx.add(LayerCost(prefix + "patch_embed", "const",
+                          {"macs": gh * gw * vis.conv1.weight[0].numel() * c.vision_width + 5 * Ni * c.vision_width},
+                          n=ones, n_full=ones))
+        img = Stream.start(xi, torch.ones(B, Ni, device=dev), mode, all_valid=True)
+
+        # text tokens
+        xt = self.text_transformer.embeddings(input_ids)
+        text = Stream.start(xt, attention_mask, mode, all_valid=False)
+        ctx.add(LayerCost(prefix + "text_embed", "ln", {"d": c.text_hidden}, n=text.count(), n_full=text.n_full))
+        if mode == "hard":
+            text.drop_padding()
+        want_img_ctx = any(k.startswith("text_") for k in list(self.token_trimmers) + list(self.head_trimmers))
+        img_ctx = xi[:, 1:].mean(1) if (mode != "full" and want_img_ctx) else None
+
+        dt = {"d": c.text_hidden, "dff": c.text_intermediate, "dh": c.text_hidden // c.text_heads, "H": c.text_heads}
+        for i, layer in enumerate(self.text_transformer.encoder.layer):
+            name = f"text_{i}"
+            self.token_step(name, text, img_ctx, ctx, prefix + name)
+            gate, idx, hc = self.head_step(name, text.x[:, 0], img_ctx, ctx, prefix + name) if img_ctx is not None else (None, None, None)
+            text.x = layer(text.x, text.key_add(), text.policy, gate, idx)
+            ctx.add(LayerCost(prefix + name, "bert_layer", dt, n=text.count(), n_full=text.n_full, h=hc))
+        t_cls = text.x[:, 0]
+
+        dv = {"d": c.vision_width, "dff": 4 * c.vision_width, "dh": c.vision_width // c.vision_heads, "H": c.vision_heads}
+        for i, blk in enumerate(vis.transformer.resblocks):
+            name = f"vision_{i}"
+            self.token_step(name, img, t_cls, ctx, prefix + name)
+            gate, idx, hc = self.head_step(name, img.x[:, 0], t_cls, ctx, prefix + name)
+            img.x = blk(img.x, img.key_add(), img.policy, gate, idx)
+            ctx.add(LayerCost(prefix + name, "clip_block", dv, n=img.count(), n_full=img.n_full, h=hc))
+
+        img.x = self.cross_modal_image_transform(vis.ln_post(img.x))
+        ctx.add(LayerCost(prefix + "ln_post", "ln", {"d": c.vision_width}, n=img.count(), n_full=img.n_full))
+        ctx.add(LayerCost(prefix + "image_transform", "linear", {"din": c.vision_width, "dout": c.hidden},
+                          n=img.count(), n_full=img.n_full))
+        text.x = self.cross_modal_text_transform(text.x)
+        ctx.add(LayerCost(prefix + "text_transform", "linear", {"din": c.text_hidden, "dout": c.hidden},
+                          n=text.count(), n_full=text.n_full))
+        tt = self.token_type_embeddings.weight
+        text.x = text.x + tt[0]
+        img.x = img.x + tt[image_type]
+
+        dx = {"d": c.hidden, "dkv": c.hidden, "dff": c.cross_intermediate, "dh": c.hidden // c.cross_heads,
+              "H": c.cross_heads}
+        for i, (tl, il) in enumerate(zip(self.cross_modal_text_layers, self.cross_modal_image_layers)):
+            x0, y0 = text.x[:, 0], img.x[:, 0]
+            self.token_step(f"xtext_{i}", text, y0, ctx, f"{prefix}xtext_{i}")
+            self.token_step(f"ximage_{i}", img, x0, ctx, f"{prefix}ximage_{i}")
+            gts, its, hts = self.head_step(f"xtext_{i}_self", x0, y0, ctx, f"{prefix}xtext_{i}_self")
+            gtc, itc, htc = self.head_step(f"xtext_{i}_cross", x0, y0, ctx, f"{prefix}xtext_{i}_cross")
+            gis, iis, his = self.head_step(f"ximage_{i}_self", y0, x0, ctx, f"{prefix}ximage_{i}_self")
+            gic, iic, hic = self.head_step(f"ximage_{i}_cross", y0, x0, ctx, f"{prefix}ximage_{i}_cross")
+            t_add, i_add = text.key_add(), img.key_add()
+            x1 = tl(text.x, img.x, t_add, text.policy, i_add, img.policy, gts, its, gtc, itc)
+            y1 = il(img.x, text.x, i_add, img.policy, t_add, text.policy, gis, iis, gic, iic)
+            nt, ni = text.count(), img.count()
+            ctx.add(LayerCost(f"{prefix}xtext_{i}", "cross_layer", dx, n=nt, n_full=text.n_full, m=ni,
+                              m_full=img.n_full, h=hts, h2=htc))
+            ctx.add(LayerCost(f"{prefix}ximage_{i}", "cross_layer", dx, n=ni, n_full=img.n_full, m=nt,
+                              m_full=text.n_full, h=his, h2=hic))
+            text.x, img.x = x1, y1
+
+        ctx.add(LayerCost(prefix + "poolers", "const", {"macs": 2 * c.hidden * c.hidden}, n=ones, n_full=ones))
+        return torch.cat([self.cross_modal_text_pooler(text.x), self.cross_modal_image_pooler(img.x)], dim=-1)
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------
+def _count(prefix: str, sd: dict) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def config_from_state_dict(sd: dict, hp: dict, source: str) -> MeterConfig:
+    """Read the architecture off tensor shapes; the sacred config (``hp``) adds resolution, text length
+    and head counts where shapes cannot tell them."""
+    def need(key):
+        if key not in sd:
+            raise SmartTrimError(f"{source}: not a METER checkpoint with a CLIP visual tower (missing {key!r})")
+        return sd[key]
+
+    conv = need("vit_model.visual.conv1.weight")
+    pos = need("vit_model.visual.positional_embedding")
+    word = need("text_transformer.embeddings.word_embeddings.weight")
+    need("cross_modal_text_layers.0.attention.self.query.weight")
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = int(round((pos.shape[0] - 1) ** 0.5))
+    if grid * grid != pos.shape[0] - 1:
+        raise SmartTrimError(f"{source}: vit_model.visual.positional_embedding has {pos.shape[0]} rows, not 1 + a square")
+    heads = [t for t in TASKS if any(k.startswith(HEAD_PREFIX[t] + ".") for k in sd)]
+    if not heads:
+        raise SmartTrimError(f"{source}: no task head found (expected one of "
+                             f"{', '.join(p + '.*' for p in HEAD_PREFIX.values())}); pre-training checkpoints "
+                             "need a task fine-tune first")
+    task = heads[0]
+    if task == "retrieval":
+        num_labels = 1
+    else:
+        num_labels = sd[f"{HEAD_PREFIX[task]}.3.weight"].shape[0]
+    tok = str(hp.get("tokenizer", ""))
+    max_pos = sd["text_transformer.embeddings.position_embeddings.weight"].shape[0]
+    roberta = "roberta" in tok or (not tok and max_pos == 514)
+    text_hidden = word.shape[1]
+    hidden = need("cross_modal_text_transform.weight").shape[0]
+    ext = hp.get("smarttrim", {}) if isinstance(hp.get("smarttrim", {}), dict) else {}
+    return MeterConfig(
+        task=task, num_labels=num_labels,
+        image_size=int(hp.get("image_size") or grid * patch),
+        max_text_len=int(hp.get("max_text_len") or 50),
+        patch_size=patch, vision_width=width, vision_layers=_count("vit_model.visual.transformer.resblocks.", sd),
+        vision_heads=int(ext.get("vision_heads", max(1, width // 64))),
+        text_family="roberta" if roberta else "bert", vocab_size=word.shape[0], text_hidden=text_hidden,
+        text_layers=_count("text_transformer.encoder.layer.", sd),
+        text_heads=int(ext.get("text_heads", max(1, text_hidden // 64))),
+        text_intermediate=sd["text_transformer.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position=max_pos,
+        text_type_vocab=sd["text_transformer.embeddings.token_type_embeddings.weight"].shape[0],
+        pad_token_id=1 if roberta else 0, text_eps=1e-5 if roberta else 1e-12,
+        hidden=hidden, cross_layers=_count("cross_modal_text_layers.", sd),
+        cross_heads=int(hp.get("num_heads") or max(1, hidden // 64)),
+        cross_intermediate=sd["cross_modal_text_layers.0.intermediate.dense.weight"].shape[0],
+        num_token_types=sd["token_type_embeddings.weight"].shape[0],
+        has_itm=task == "retrieval" and "itm_score.fc.weight" in sd,
+        extra={"source_image_size": grid * patch, "tokenizer": tok, "vit": str(hp.get("vit", ""))},
+    )
+
+
+def interpolate_positions(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Bicubic interpolation of ViT positional embeddings on the patch grid; [CLS] position kept."""
+    old = int(round((pos.shape[0] - 1) ** 0.5))
+    if old == new_grid:
+        return pos
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)])
+
+
+def is_unused_key(k: str) -> bool:
+    return k in UNUSED_KEYS or k.startswith(UNUSED_PREFIXES)
+
+
+def from_checkpoint(path, image_size: int | None = None, trim: TrimConfig | None = None):
+    """Load a released METER Lightning ``.ckpt`` exactly; returns (model, info)."""
+    from ..checkpoint_io import load_lightning_checkpoint
+
+    ck = load_lightning_checkpoint(path)
+    sd = {k[len("model."):] if k.startswith("model.") and "model.vit_model.visual.conv1.weight" in ck["state_dict"]
+          else k: v for k, v in ck["state_dict"].items()}
+    hp = ck.get("config") or {}
+    cfg = config_from_state_dict(sd, hp, str(path))
+    src_size = cfg.image_size
+    pos_key = "vit_model.visual.positional_embedding"
+    if image_size:
+        if image_size % cfg.patch_size:
+            raise SmartTrimError(f"--image-size {image_size} is not a multiple of the patch size {cfg.patch_size}")
+        cfg.image_size = image_size
+    model = MeterModel(cfg)
+    expected = model.state_dict()
+    ignored = sorted(k for k in sd if is_unused_key(k))
+    unexpected = sorted(k for k in sd if k not in expected and not is_unused_key(k))
+    missing = sorted(k for k in expected if k not in sd)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:4])}"
+                         f"{' ...' if len(unexpected) > 4 else ''}")
+        raise SmartTrimError(f"{path}: does not match the METER layout: {'; '.join(parts)}")
+    state = {k: sd[k] for k in expected}
+    state[pos_key] = interpolate_positions(sd[pos_key], cfg.image_size // cfg.patch_size)
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise SmartTrimError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=True)
+    model.attach_trimmers(trim or default_trim_config(cfg))
+    model.eval()
+    info = {"ignored_keys": ignored, "source_image_size": src_size, "config": hp, "meta": ck.get("meta", {})}
+    return model, info

@@ -1,0 +1,136 @@
+"""The trimmed-model directory (Hugging Face style): config.json, model.safetensors, tokenizer/.
+
+Never a pickle: weights are safetensors, everything else JSON. ``./smarttrim-out/latest`` records
+the directory the last ``attach``/``finetune`` wrote, so later commands find it without arguments.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .atomic import atomic_dir, atomic_path
+from .errors import SmartTrimError
+
+WORKSPACE = Path(os.environ.get("SMARTTRIM_HOME", "smarttrim-out"))
+DEFAULT_ATTACH_DIR = WORKSPACE / "model"
+FORMAT = "smarttrim-model"
+
+
+def sha256(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def save_model_dir(model, out_dir, *, tokenizer=None, labels=None, provenance=None, extra=None) -> Path:
+    """Write model + config (+ tokenizer) atomically into out_dir and record it as the latest model."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    cfg = {
+        "format": FORMAT, "format_version": 1, "smarttrim_version": __version__,
+        "backbone": model.family, "task": model.config.task,
+        "backbone_config": model.config.to_dict(),
+        "trim": model.trim_config.to_dict() if model.trim_config else None,
+        "labels": list(labels) if labels is not None else None,
+        "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       **(provenance or {})},
+        **(extra or {}),
+    }
+    with atomic_dir(out_dir) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    set_latest(out_dir)
+    return out_dir
+
+
+def set_latest(path: Path):
+    try:
+        with atomic_path(WORKSPACE / "latest") as tmp:
+            tmp.write_text(str(Path(path).resolve()) + "\n")
+    except SmartTrimError:
+        pass  # a read-only workspace only loses the convenience pointer
+
+
+def default_model_dir() -> Path:
+    """The model the last attach/finetune in this directory wrote."""
+    p = WORKSPACE / "latest"
+    if p.is_file():
+        d = Path(p.read_text().strip())
+        if (d / "config.json").is_file():
+            return d
+    if (DEFAULT_ATTACH_DIR / "config.json").is_file():
+        return DEFAULT_ATTACH_DIR
+    raise SmartTrimError(f"no model given and none found in {WORKSPACE}/: run `smarttrim attach CKPT` first "
+                         "or pass MODEL_DIR")
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise SmartTrimError(f"{path}: not a directory (expected a model directory written by smarttrim attach)")
+    if not cfg_path.is_file():
+        raise SmartTrimError(f"{path}: no config.json (expected a model directory written by smarttrim attach)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmartTrimError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("format") != FORMAT:
+        raise SmartTrimError(f"{cfg_path}: not a smarttrim model directory (format {cfg.get('format')!r})")
+    return cfg
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok_dir = Path(path) / "tokenizer"
+    if not tok_dir.is_dir():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken folder
+        raise SmartTrimError(f"{tok_dir}: cannot load tokenizer ({type(e).__name__}: {e})".split("\n")[0]) from None
+
+
+def load(path=None, mode: str = "hard", device="cpu"):
+    """Load a trimmed-model directory; returns the model in eval and ``mode`` ('hard': inference).
+
+    Attributes added: ``tokenizer`` (or None), ``labels``, ``smarttrim_config`` (the config.json dict).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .backbones import build
+
+    path = Path(path) if path is not None else default_model_dir()
+    cfg = read_config(path)
+    model = build(cfg["backbone"], cfg["backbone_config"], cfg.get("trim"))
+    wpath = path / "model.safetensors"
+    if not wpath.is_file():
+        raise SmartTrimError(f"{wpath}: missing")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError) as e:
+        raise SmartTrimError(f"{wpath}: cannot read weights ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SmartTrimError(f"{wpath}: weights do not match config.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tokenizer = load_tokenizer(path)
+    model.labels = cfg.get("labels")
+    model.smarttrim_config = cfg
+    model.source_dir = path
+    model.mode = mode
+    return model.to(device).eval()
