@@ -433,3 +433,33 @@ def from_checkpoint(path, image_size: int | None = None, trim: TrimConfig | None
     model.eval()
     info = {"ignored_keys": ignored, "source_image_size": src_size, "config": hp, "meta": ck.get("meta", {})}
     return model, info
+
+
+def save_lightning_checkpoint(model: MeterModel, path, hp: dict | None = None, include_unused: bool = True):
+    """Write the backbone as METER's own training code does: a Lightning container whose
+    ``state_dict`` has the original key names (and the unused CLIP/RoBERTa keys real files carry)."""
+    from ..atomic import atomic_path
+
+    c = model.config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()
+          if not k.startswith(("token_trimmers.", "head_trimmers."))}
+    if include_unused:
+        d = c.vision_width
+        sd["vit_model.token_embedding.weight"] = torch.zeros(16, d)
+        sd["vit_model.positional_embedding"] = torch.zeros(8, d)
+        sd["vit_model.ln_final.weight"] = torch.ones(d)
+        sd["vit_model.ln_final.bias"] = torch.zeros(d)
+        sd["text_transformer.pooler.dense.weight"] = torch.zeros(c.text_hidden, c.text_hidden)
+        sd["text_transformer.pooler.dense.bias"] = torch.zeros(c.text_hidden)
+        sd["text_transformer.embeddings.position_ids"] = torch.arange(c.max_position).unsqueeze(0)
+    config = {"image_size": c.image_size, "max_text_len": c.max_text_len, "num_heads": c.cross_heads,
+              "hidden_size": c.hidden, "num_top_layer": c.cross_layers, "patch_size": c.patch_size,
+              "tokenizer": c.extra.get("tokenizer") or ("roberta-base" if c.text_family == "roberta" else "bert-base-uncased"),
+              "vit": "ViT-B/16", "loss_names": {t: int(t == c.task) for t in ("vqa", "nlvr2", "snli", "irtr", "itm", "mlm")},
+              "smarttrim": {"vision_heads": c.vision_heads, "text_heads": c.text_heads}}
+    config.update(hp or {})
+    ckpt = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.3.2", "state_dict": sd,
+            "hyper_parameters": {"config": config}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return sd
