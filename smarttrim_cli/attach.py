@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import SmartTrimError
-from .model_dir import DEFAULT_ATTACH_DIR, save_model_dir, sha256
+from .model_dir import default_attach_dir, save_model_dir, sha256
 from .recipes import load_recipe
 from .trim.config import TrimConfig
 from .trim.cost import total_macs
@@ -146,7 +146,7 @@ def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, tok
     model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
     c = model.config
     tok = resolve_tokenizer(ckpt, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
-    out_dir = Path(out_dir) if out_dir else DEFAULT_ATTACH_DIR
+    out_dir = Path(out_dir) if out_dir else default_attach_dir()
     s = summary(model)
     save_model_dir(model, out_dir, tokenizer=tok, provenance={
         "source": str(ckpt.resolve()), "source_sha256": sha256(ckpt), "source_format": "meter-lightning-ckpt",

@@ -17,8 +17,16 @@ from . import __version__
 from .atomic import atomic_dir, atomic_path
 from .errors import SmartTrimError
 
-WORKSPACE = Path(os.environ.get("SMARTTRIM_HOME", "smarttrim-out"))
-DEFAULT_ATTACH_DIR = WORKSPACE / "model"
+
+
+def workspace() -> Path:
+    """Where commands write by default: ./smarttrim-out, or $SMARTTRIM_HOME."""
+    return Path(os.environ.get("SMARTTRIM_HOME", "smarttrim-out"))
+
+
+def default_attach_dir() -> Path:
+    return workspace() / "model"
+
 FORMAT = "smarttrim-model"
 
 
@@ -57,7 +65,7 @@ def save_model_dir(model, out_dir, *, tokenizer=None, labels=None, provenance=No
 
 def set_latest(path: Path):
     try:
-        with atomic_path(WORKSPACE / "latest") as tmp:
+        with atomic_path(workspace() / "latest") as tmp:
             tmp.write_text(str(Path(path).resolve()) + "\n")
     except SmartTrimError:
         pass  # a read-only workspace only loses the convenience pointer
@@ -65,14 +73,14 @@ def set_latest(path: Path):
 
 def default_model_dir() -> Path:
     """The model the last attach/finetune in this directory wrote."""
-    p = WORKSPACE / "latest"
+    p = workspace() / "latest"
     if p.is_file():
         d = Path(p.read_text().strip())
         if (d / "config.json").is_file():
             return d
-    if (DEFAULT_ATTACH_DIR / "config.json").is_file():
-        return DEFAULT_ATTACH_DIR
-    raise SmartTrimError(f"no model given and none found in {WORKSPACE}/: run `smarttrim attach CKPT` first "
+    if (default_attach_dir() / "config.json").is_file():
+        return default_attach_dir()
+    raise SmartTrimError(f"no model given and none found in {workspace()}/: run `smarttrim attach CKPT` first "
                          "or pass MODEL_DIR")
 
 

@@ -56,3 +56,27 @@ def batch(model, B=3, T=9, seed=1, pad_rows=(1,)):
     if c.task == "nlvr2":
         b["pixel_values2"] = torch.randn(B, 3, c.image_size, c.image_size, generator=g)
     return b
+
+
+def tiny_model_dir(path: Path, task="vqa", seed=0, trim_kw=None, labels=None, **kw) -> Path:
+    """A trimmed-model directory (as `smarttrim attach` writes) holding a tiny METER with trimmers
+    that drop a good share of tokens at threshold 0.5 (init_keep 0)."""
+    from transformers import RobertaTokenizer
+
+    from smarttrim_cli.backbones.meter import default_trim_config
+    from smarttrim_cli.model_dir import save_model_dir
+
+    m = tiny_model(task, seed, **kw)
+    t = default_trim_config(m.config)
+    t.init_keep = 0.0
+    for k, v in (trim_kw or {}).items():
+        setattr(t, k, v)
+    m.attach_trimmers(t)
+    tok = RobertaTokenizer.from_pretrained(str(write_byte_bpe_tokenizer(Path(path).parent / f"tok-{Path(path).name}")))
+    c = m.config
+    if labels is None and task == "vqa":
+        labels = [f"answer{i}" for i in range(c.num_labels)]
+    save_model_dir(m, path, tokenizer=tok, labels=labels, extra={"preprocess": {
+        "image_size": c.image_size, "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711], "max_text_len": c.max_text_len}})
+    return Path(path)

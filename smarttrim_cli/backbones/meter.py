@@ -463,3 +463,8 @@ def save_lightning_checkpoint(model: MeterModel, path, hp: dict | None = None, i
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     return sd
+
+
+# Registry names (backbones/__init__.py)
+Config = MeterConfig
+Model = MeterModel
