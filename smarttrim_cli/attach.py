@@ -134,14 +134,20 @@ class AttachResult:
 
 
 def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
-           head_layers=None, threshold=None) -> AttachResult:
+           head_layers=None, threshold=None, task=None, answers=None) -> AttachResult:
     from .backbones import meter
 
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise SmartTrimError(f"{ckpt}: no such file")
     if ckpt.is_dir():
-        raise SmartTrimError(f"{ckpt}: is a directory; expected a METER .ckpt file")
+        return attach_hf_dir(ckpt, out_dir, tokenizer, image_size, recipe, token_layers, head_layers, threshold,
+                             task, answers)
+    if task is not None and task != "auto":
+        raise SmartTrimError(f"{ckpt}: --task applies to Hugging Face directories; a METER checkpoint's task "
+                             "is read from its head")
+    if answers is not None:
+        raise SmartTrimError(f"{ckpt}: --answers applies to BLIP VQA directories")
     model, info = meter.from_checkpoint(ckpt, image_size=image_size)
     model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
     c = model.config
@@ -153,4 +159,76 @@ def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, tok
         "source_image_size": info["source_image_size"], "ignored_keys": info["ignored_keys"]},
         extra={"preprocess": {"image_size": c.image_size, "mean": list(meter.CLIP_MEAN), "std": list(meter.CLIP_STD),
                               "max_text_len": c.max_text_len}})
+    return AttachResult(model, out_dir, s, info)
+
+
+# ----- Hugging Face model directories (BLIP, ViLT) ------------------------------------------------------
+# architecture -> (backbone family, task)
+HF_ARCHITECTURES = {"ViltForQuestionAnswering": ("vilt", "vqa"), "BlipForQuestionAnswering": ("blip", "vqa"),
+                    "BlipForImageTextRetrieval": ("blip", "retrieval")}
+_BY_MODEL_TYPE = {("vilt", "vqa"): "ViltForQuestionAnswering", ("blip", "vqa"): "BlipForQuestionAnswering",
+                  ("blip", "retrieval"): "BlipForImageTextRetrieval"}
+
+
+def detect_hf_architecture(path: Path, hf: dict, task=None) -> str:
+    """The supported architecture of a HF directory: ``architectures`` in config.json, else
+    ``model_type`` (+ --task). Anything else is a one-line error listing what is supported."""
+    supported = ", ".join(HF_ARCHITECTURES)
+    archs = [a for a in (hf.get("architectures") or []) if isinstance(a, str)]
+    mtype = hf.get("model_type")
+    if archs:
+        arch = next((a for a in archs if a in HF_ARCHITECTURES), None)
+        if arch is None:
+            raise SmartTrimError(f"{path}: unsupported architecture {archs[0]} (model_type {mtype!r}); "
+                                 f"supported: {supported}")
+    else:
+        t = task if task not in (None, "auto") else ("vqa" if mtype == "vilt" else None)
+        arch = _BY_MODEL_TYPE.get((mtype, t))
+        if arch is None:
+            hint = " (pass --task vqa or --task retrieval)" if mtype == "blip" and t is None else ""
+            raise SmartTrimError(f"{path}: config.json names no supported architecture (model_type {mtype!r}){hint}; "
+                                 f"supported: {supported}")
+    if task not in (None, "auto") and HF_ARCHITECTURES[arch][1] != task:
+        raise SmartTrimError(f"{path}: --task {task} does not match the directory's {arch} "
+                             f"(task {HF_ARCHITECTURES[arch][1]})")
+    return arch
+
+
+def attach_hf_dir(path: Path, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
+                  head_layers=None, threshold=None, task=None, answers=None) -> AttachResult:
+    import hashlib
+
+    from .backbones import family
+    from .backbones.hf_preprocess import (load_hf_tokenizer, preprocess_config, read_hf_config,
+                                          weight_files)
+
+    if not (path / "config.json").is_file():
+        raise SmartTrimError(f"{path}: is a directory without config.json; expected a METER .ckpt file or a "
+                             f"Hugging Face model directory ({', '.join(HF_ARCHITECTURES)})")
+    hf = read_hf_config(path)
+    arch = detect_hf_architecture(path, hf, task)
+    fam_name, _ = HF_ARCHITECTURES[arch]
+    if not hf.get("architectures"):
+        hf = {**hf, "architectures": [arch]}
+    fam = family(fam_name)
+    vocab = fam.config_from_hf(hf, str(path)).vocab_size
+    tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else path, vocab)
+    if fam_name == "blip":
+        model, info = fam.from_hf_dir(path, image_size=image_size, answers=answers, tokenizer=tok, hf_config=hf)
+    else:
+        if answers is not None:
+            raise SmartTrimError(f"{path}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
+        model, info = fam.from_hf_dir(path, image_size=image_size, hf_config=hf)
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
+    c = model.config
+    files = weight_files(path)
+    digest = sha256(files[0]) if len(files) == 1 else \
+        hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()  # shards: hash of their hashes
+    out_dir = Path(out_dir) if out_dir else default_attach_dir()
+    s = summary(model)
+    save_model_dir(model, out_dir, tokenizer=tok, labels=info["labels"], provenance={
+        "source": str(path.resolve()), "source_sha256": digest, "source_files": [f.name for f in files],
+        "source_format": f"hf-{arch}", "source_image_size": info["source_image_size"],
+        "ignored_keys": info["ignored_keys"]},
+        extra={"preprocess": preprocess_config(path, fam_name, c.image_size, c.max_text_len)})
     return AttachResult(model, out_dir, s, info)

@@ -10,7 +10,8 @@ import importlib
 
 from ..errors import SmartTrimError
 
-FAMILIES = {"meter": "smarttrim_cli.backbones.meter"}
+FAMILIES = {"meter": "smarttrim_cli.backbones.meter", "vilt": "smarttrim_cli.backbones.vilt",
+            "blip": "smarttrim_cli.backbones.blip"}
 
 
 def family(name: str):

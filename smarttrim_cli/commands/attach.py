@@ -1,4 +1,4 @@
-"""smarttrim attach CKPT [-o DIR]"""
+"""smarttrim attach CKPT_OR_HF_DIR [-o DIR]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,9 @@ from ..cli import app, console, user_errors
 @app.command()
 @user_errors
 def attach(
-    checkpoint: Path = typer.Argument(..., help="A released METER checkpoint (PyTorch Lightning .ckpt)."),
+    checkpoint: Path = typer.Argument(..., help="A released METER checkpoint (PyTorch Lightning .ckpt) or a local "
+                                      "Hugging Face model directory (BlipForQuestionAnswering, "
+                                      "BlipForImageTextRetrieval, ViltForQuestionAnswering)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Model directory to write (default: ./smarttrim-out/model)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer folder (roberta-base: "
@@ -27,6 +29,11 @@ def attach(
     head_layers: Optional[str] = typer.Option(None, "--head-layers", help="Head trimmer layers per stream, "
                                               "same syntax; 'text=' turns a stream off."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Default keep threshold (0-1), default 0.5."),
+    task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa or retrieval; checked "
+                                       "against config.json (needed only when it names no architecture)."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="BLIP VQA: the answer list to rank (JSON list, "
+                                           "e.g. BLIP's answer_list.json, or one answer per line). Default: "
+                                           "answer_list.json in the directory."),
 ):
     """Insert token and head trimmers into a checkpoint and write a trimmable model directory."""
     from ..attach import attach as run_attach
@@ -35,7 +42,8 @@ def attach(
     with console.status("loading checkpoint and building the trimmable model"):
         res = run_attach(checkpoint, output, tokenizer, image_size, recipe,
                          parse_layer_spec(token_layers, "--token-layers") if token_layers else None,
-                         parse_layer_spec(head_layers, "--head-layers") if head_layers else None, threshold)
+                         parse_layer_spec(head_layers, "--head-layers") if head_layers else None, threshold,
+                         task=task, answers=answers)
     s = res.summary
     t = Table(title=f"smarttrim attach: {checkpoint.name}", show_header=False, title_justify="left")
     t.add_column(style="bold")

@@ -48,6 +48,14 @@ def layer_macs(rec: LayerCost, full: bool = False):
         return 5 * n * dm["d"]
     if k == "const":
         return n * dm["macs"]
+    if k == "answer_decoder":
+        # BLIP's answer decoder layer over n answers of L tokens each (causal self-attention within an
+        # answer, cross-attention to m question tokens whose K/V are projected once per question)
+        d, dkv, dff, L = dm["d"], dm["dkv"], dm["dff"], dm["L"]
+        q = n * L
+        return (4 * q * d * d + 2 * n * L * L * d                       # self-attention
+                + 2 * q * d * d + 2 * m * dkv * d + 2 * q * m * d       # cross-attention
+                + 2 * q * d * dff + 3 * 5 * q * d)                      # FFN, 3 LayerNorms
     raise ValueError(f"unknown layer kind {k!r}")
 
 
