@@ -1,0 +1,285 @@
+"""The profile report: its JSON schema (stable field names, documented here and in the README),
+the rich table, and the CI gate (--min-speedup / --max-drop).
+
+Conventions: GMACs follow fvcore (one multiply-add = 1; LayerNorm 5 per element; softmax and
+element-wise ops 0). Scores are percent; ``drop`` = full score - trimmed score, in points.
+``ratios`` are trimmed / full (lower is better for cost, higher for throughput); ``speedup`` is
+always >= 1 when the trimmed model is better: full/trimmed for GMACs and latency, trimmed/full for
+throughput.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..atomic import atomic_path
+from ..errors import ValidationFailed
+
+SCHEMA = "smarttrim-profile"
+SCHEMA_VERSION = 1
+CONVENTION = ("GMACs = 1e9 multiply-adds as fvcore counts them (one multiply-add = 1; LayerNorm 5 per "
+              "element; softmax, element-wise ops and gathers 0; fused SDPA counted by a registered "
+              "handle). torch.utils.flop_counter reports 2x these numbers (FLOPs).")
+SPEEDUP_METRICS = ("gmacs", "latency", "throughput")
+
+_STATS = "{n, mean, p10, p50, p90, min, max}"
+_MS = "{n, mean, p50, p90, p99, min, max} in ms"
+
+# Every documented field of report.json (dotted path; "[]" = each element of a list) -> meaning.
+FIELDS: dict[str, str] = {
+    "schema": f'"{SCHEMA}"',
+    "schema_version": f"{SCHEMA_VERSION}; bumped when a field changes meaning or is removed",
+    "created": "UTC time the run finished (ISO 8601)",
+    "command": "the command line",
+    "wall_seconds": "duration of the whole run",
+    "convention": "how GMACs are counted (text)",
+    "machine": "hostname, platform, python, cpu, cpu_count, torch_threads, torch_interop_threads, device, "
+               "gpu ({name, memory_gb, cuda} or null), load_average (1/5/15 min at the end of the run)",
+    "machine.torch_threads": "torch intra-op threads used for every timing",
+    "machine.device": "cpu or cuda[:i]",
+    "versions": "smarttrim, torch, transformers, fvcore, numpy, matplotlib, onnxruntime",
+    "settings": "every option that shapes the numbers",
+    "settings.model_dir": "the model directory profiled",
+    "settings.dataset": "dataset reader (vqa, nlvr2, snli, easyvqa)",
+    "settings.data_dir": "data directory read",
+    "settings.split": "split read",
+    "settings.limit": "--limit (null = all)",
+    "settings.n_inputs": "inputs profiled",
+    "settings.skipped": "bad rows/images skipped with --skip-bad (reason -> count)",
+    "settings.threshold": "runtime keep threshold of the trimmed model",
+    "settings.sweep": "thresholds of the sweep (may be empty)",
+    "settings.device": "--device",
+    "settings.threads": "torch intra-op threads",
+    "settings.batch_size": "batch size of the throughput measurement (capped at n_inputs)",
+    "settings.warmup": "warm-up calls before the batch-1 latency timing",
+    "settings.iters": "timed batch-1 calls per model",
+    "settings.throughput_batches": "timed batches per model and mode",
+    "settings.fvcore_inputs": "inputs whose FLOPs fvcore counted (the rest: cost model only)",
+    "settings.batch_mode": "--batch-mode (auto, pad or bucket)",
+    "model": "backbone, task, image_size, patch_size, image_tokens, max_text_len, params, "
+             "params_trimmers, weights_mb, token_layers, head_layers, default_threshold",
+    "model.task": "the model's task head",
+    "accuracy": "task scores (percent)",
+    "accuracy.metric": "vqa_score, accuracy or recall@1",
+    "accuracy.full": "score of the full-capacity model",
+    "accuracy.trimmed": "score of the trimmed model at settings.threshold",
+    "accuracy.drop": "full - trimmed, in points",
+    "accuracy.agreement": "percent of inputs where both models predict the same answer (null for retrieval)",
+    "accuracy.recall": "retrieval only: {recall@1, recall@5, recall@10} for full and trimmed, else null",
+    "flops": "per-input cost at batch 1 (unpadded text)",
+    "flops.unit": '"GMACs"',
+    "flops.source": "fvcore (every input counted by fvcore) or cost_model (analytic, trim/cost.py)",
+    "flops.full": f"full model GMACs per input {_STATS}",
+    "flops.trimmed": f"trimmed model GMACs per input {_STATS}",
+    "flops.ratio": "mean trimmed GMACs / mean full GMACs",
+    "flops.speedup": "1 / flops.ratio",
+    "flops.fvcore_check": "{n_inputs, max_rel_diff, mean_rel_diff}: fvcore vs the cost model over the "
+                          "inputs fvcore counted (both models)",
+    "latency": "batch-1 wall-clock latency, per input, cycling through the first `iters` inputs",
+    "latency.full": f"full model {_MS}",
+    "latency.trimmed": f"trimmed model {_MS}",
+    "latency.speedup": "full p50 / trimmed p50",
+    "throughput": "batched inference over the same inputs for both models",
+    "throughput.batch_size": "inputs per batch",
+    "throughput.full": "{inputs_per_s, seconds, inputs} of the full model (text padded to the batch's longest)",
+    "throughput.trimmed": "{inputs_per_s, seconds, inputs, mode} of the trimmed model in the faster mode",
+    "throughput.modes": "trimmed model per batching mode: pad (dataset order, kept tokens padded to the "
+                        "batch max with a mask) and bucket (inputs sorted by their trimmed cost from the "
+                        "batch-1 pass, then batched; an upper bound for a cost-aware scheduler)",
+    "throughput.speedup": "trimmed inputs/s / full inputs/s",
+    "memory": "peak bytes allocated by one forward beyond the weights (activations), MB",
+    "memory.method": "how it was measured",
+    "memory.weights_mb": "parameter bytes, MB",
+    "memory.full": "{batch_1, batch_n} MB of the full model",
+    "memory.trimmed": "{batch_1, batch_n} MB of the trimmed model (batch_n in throughput.trimmed.mode)",
+    "ratios": "trimmed / full: gmacs, latency_p50, throughput, memory_batch_1, memory_batch_n",
+    "speedup": "gmacs, latency, throughput speed-ups (>1 = trimmed faster); the gate reads one of them",
+    "layers": "per layer of the forward, mean over inputs (image-1 pass only for NLVR2)",
+    "layers[].name": "layer (text_i, vision_i, xtext_i, ximage_i)",
+    "layers[].stream": "text, vision, xtext or ximage",
+    "layers[].tokens_mean": "tokens the layer processed (mean)",
+    "layers[].tokens_full": "tokens without trimming (mean)",
+    "layers[].tokens_kept_frac": "tokens_mean / tokens_full",
+    "layers[].heads_kept_frac": "kept share of (self-)attention heads, null if the layer has no head trimmer",
+    "layers[].cross_heads_kept_frac": "kept share of cross-attention heads (co-attention layers), else null",
+    "layers[].gmacs_mean": "trimmed GMACs of the layer (mean)",
+    "layers[].gmacs_full": "full GMACs of the layer (mean)",
+    "sweep": "one row per threshold of --sweep plus settings.threshold, sorted by threshold",
+    "sweep[].threshold": "keep threshold",
+    "sweep[].score": "task score (percent)",
+    "sweep[].drop": "full score - score",
+    "sweep[].gmacs_mean": "mean trimmed GMACs (cost model)",
+    "sweep[].gmacs_p10": "10th percentile",
+    "sweep[].gmacs_p50": "median",
+    "sweep[].gmacs_p90": "90th percentile",
+    "sweep[].ratio": "gmacs_mean / full mean",
+    "sweep[].speedup": "1 / ratio",
+    "per_input": "one row per input",
+    "per_input[].index": "position in the dataset",
+    "per_input[].id": "question_id / identifier / line of the dataset row, when it has one",
+    "per_input[].text_tokens": "real text tokens",
+    "per_input[].gmacs_full": "full model, cost model",
+    "per_input[].gmacs_trimmed": "trimmed model, cost model",
+    "per_input[].fvcore_gmacs_full": "full model, fvcore (null if not counted)",
+    "per_input[].fvcore_gmacs_trimmed": "trimmed model, fvcore (null if not counted)",
+    "per_input[].image_tokens_final": "image tokens entering the last co-attention layer (of image_tokens)",
+    "per_input[].score_full": "per-input score of the full model (0-1; null for retrieval)",
+    "per_input[].score_trimmed": "same, trimmed",
+    "per_input[].pred_full": "arg-max label id (the answer string in pred_full_label when labels are known)",
+    "per_input[].pred_trimmed": "same, trimmed",
+    "gate": "the CI gate",
+    "gate.speedup_metric": "which speedup the gate reads (--speedup-metric)",
+    "gate.min_speedup": "--min-speedup or null",
+    "gate.max_drop": "--max-drop or null",
+    "gate.speedup": "the speedup read",
+    "gate.drop": "accuracy.drop",
+    "gate.passed": "true when every given bound holds",
+    "gate.failures": "one message per failed bound",
+    "files": "paths written: json, flops_hist, layers, pareto (null when no sweep), show (list)",
+}
+
+
+def get_path(report: dict, path: str):
+    """Value at a documented dotted path ("a.b", "list[].key" takes the first element); KeyError if absent."""
+    cur = report
+    for part in path.split("."):
+        if part.endswith("[]"):
+            cur = cur[part[:-2]]
+            if not isinstance(cur, list):
+                raise KeyError(path)
+            if not cur:
+                return None
+            cur = cur[0]
+        else:
+            if not isinstance(cur, dict) or part not in cur:
+                raise KeyError(path)
+            cur = cur[part]
+    return cur
+
+
+def missing_fields(report: dict) -> list[str]:
+    out = []
+    for p in FIELDS:
+        try:
+            get_path(report, p)
+        except (KeyError, TypeError):
+            out.append(p)
+    return out
+
+
+def schema_markdown() -> str:
+    """The README table of report.json fields."""
+    lines = ["| field | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v.replace('|', '/')} |" for k, v in FIELDS.items()]
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# ----- the gate ----------------------------------------------------------------------------------------
+def evaluate_gate(report: dict, min_speedup: float | None, max_drop: float | None, metric: str) -> dict:
+    speed = report["speedup"].get(metric)
+    drop = report["accuracy"]["drop"]
+    failures = []
+    if min_speedup is not None:
+        if speed is None:
+            failures.append(f"{metric} speedup was not measured, so --min-speedup {min_speedup:g} cannot hold")
+        elif speed < min_speedup:
+            failures.append(f"{metric} speedup {speed:.3f}x is below --min-speedup {min_speedup:g}")
+    if max_drop is not None:
+        if drop is None:
+            failures.append(f"accuracy drop was not measured, so --max-drop {max_drop:g} cannot hold")
+        elif drop > max_drop:
+            failures.append(f"{report['accuracy']['metric']} drop {drop:.2f} pts is above --max-drop {max_drop:g}")
+    return {"speedup_metric": metric, "min_speedup": min_speedup, "max_drop": max_drop, "speedup": speed,
+            "drop": drop, "passed": not failures, "failures": failures}
+
+
+def raise_if_failed(report: dict):
+    g = report["gate"]
+    if not g["passed"]:
+        raise ValidationFailed("profile gate failed: " + "; ".join(g["failures"]))
+
+
+# ----- the table ---------------------------------------------------------------------------------------
+def _g(x):
+    return "–" if x is None else f"{x:.4g}"
+
+
+def _f(x, fmt="{:.3f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table
+
+    s, a, fl, lat, tp, mem = (report[k] for k in ("settings", "accuracy", "flops", "latency", "throughput",
+                                                    "memory"))
+    m = report["model"]
+    t = Table(title=f"smarttrim profile: {Path(s['model_dir']).name} on {s['dataset']}/{s['split']} "
+                    f"({s['n_inputs']} inputs, threshold {s['threshold']:g}, {report['machine']['device']}, "
+                    f"{report['machine']['torch_threads']} threads)", title_justify="left")
+    t.add_column("measure", style="bold")
+    t.add_column("full", justify="right")
+    t.add_column("trimmed", justify="right")
+    t.add_column("trimmed/full", justify="right")
+    drop = a["drop"]
+    t.add_row(f"{a['metric']} (%)", _f(a["full"], "{:.2f}"), _f(a["trimmed"], "{:.2f}"),
+              "drop " + _f(drop, "{:+.2f} pts") if drop is not None else "–")
+    if a.get("recall"):
+        for k in a["recall"]["full"]:
+            t.add_row(f"  {k} (%)", _f(a["recall"]["full"][k], "{:.2f}"), _f(a["recall"]["trimmed"][k], "{:.2f}"), "")
+    t.add_row(f"GMACs / input, mean ({fl['source']})", _g(fl["full"]["mean"]), _g(fl["trimmed"]["mean"]),
+              _f(fl["ratio"], "{:.3f}") + f"  ({_f(fl['speedup'], '{:.2f}')}x)")
+    t.add_row("GMACs p10 / p50 / p90", " / ".join(_g(fl["full"][k]) for k in ("p10", "p50", "p90")),
+              " / ".join(_g(fl["trimmed"][k]) for k in ("p10", "p50", "p90")), "")
+    t.add_row(f"latency b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
+              " / ".join(_f(lat["trimmed"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
+              _f(report["ratios"]["latency_p50"]) + f"  ({_f(lat['speedup'], '{:.2f}')}x)")
+    t.add_row(f"throughput b={tp['batch_size']} (inputs/s)", _f(tp["full"]["inputs_per_s"], "{:.2f}"),
+              _f(tp["trimmed"]["inputs_per_s"], "{:.2f}") + f" [{tp['trimmed']['mode']}]",
+              _f(report["ratios"]["throughput"]) + f"  ({_f(tp['speedup'], '{:.2f}')}x)")
+    t.add_row(f"peak memory b=1 / b={tp['batch_size']} (MB)",
+              f"{_f(mem['full']['batch_1'], '{:.1f}')} / {_f(mem['full']['batch_n'], '{:.1f}')}",
+              f"{_f(mem['trimmed']['batch_1'], '{:.1f}')} / {_f(mem['trimmed']['batch_n'], '{:.1f}')}",
+              f"{_f(report['ratios']['memory_batch_1'])} / {_f(report['ratios']['memory_batch_n'])}")
+    console.print(t)
+    chk = fl["fvcore_check"]
+    if chk["n_inputs"]:
+        console.print(f"GMACs: fvcore convention (1 multiply-add = 1); fvcore vs cost model on "
+                      f"{chk['n_inputs']} inputs: max rel. diff {chk['max_rel_diff']:.2e}", highlight=False)
+    else:
+        console.print("GMACs: fvcore convention (1 multiply-add = 1), from the cost model (fvcore skipped)",
+                      highlight=False)
+    others = {k: v for k, v in tp["modes"].items() if k != tp["trimmed"]["mode"]}
+    if others:
+        console.print("batched trimmed model: " + ", ".join(
+            f"{k} {_f(v['inputs_per_s'], '{:.2f}')}/s" for k, v in tp["modes"].items())
+            + f" -> {tp['trimmed']['mode']} used", highlight=False)
+    if report["sweep"] and len(report["sweep"]) > 1:
+        st = Table(title="threshold sweep", title_justify="left")
+        for c in ("threshold", f"{a['metric']} (%)", "drop (pts)", "GMACs mean", "p10 / p50 / p90", "speedup"):
+            st.add_column(c, justify="right")
+        for r in report["sweep"]:
+            st.add_row(f"{r['threshold']:g}", _f(r["score"], "{:.2f}"), _f(r["drop"], "{:+.2f}"),
+                       _g(r["gmacs_mean"]), " / ".join(_g(r[k]) for k in ("gmacs_p10", "gmacs_p50", "gmacs_p90")),
+                       _f(r["speedup"], "{:.2f}x"))
+        console.print(st)
+    files = report["files"]
+    written = [files[k] for k in ("json", "flops_hist", "layers", "pareto") if files.get(k)]
+    if files.get("show"):
+        written.append(f"{len(files['show'])} overlays in {Path(files['show'][0]).parent}")
+    console.print("written: " + ", ".join(str(w) for w in written), highlight=False)
+    g = report["gate"]
+    if g["min_speedup"] is not None or g["max_drop"] is not None:
+        if g["passed"]:
+            console.print(f"[bold green]gate passed[/] ({g['speedup_metric']} speedup {_f(g['speedup'], '{:.3f}')}x, "
+                          f"drop {_f(g['drop'], '{:.2f}')} pts)")
+        else:
+            for f in g["failures"]:
+                console.print(f"[bold red]gate failed:[/] {f}", highlight=False)
