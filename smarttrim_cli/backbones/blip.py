@@ -357,13 +357,14 @@ class BlipModel(TrimmableModel):
         p = self.text_decoder.cls.predictions
         return F.linear(p.transform(h), self.text_decoder.bert.embeddings.word_embeddings.weight, p.bias)
 
-    def _record_decoder(self, ctx, name, a, L, m, m_full, B, dev):
+    def _record_decoder(self, ctx, name, a, L, m, m_full, B, dev, kv_cost=True):
         c = self.config
         d = c.text_hidden
         n = torch.full((B,), float(a), device=dev)
         rows = torch.full((B,), float(a * max(L - 1, 1)), device=dev)
         ctx.add(LayerCost(f"{name}/embed", "ln", {"d": d}, n=n * L, n_full=n * L))
-        dd = {"d": d, "dkv": d, "dff": c.text_intermediate, "L": L, "H": c.text_heads}
+        # the question's K/V are projected once per decoder layer (dkv=0 where an earlier stage paid for them)
+        dd = {"d": d, "dkv": d if kv_cost else 0, "dff": c.text_intermediate, "L": L, "H": c.text_heads}
         for i in range(c.text_layers):
             ctx.add(LayerCost(f"{name}/layer_{i}", "answer_decoder", dd, n=n, n_full=n, m=m, m_full=m_full))
         ctx.add(LayerCost(f"{name}/lm_transform", "linear", {"din": d, "dout": d}, n=rows, n_full=rows))
@@ -393,7 +394,7 @@ class BlipModel(TrimmableModel):
             return self._score(ids, self.answer_mask.unsqueeze(0).expand(B, A, L), kv, q_add)
         # BLIP's two stages: first-token probabilities pick rank_k candidates, which are scored in full
         k = c.rank_k
-        self._record_decoder(ctx, "first_token", 1, 1, m_cost, m_cost, B, dev)
+        self._record_decoder(ctx, "first_token", 1, 1, m_cost, m_cost, B, dev, kv_cost=False)  # K/V shared
         start = self.answer_ids[:1, :1].expand(B, 1, 1)
         first = self._lm_logits(self._decode(start, kv, q_add)[:, 0, 0]).log_softmax(-1)  # (B, V)
         lp1 = first.index_select(1, self.answer_ids[:, 1])                               # (B, A)
@@ -475,7 +476,7 @@ def config_from_hf(hf: dict, source: str, image_size: int | None = None) -> Blip
     if size % v["patch_size"]:
         raise SmartTrimError(f"--image-size {size} is not a multiple of the patch size {v['patch_size']}")
     return BlipConfig(
-        task=ARCHITECTURES[arch], num_labels=2, image_size=size, max_text_len=35,
+        task=ARCHITECTURES[arch], num_labels=2, image_size=size, max_text_len=min(35, t["max_position_embeddings"]),
         patch_size=v["patch_size"], vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"],
         vision_heads=v["num_attention_heads"], vision_intermediate=v["intermediate_size"],
         vision_eps=v["layer_norm_eps"], vision_act=v["hidden_act"],
