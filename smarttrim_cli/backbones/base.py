@@ -24,6 +24,7 @@ class Stream:
     policy: torch.Tensor | None  # (B, n) soft mode: cumulative straight-through keep mask
     all_valid: bool              # no padding anywhere: attention needs no additive mask
     n_orig: int = 0
+    key_bias: torch.Tensor | None = None  # (B, n) extra additive key bias, e.g. log token sizes (ToMe)
 
     @classmethod
     def start(cls, x, pad, mode: str, all_valid: bool):
@@ -33,7 +34,10 @@ class Stream:
         return cls(x, pad, pos, count(pad), pad if mode == "soft" else None, all_valid, n)
 
     def key_add(self):
-        return None if self.all_valid else pad_to_additive(self.pad, self.x.dtype)
+        add = None if self.all_valid else pad_to_additive(self.pad, self.x.dtype)
+        if self.key_bias is not None:  # set only by baselines (baselines/tome.py proportional attention)
+            add = self.key_bias.to(self.x.dtype) if add is None else add + self.key_bias.to(self.x.dtype)
+        return add
 
     def count(self):
         return count(self.policy if self.policy is not None else self.pad)
@@ -47,6 +51,8 @@ class Stream:
         self.x = gather_rows(self.x, idx)
         self.pad = gather_rows(keep.to(self.x.dtype), idx)
         self.pos = gather_rows(self.pos, idx)
+        if self.key_bias is not None:
+            self.key_bias = gather_rows(self.key_bias, idx)
         self.all_valid = self.x.shape[0] == 1  # batch of one: every gathered token is real
 
 
@@ -71,7 +77,11 @@ class TrimmableModel(nn.Module):
     # ----- decisions -------------------------------------------------------------------------------
     def token_step(self, name: str, s: Stream, c: torch.Tensor, ctx: TrimContext, key: str | None = None):
         """Apply the token trimmer ``name`` to stream s (in place). ``key`` names the decision record."""
-        if ctx.mode == "full" or name not in self.token_trimmers:
+        if ctx.mode == "full":
+            return
+        if ctx.policy is not None:  # a training-free rule instead of the learned trimmers (baselines/)
+            return ctx.policy.token_step(self, name, s, c, ctx, "tok:" + (key or name))
+        if name not in self.token_trimmers:
             return
         key = "tok:" + (key or name)
         tr = self.token_trimmers[name]
@@ -112,7 +122,11 @@ class TrimmableModel(nn.Module):
 
     def head_step(self, name: str, cls_own, cls_other, ctx: TrimContext, key: str | None = None):
         """-> (gate (B,h) or None, kept head indices or None, per-instance kept count or None)."""
-        if ctx.mode == "full" or name not in self.head_trimmers:
+        if ctx.mode == "full":
+            return None, None, None
+        if ctx.policy is not None:
+            return ctx.policy.head_step(self, name, cls_own, cls_other, ctx, "head:" + (key or name))
+        if name not in self.head_trimmers:
             return None, None, None
         key = "head:" + (key or name)
         ht = self.head_trimmers[name]
@@ -135,9 +149,10 @@ class TrimmableModel(nn.Module):
         return gate, idx, count(keep)
 
     # ----- API -------------------------------------------------------------------------------------
-    def make_context(self, mode=None, threshold=None, record=False, forced=None, keep_ratio=None, tau=1.0):
+    def make_context(self, mode=None, threshold=None, record=False, forced=None, keep_ratio=None, tau=1.0,
+                     policy=None):
         return TrimContext(mode=mode or self.mode, threshold=self.threshold if threshold is None else threshold,
-                           record=record, forced=forced, keep_ratio=keep_ratio, tau=tau)
+                           record=record, forced=forced, keep_ratio=keep_ratio, tau=tau, policy=policy)
 
     def run(self, batch: dict, **ctx_kw):
         """Forward one collated batch; returns (logits, TrimContext with records and decisions)."""

@@ -37,6 +37,10 @@ class TrimContext:
     record: bool = False          # collect LayerCost records
     forced: dict | None = None    # decisions to impose (name -> (B, N_orig) token mask or (B, H) head mask)
     keep_ratio: float | None = None  # fixed-ratio top-k instead of a threshold (baselines)
+    # A training-free decision rule used instead of the learned trimmers (hard, or soft in eval): an
+    # object with token_step(model, name, stream, c, ctx, key) and head_step(model, name, cls_own,
+    # cls_other, ctx, key) (same returns as TrimmableModel's); see smarttrim_cli/baselines/.
+    policy: Any = None
     records: list = field(default_factory=list)
     decisions: dict = field(default_factory=dict)
     keep_probs: dict = field(default_factory=dict)

@@ -1,0 +1,81 @@
+"""Baselines on the same trimmable core, for comparison with SmartTrim at matched mean GMACs.
+
+    from smarttrim_cli.baselines import get_baseline, BASELINES
+    bl = get_baseline("evit-fusion").calibrate(model, batches, 0.33)   # keep ratio found by bisection
+    applied = bl.apply(model)
+    logits, ctx = applied.run(batch, record=True)                      # hard mode, cost records in ctx
+
+See common.py for the protocol; one module per baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import SmartTrimError
+from .ablations import TrainingAblation, no_curriculum, no_distill
+from .common import Applied, Baseline, Policy, full_costs, measure
+from .downsample import Downsample
+from .evit import EViT
+from .random_drop import RandomDrop
+from .static_heads import StaticHeads
+from .tome import ToMe
+
+
+@dataclass(frozen=True)
+class BaselineInfo:
+    factory: Callable
+    kind: str          # token | head | resolution | training
+    description: str
+
+
+BASELINES: dict[str, BaselineInfo] = {
+    "random": BaselineInfo(RandomDrop, "token", "random token dropping at a fixed keep ratio per pruning layer"),
+    "evit": BaselineInfo(EViT, "token", "EViT-style top-k: keep the tokens the [CLS] (or the text) attends to most"),
+    "evit-fusion": BaselineInfo(lambda **kw: EViT(**{"fuse": True, **kw}), "token",
+                                "EViT top-k with the dropped tokens fused into one attention-weighted token"),
+    "tome": BaselineInfo(ToMe, "token", "ToMe-style bipartite token merging (training-free)"),
+    "static-heads": BaselineInfo(StaticHeads, "head", "the same least-important heads dropped for every input"),
+    "downsample": BaselineInfo(Downsample, "resolution", "the full model at a lower input resolution"),
+    "smarttrim-no-distill": BaselineInfo(lambda **kw: no_distill(), "training",
+                                         "ablation (training run): SmartTrim without self-distillation"),
+    "smarttrim-no-curriculum": BaselineInfo(lambda **kw: no_curriculum(), "training",
+                                            "ablation (training run): SmartTrim without the ratio curriculum"),
+}
+
+
+def get_baseline(name: str, **kw) -> Baseline:
+    """A baseline by registry name; keyword arguments go to its constructor."""
+    info = BASELINES.get(name)
+    if info is None:
+        raise SmartTrimError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+    try:
+        return info.factory(**kw)
+    except TypeError as e:
+        raise SmartTrimError(f"baseline {name!r}: {e}") from None
+
+
+def apply(model, baseline) -> Applied:
+    """``apply(model, "tome")`` or ``apply(model, baseline_object)`` -> Applied (see common.py)."""
+    return (get_baseline(baseline) if isinstance(baseline, str) else baseline).apply(model)
+
+
+def calibrate(model, baseline, batches, target_macs_ratio: float, **kw) -> Baseline:
+    """Calibrate a baseline (name or object) to a mean GMACs ratio over ``batches``; returns it."""
+    bl = get_baseline(baseline) if isinstance(baseline, str) else baseline
+    return bl.calibrate(model, batches, target_macs_ratio, **kw)
+
+
+def calibrate_all(model, batches, target_macs_ratio: float, names=None, tol: float = 0.02) -> list[Baseline]:
+    """Every inference baseline (or ``names``) calibrated to the target, best effort: a baseline that
+    cannot reach it (static heads at low targets, the resolution grid) comes back with
+    ``calibration["reached"] = False`` and its nearest setting. Training ablations are skipped."""
+    batches = list(batches)
+    out = []
+    for name in names or [n for n, i in BASELINES.items() if i.kind != "training"]:
+        out.append(calibrate(model, name, batches, target_macs_ratio, tol=tol, strict=False))
+    return out
+
+
+__all__ = ["BASELINES", "Applied", "Baseline", "BaselineInfo", "Downsample", "EViT", "Policy", "RandomDrop",
+           "StaticHeads", "ToMe", "TrainingAblation", "apply", "calibrate", "calibrate_all", "full_costs", "get_baseline", "measure"]
