@@ -20,7 +20,7 @@ def profile(
                                             "$SMARTTRIM_DATA/<dataset>, else ~/.cache/smarttrim/data/<dataset>; "
                                             "easy-VQA: the installed package's data)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: val; easyvqa: test)."),
-    limit: Optional[int] = typer.Option(500, "--limit", help="Profile the first N inputs."),
+    limit: Optional[int] = typer.Option(500, "--limit", help="Profile the first N inputs (0: all)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Runtime keep threshold of the trimmed "
                                               "model, 0-1 (default: the model's, usually 0.5)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="More thresholds, e.g. 0.3,0.5,0.7: adds the "

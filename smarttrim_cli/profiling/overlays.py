@@ -74,7 +74,6 @@ def write_overlay(path, image: np.ndarray, question: str, tokens: Sequence[str],
     gs = fig.add_gridspec(rows + 1, cols, height_ratios=[0.35] + [1] * rows)
     tax = fig.add_subplot(gs[0, :])
     tax.axis("off")
-    x = 0.0
     renderer = fig.canvas.get_renderer()
     tax.text(0.0, 0.9, "Q:", fontsize=11, weight="bold", transform=tax.transAxes, va="top")
     x = 0.045

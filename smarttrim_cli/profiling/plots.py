@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..atomic import atomic_path
 
-STREAM_COLORS = {"text": "#1f77b4", "vision": "#d62728", "xtext": "#2ca02c", "ximage": "#ff7f0e"}
+STREAM_COLORS = {"text": "#1f77b4", "vision": "#d62728", "xtext": "#2ca02c", "ximage": "#ff7f0e", "joint": "#9467bd"}
 
 
 def _plt():

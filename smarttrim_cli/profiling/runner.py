@@ -35,8 +35,8 @@ from . import report as rp
 DATASET_TASKS = {"vqa": "vqa", "easyvqa": "vqa", "nlvr2": "nlvr2", "snli": "snli"}
 DEFAULT_SPLITS = {"easyvqa": "test"}
 BATCH_MODES = ("auto", "pad", "bucket")
-_LAYER_KINDS = ("bert_layer", "clip_block", "cross_layer")
-_STREAM = re.compile(r"^(text|vision|xtext|ximage)_(\d+)$")
+_STREAM = re.compile(r"^([a-z]+)_(\d+)$")  # a transformer layer's record: <stream>_<i>
+_IMAGE_TOKENS = re.compile(r"^tok:(vision|ximage)_\d+$")  # image-stream token decisions of the first image
 
 
 @dataclass
@@ -162,8 +162,10 @@ def _check(s: ProfileSettings):
     for name in ("warmup", "show"):
         if int(getattr(s, name)) < 0:
             raise SmartTrimError(f"--{name} must be >= 0, got {getattr(s, name)}")
-    if s.limit is not None and int(s.limit) < 1:
-        raise SmartTrimError(f"--limit must be >= 1, got {s.limit}")
+    if s.limit is not None and int(s.limit) < 0:
+        raise SmartTrimError(f"--limit must be >= 0 (0: every input), got {s.limit}")
+    if s.limit is not None and int(s.limit) == 0:
+        s.limit = None
     if s.fvcore_limit is not None and int(s.fvcore_limit) < 0:
         raise SmartTrimError(f"--fvcore-limit must be >= 0, got {s.fvcore_limit}")
     if s.batch_mode not in BATCH_MODES:
@@ -253,6 +255,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
         return _to(_unpad(collate([item], model.tokenizer, max_len)), device)
 
     # (1) per input ---------------------------------------------------------------------------------------
+    streams = set(model.stream_layers())
     rows, layer_acc, cached, shows = [], {}, {}, []
     fv_full_cache: dict[int, int] = {}
     sweep_macs = {t: [] for t in sweep}
@@ -279,8 +282,12 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
                    "fvcore_gmacs_full": fv_full, "fvcore_gmacs_trimmed": fv_trim, "image_tokens_final": None,
                    "score_full": None, "score_trimmed": None, "pred_full": None, "pred_trimmed": None,
                    "pred_full_label": None, "pred_trimmed_label": None}
+            img_keys = [k for k in ch.decisions if _IMAGE_TOKENS.match(k)]
+            row["image_tokens_final"] = (int(ch.decisions[img_keys[-1]].sum()) if img_keys
+                                         else int(cfg.n_patches + 1))
             for rec in ch.records:
-                if rec.kind in _LAYER_KINDS and _STREAM.match(rec.name):
+                m = _STREAM.match(rec.name)
+                if m and m.group(1) in streams and rec.kind not in ("token_trimmer", "head_trimmer"):
                     lay = layer_acc.setdefault(rec.name, {"n": [], "n_full": [], "h": [], "h2": [], "H": rec.dims.get("H"),
                                                           "macs": [], "macs_full": []})
                     lay["n"].append(float(rec.n[0]))
@@ -289,8 +296,6 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
                     lay["h2"].append(None if rec.h2 is None else float(rec.h2[0]))
                     lay["macs"].append(float(layer_macs(rec)[0]) / 1e9)
                     lay["macs_full"].append(float(layer_macs(rec, True)[0]) / 1e9)
-                    if rec.name.startswith("ximage_"):
-                        row["image_tokens_final"] = int(rec.n[0])
             if task == "retrieval":
                 retr_items.append((i, _image_key(item, i)))
             else:
