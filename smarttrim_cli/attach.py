@@ -133,8 +133,29 @@ class AttachResult:
     info: dict
 
 
+def read_labels(path, num_labels: int) -> list[str]:
+    """A label list lining up with the classifier: a JSON list, or a text file with one label a line."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise SmartTrimError(f"{p}: answers file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        labels = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    except json.JSONDecodeError as e:
+        raise SmartTrimError(f"{p}: not a valid JSON list ({e.msg} at line {e.lineno})") from None
+    if not all(isinstance(x, str) for x in labels):
+        raise SmartTrimError(f"{p}: labels must be strings")
+    if len(labels) != num_labels:
+        raise SmartTrimError(f"{p}: {len(labels)} labels, but the checkpoint's classifier has {num_labels} outputs")
+    return labels
+
+
 def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
            head_layers=None, threshold=None, task=None, answers=None) -> AttachResult:
+    """``answers``: for METER, the label names lining up with its classifier (the file carries none);
+    for BLIP VQA, the answer list to rank."""
     from .backbones import meter
 
     ckpt = Path(ckpt)
@@ -146,15 +167,14 @@ def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, tok
     if task is not None and task != "auto":
         raise SmartTrimError(f"{ckpt}: --task applies to Hugging Face directories; a METER checkpoint's task "
                              "is read from its head")
-    if answers is not None:
-        raise SmartTrimError(f"{ckpt}: --answers applies to BLIP VQA directories")
     model, info = meter.from_checkpoint(ckpt, image_size=image_size)
     model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
     c = model.config
     tok = resolve_tokenizer(ckpt, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
+    label_list = read_labels(answers, c.num_labels) if answers is not None else None
     out_dir = Path(out_dir) if out_dir else default_attach_dir()
     s = summary(model)
-    save_model_dir(model, out_dir, tokenizer=tok, provenance={
+    save_model_dir(model, out_dir, tokenizer=tok, labels=label_list, provenance={
         "source": str(ckpt.resolve()), "source_sha256": sha256(ckpt), "source_format": "meter-lightning-ckpt",
         "source_image_size": info["source_image_size"], "ignored_keys": info["ignored_keys"]},
         extra={"preprocess": {"image_size": c.image_size, "mean": list(meter.CLIP_MEAN), "std": list(meter.CLIP_STD),

@@ -118,3 +118,15 @@ def test_existing_output_is_replaced_only_on_success(tmp_path):
     r = _attach(tmp_path / "m.ckpt", "-o", out, "--token-layers", "vision=9")
     assert r.exit_code == 2
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_answers_file_gives_meter_labels(tmp_path):
+    write_tiny_ckpt(tmp_path / "m.ckpt", "vqa")  # 7 outputs
+    (tmp_path / "answers.txt").write_text("\n".join(f"a{i}" for i in range(7)) + "\n")
+    r = _attach(tmp_path / "m.ckpt", "-o", tmp_path / "out", "--answers", tmp_path / "answers.txt")
+    assert r.exit_code == 0, r.output
+    assert smarttrim_cli.load(tmp_path / "out").labels == [f"a{i}" for i in range(7)]
+    (tmp_path / "short.json").write_text('["yes", "no"]')
+    r = _attach(tmp_path / "m.ckpt", "-o", tmp_path / "out2", "--answers", tmp_path / "short.json")
+    assert r.exit_code == 2 and "2 labels" in r.output and "7 outputs" in r.output
+    assert not (tmp_path / "out2").exists()

@@ -31,9 +31,10 @@ def attach(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Default keep threshold (0-1), default 0.5."),
     task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa or retrieval; checked "
                                        "against config.json (needed only when it names no architecture)."),
-    answers: Optional[Path] = typer.Option(None, "--answers", help="BLIP VQA: the answer list to rank (JSON list, "
-                                           "e.g. BLIP's answer_list.json, or one answer per line). Default: "
-                                           "answer_list.json in the directory."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="Answer names as a JSON list or one per line. "
+                                           "METER: the labels of its classifier, in order (its files carry none). "
+                                           "BLIP VQA: the answer list to rank (default: answer_list.json in the "
+                                           "directory)."),
 ):
     """Insert token and head trimmers into a checkpoint and write a trimmable model directory."""
     from ..attach import attach as run_attach
