@@ -95,7 +95,7 @@ class TrimmableModel(nn.Module):
             elif ctx.keep_ratio is not None:
                 m = self._topk_keep(logits, alive, ctx.keep_ratio).to(s.x.dtype)
             else:
-                m = st_keep(logits, ctx.tau, self.training, ctx.threshold)
+                m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
             s.policy = s.policy * _cls_kept(m * s.pad)
             ctx.decisions[key] = s.policy.detach()
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
@@ -137,7 +137,8 @@ class TrimmableModel(nn.Module):
         top = F.one_hot(logits.argmax(1), H).to(logits.dtype)  # at least one head always kept
         forced = ctx.forced.get(key) if ctx.forced else None
         if ctx.mode == "soft":
-            g = forced.to(logits.dtype) if forced is not None else st_keep(logits, ctx.tau, self.training, ctx.threshold)
+            g = forced.to(logits.dtype) if forced is not None else st_keep(logits, ctx.tau, self.training, ctx.threshold,
+                                                                      ctx.gumbel_noise(key, logits))
             g = torch.maximum(g, top)
             ctx.decisions[key] = g.detach()
             return g, None, g.sum(1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 NEG = -10000.0  # METER/BERT's additive mask value; exp() of it underflows to exactly 0 in fp32
+POLICY_CAP = 5.0  # see policy_softmax
 
 
 def policy_softmax(scores: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -20,8 +21,17 @@ def policy_softmax(scores: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6
     A dropped token neither is attended (its weight is ~0) nor changes the others (renormalised);
     the gradient reaches the keep decisions through the product (DynamicViT-style masking).
     """
-    scores = scores - scores.amax(-1, keepdim=True)
-    w = scores.exp() * policy[:, None, None, :].to(scores.dtype)
+    p = policy[:, None, None, :].to(scores.dtype)
+    # Shift by the max over the KEPT keys ([CLS] always is), not over all keys: then the kept weights
+    # sum to >= 1 and eps stays negligible. With the max over all keys, a row whose kept keys all score
+    # far below a dropped one had a sum ~0, became eps-dominated and sent gradients of 1/eps = 1e6 to
+    # the dropped key's decision (seen as grad norms of 1e5 when training trimmers). A dropped key's
+    # exponent is capped at POLICY_CAP above the kept max, bounding that gradient (its forward weight
+    # is 0 anyway).
+    s = scores.detach()
+    top = s.masked_fill(p.detach() <= 0, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, s.amax(-1, keepdim=True))  # a row with no key kept
+    w = (scores - top).clamp(max=POLICY_CAP).exp() * p
     return (w + eps / w.shape[-1]) / (w.sum(-1, keepdim=True) + eps)
 
 

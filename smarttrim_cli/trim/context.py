@@ -44,10 +44,14 @@ class TrimContext:
     records: list = field(default_factory=list)
     decisions: dict = field(default_factory=dict)
     keep_probs: dict = field(default_factory=dict)
+    noise: Any = None             # optional callable(key, logits) -> uniform(0,1) noise (soft mode, training)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def gumbel_noise(self, key: str, logits: torch.Tensor):
+        return None if self.noise is None else self.noise(key, logits)
 
     def add(self, cost: LayerCost):
         if self.record:
