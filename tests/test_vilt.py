@@ -18,8 +18,10 @@ from smarttrim_cli.backbones import vilt
 from smarttrim_cli.cli import app
 from smarttrim_cli.trim.cost import total_macs
 
-LABELS = ["yes", "no", "red", "two", "blue"]
-TEXTS = ["what color is the ball", "how many dogs are there", "is it red", "yes no two blue"]
+from smarttrim_cli.data import EASYVQA_ANSWERS
+
+LABELS = list(EASYVQA_ANSWERS)  # so that finetune/profile run on the bundled easy-VQA data
+TEXTS = ["what color is the shape", "what shape is in the image", "is there a red circle", " ".join(LABELS)]
 
 
 def write_tiny_vilt(path: Path, seed=0, image_size=64, patch=16, **kw) -> Path:
@@ -90,7 +92,26 @@ def trimmed(path, init_keep=0.0, seed=0, **kw):
     with torch.no_grad():
         for p in m.trimmer_parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    return m.eval()
+    m.eval()
+    center_token_trimmers(m, batch(m.config, B=4, seed=11))
+    return m
+
+
+def center_token_trimmers(m, b):
+    """Shift each random token trimmer's bias so that it drops about half of its tokens on b (random
+    tiny trimmers otherwise saturate: everything kept or everything dropped)."""
+    outs = {}
+    hooks = [tr.register_forward_hook(lambda mod, inp, out, k=k: outs.__setitem__(k, out))
+             for k, tr in m.token_trimmers.items()]
+    try:
+        for _ in range(2):
+            with torch.no_grad():
+                m.run(b, mode="soft")
+                for k, tr in m.token_trimmers.items():
+                    tr.fc2.bias -= outs[k].median()
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ----- invariant 1: full mode == transformers ----------------------------------------------------------
@@ -260,3 +281,29 @@ def test_attach_rejects_wrong_task_and_unsupported_architectures(vilt_dir, tmp_p
     empty.mkdir()
     r = runner.invoke(app, ["attach", str(empty), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "without config.json" in " ".join(r.output.split())
+
+
+# ----- ONNX (invariant 5) and the other commands through the CLI -------------------------------------------
+def test_onnx_export_equals_hard_mode(vilt_dir, tmp_path):
+    from smarttrim_cli.export.onnx_export import export_onnx
+    from smarttrim_cli.export.ort_session import make_session
+    from smarttrim_cli.export.validate import make_cases, validate_against_torch
+
+    m = trimmed(vilt_dir)
+    export_onnx(m, tmp_path / "vilt.onnx", exporter="legacy")  # the dynamo exporter works too, 5-10x slower
+    rep = validate_against_torch(make_session(tmp_path / "vilt.onnx", device="cpu"), m, make_cases(m, [0.5]))
+    assert all(c.ok for c in rep.checks), rep.checks
+    assert min(c.text_len for c in rep.cases) <= 2 and min(c.image_tokens_kept for c in rep.cases) < m.config.n_patches
+
+
+def test_finetune_and_profile_cli(vilt_dir, tmp_path):
+    out, ft = tmp_path / "attached", tmp_path / "finetuned"
+    assert runner.invoke(app, ["attach", str(vilt_dir), "-o", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["finetune", str(out), "-o", str(ft), "--dataset", "easyvqa", "--limit", "16",
+                            "--max-steps", "2", "--batch-size", "8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((ft / "config.json").read_text())["backbone"] == "vilt"
+    r = runner.invoke(app, ["profile", str(ft), "--dataset", "easyvqa", "--limit", "4", "--iters", "2", "--warmup",
+                            "1", "--batch-size", "2", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())
