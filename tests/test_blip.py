@@ -362,3 +362,21 @@ def test_finetune_cli(vqa_dir, tmp_path):
     assert r.exit_code == 0, r.output
     m = smarttrim_cli.load(ft)
     assert m.family == "blip" and m.labels == ANSWERS
+
+
+@pytest.mark.parametrize("name,task", [("blip-vqa.yaml", "vqa"), ("blip-retrieval.yaml", "retrieval")])
+def test_recipes_fit_blip_base(name, task):
+    """The bundled recipes place trimmers on BLIP-base's layer counts (narrow widths keep this fast)."""
+    from smarttrim_cli.recipes import load_recipe
+    from smarttrim_cli.train.config import build_config
+    from smarttrim_cli.trim.config import TrimConfig
+
+    r = load_recipe(name)
+    assert r["backbone"] == "blip" and r["task"] == task
+    c = blip.BlipConfig(task=task, num_labels=2, answer_len=3, image_size=32, patch_size=16, vision_width=16,
+                        vision_heads=4, vision_intermediate=16, text_hidden=16, text_heads=4,
+                        text_intermediate=16, vocab_size=40, max_position=8, bos_token_id=38)
+    m = blip.BlipModel(c).attach_trimmers(TrimConfig.from_dict(r["trim"]))
+    assert len(m.token_trimmers) == sum(len(v) for v in r["trim"]["token_layers"].values())
+    cfg, _ = build_config(r["_path"], {}, task=task, family="blip")
+    assert cfg.lr > 0

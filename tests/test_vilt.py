@@ -307,3 +307,19 @@ def test_finetune_and_profile_cli(vilt_dir, tmp_path):
                             "1", "--batch-size", "2", "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_recipe_fits_vilt_b32():
+    from smarttrim_cli.recipes import load_recipe
+    from smarttrim_cli.train.config import build_config
+    from smarttrim_cli.trim.config import TrimConfig
+
+    r = load_recipe("vilt-vqa.yaml")
+    assert r["backbone"] == "vilt" and r["task"] == "vqa"
+    m = vilt.ViltModel(vilt.ViltConfig(image_size=64, patch_size=32, hidden=16, heads=4, intermediate=16,
+                                       num_labels=3, vocab_size=40))
+    m.attach_trimmers(TrimConfig.from_dict(r["trim"]))
+    assert sorted(m.token_trimmers) == sorted(f"ximage_{i}" for i in r["trim"]["token_layers"]["ximage"])
+    assert len(m.head_trimmers) == 6
+    cfg, _ = build_config(r["_path"], {}, task="vqa", family="vilt")
+    assert cfg.lr == 1e-4
