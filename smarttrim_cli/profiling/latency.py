@@ -9,6 +9,9 @@ quantity measured by the allocator hooks rather than by a caching allocator.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import os
 import platform
 import time
@@ -72,6 +75,29 @@ def summarize_ms(seconds: Sequence[float]) -> dict:
             "min": float(a.min()), "max": float(a.max())}
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """The CPU profiler's native code prints start/stop lines straight to fd 1/2; keep them off the
+    user's terminal (Python-level output is flushed first so nothing of ours is lost)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = []
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:  # no real file descriptors (e.g. captured in-process): nothing to silence
+        pass
+    try:
+        yield
+    finally:
+        for fd, old in saved:
+            os.dup2(old, fd)
+            os.close(old)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device) -> int:
     """Peak bytes allocated by one call beyond those live before it (see module docstring)."""
     device = torch.device(device)
@@ -84,7 +110,7 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
