@@ -133,15 +133,17 @@ def hf_answer_loglik(hf, qs, qmask, answer_ids, answer_mask):
 
 
 # ----- invariant 1: full mode == transformers ----------------------------------------------------------
-def test_itm_and_itc_equal_transformers(itm_dir):
+@pytest.mark.parametrize("image_size", [None, 48])
+def test_itm_and_itc_equal_transformers(itm_dir, image_size):
     hf = hf_model(itm_dir)
-    m, info = blip.from_hf_dir(itm_dir)
+    m, info = blip.from_hf_dir(itm_dir, image_size=image_size)
     assert m.config.task == "retrieval" and info["labels"] == ["no_match", "match"]
     b = batch(m.config)
+    interp = {"interpolate_pos_encoding": image_size is not None}  # transformers interpolates per call
     with torch.no_grad():
-        ref = hf(**b).itm_score
+        ref = hf(**b, **interp).itm_score
         ours, _ = m.run(b, mode="full")
-        ref_itc = hf(**b, use_itm_head=False).itm_score
+        ref_itc = hf(**b, use_itm_head=False, **interp).itm_score
         img, txt = m.itc(b, mode="full")
     assert ours.shape == (3, 2)
     assert torch.allclose(ref, ours, atol=1e-5), (ref - ours).abs().max()
