@@ -1,0 +1,199 @@
+"""A tiny METER model directory whose trimmers keep varied, input-dependent token counts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_meter import tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models are overhead-bound; on a shared 2-core machine two OpenMP threads per op wait on
+    each other (a tiny forward went from 14 ms to 1.7 s), so the PyTorch side of these tests uses one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def spread_trimmers(model, seed: int = 11):
+    """Make each token's keep score depend mostly on the token itself, with a wide logit range, so that
+    different inputs and thresholds keep different numbers of tokens (and heads)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for tr in list(model.token_trimmers.values()) + list(model.head_trimmers.values()):
+            tr.fc2.weight.normal_(0, 1.0)
+            tr.fc2.bias.fill_(0.3)
+            if hasattr(tr, "proj_x"):
+                tr.proj_x.weight.mul_(6.0)
+                tr.proj_g.weight.mul_(0.3)
+                tr.proj_c.weight.mul_(0.3)
+    return model
+
+
+SMALL = {"kw": {"text_layers": 1, "vision_layers": 2, "cross_layers": 1},
+         "trim": {"token_layers": {"text": [0], "vision": [1], "xtext": [0], "ximage": [0]},
+                  "head_layers": {"vision": [1], "ximage": [0]}}}
+
+
+def varied_model_dir(path: Path, task: str = "vqa", small: bool = False) -> Path:
+    """tiny_model_dir + spread_trimmers, saved back as a model directory (records it as latest).
+    small: one text and one cross-modal layer, fewer head trimmers (the dynamo exporter's symbolic
+    tracing time grows with the graph: this halves it), every stream still trimmed."""
+    import smarttrim_cli
+    from smarttrim_cli.model_dir import read_config, save_model_dir
+
+    path = Path(path)
+    if small:
+        tiny_model_dir(path, task, trim_kw=SMALL["trim"], **SMALL["kw"])
+    else:
+        tiny_model_dir(path, task)
+    m = smarttrim_cli.load(path)
+    spread_trimmers(m)
+    cfg = read_config(path)
+    save_model_dir(m, path, tokenizer=m.tokenizer, labels=m.labels, extra={"preprocess": cfg["preprocess"]})
+    return path
+
+
+def module_model_dir(tmp_path_factory, name="model", task="vqa", small=False) -> Path:
+    """For module-scoped fixtures: the per-test SMARTTRIM_HOME is not set yet, so use a private one."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMARTTRIM_HOME", str(root / "home"))
+        return varied_model_dir(root / name, task, small)
+
+
+# ----- tests -------------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+import smarttrim_cli  # noqa: E402
+from smarttrim_cli.export.onnx_export import export_onnx, read_metadata  # noqa: E402
+from smarttrim_cli.export.ort_session import make_session  # noqa: E402
+from smarttrim_cli.export.validate import Case, make_cases, validate_against_torch  # noqa: E402
+from tiny_meter import batch as random_batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return module_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def legacy_onnx(model_dir, tmp_path_factory):
+    m = smarttrim_cli.load(model_dir)
+    return export_onnx(m, tmp_path_factory.mktemp("legacy") / "model.onnx", exporter="legacy")
+
+
+def _extra_cases(m):
+    """Random-token inputs beside the real ones: batch 3 with padding, a one-token text, odd lengths."""
+    out = []
+    for B, T, thr, seed in ((3, 5, 0.4, 3), (1, 1, 0.5, 4), (2, 11, 0.6, 5), (1, 7, 0.2, 6)):
+        b = random_batch(m, B=B, T=T, seed=seed, pad_rows=(1,) if B > 1 and T > 3 else ())
+        out.append(Case(f"random B={B} T={T}", b, thr))
+    return out
+
+
+def _check_graph_matches_torch(path, m):
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"TopK", "NonZero", "GatherElements"} <= ops, ops  # data-dependent selection inside the graph
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert isinstance(ins["input_ids"][0], str) and isinstance(ins["input_ids"][1], str), ins  # dynamic batch, text
+    assert ins["threshold"] == []  # a 0-d graph input
+    sess = make_session(path, "cpu", 2)
+    cases = make_cases(m) + _extra_cases(m)
+    rep = validate_against_torch(sess, m, cases, atol=1e-4)
+    assert rep.ok, [c for c in rep.checks if not c.ok]
+    # the inputs really ran with different token counts (else the test could not see a frozen shape)
+    counts = {tuple(c.kept_tokens) for c in rep.cases}
+    assert len(counts) >= 5, counts
+    blank = [c for c in rep.cases if c.name.startswith("blank")][0]
+    assert blank.image_tokens_kept <= 2 < blank.image_tokens
+    assert {c.batch for c in rep.cases} >= {1, 2, 3}
+    assert {c.text_len for c in rep.cases} >= {1, 2, 12}
+    return rep
+
+
+def test_dynamo_export_equals_torch_hard_mode(tmp_path_factory, tmp_path):
+    m = smarttrim_cli.load(module_model_dir(tmp_path_factory, "small", small=True))
+    assert set(m.token_trimmers) == {"text_0", "vision_1", "xtext_0", "ximage_0"}
+    res = export_onnx(m, tmp_path / "dyn.onnx", exporter="dynamo")
+    assert res.exporter == "dynamo" and res.fallback_reason is None
+    _check_graph_matches_torch(res.path, m)
+
+
+def test_legacy_export_equals_torch_hard_mode(model_dir, legacy_onnx):
+    m = smarttrim_cli.load(model_dir)
+    assert legacy_onnx.exporter == "legacy"
+    _check_graph_matches_torch(legacy_onnx.path, m)
+
+
+def test_metadata_in_the_file(model_dir, legacy_onnx):
+    md = read_metadata(legacy_onnx.path)
+    assert md["version"] == smarttrim_cli.__version__
+    assert md["backbone"] == "meter" and md["task"] == "vqa"
+    assert float(md["default_threshold"]) == 0.5
+    assert json.loads(md["labels"]) == [f"answer{i}" for i in range(7)]
+    assert json.loads(md["preprocess"])["image_size"] == 32
+    assert json.loads(md["kept_tokens_layers"]) == legacy_onnx.token_layers and legacy_onnx.token_layers
+    assert "tokenizer_json" in md and md["model_dir"] == str(model_dir.resolve())
+    # trimmer nodes are marked (int8 keeps them in float) and no exporter debug metadata is left
+    proto = onnx.load(str(legacy_onnx.path))
+    assert any(n.name.startswith("smarttrim_trimmer/") for n in proto.graph.node)
+    assert not any(n.metadata_props for n in proto.graph.node)
+
+
+def test_frozen_token_count_is_caught(model_dir, tmp_path, monkeypatch):
+    """What the legacy exporter does with int(k) (NOTES): k frozen at the tracing inputs' count. The
+    validation must fail on the other inputs, in onnxruntime or in the comparison."""
+    from smarttrim_cli.trim import gather
+
+    real = gather.kept_order
+
+    def frozen(keep):
+        idx, k = real(keep)
+        if torch.jit.is_tracing():
+            n = keep.shape[1]
+            key = keep.to(torch.float32) * (2 * n) - torch.arange(n, dtype=torch.float32)
+            idx = key.topk(int(k), dim=1, sorted=True).indices  # int(k): a constant in the trace
+        return idx, k
+
+    m = smarttrim_cli.load(model_dir)
+    monkeypatch.setattr("smarttrim_cli.backbones.base.kept_order", frozen)
+    res = export_onnx(m, tmp_path / "frozen.onnx", exporter="legacy")
+    monkeypatch.undo()
+    rep = validate_against_torch(make_session(res.path, "cpu", 2), m, make_cases(m), atol=1e-4)
+    assert not rep.ok
+    assert not [c for c in rep.checks if c.name == "logits"][0].ok
+
+
+def test_int8_graph_is_valid_smaller_and_close(model_dir, legacy_onnx, tmp_path):
+    from smarttrim_cli.export.quantize import quantize_int8
+    from smarttrim_cli.export.validate import validate_quantized
+
+    m = smarttrim_cli.load(model_dir)
+    q = quantize_int8(legacy_onnx.path, tmp_path / "model.int8.onnx")
+    onnx.checker.check_model(str(q.path), full_check=True)
+    assert q.size_bytes < 0.75 * q.float_size_bytes
+    assert q.gathered_int8 > 0 and q.matmuls_int8 > 0
+    proto = onnx.load(str(q.path))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulInteger") >= q.gathered_int8
+    # trimmers stay in float; gathered head slices are gathered from int8 weights
+    assert not any(n.op_type == "MatMulInteger" and n.name.startswith("smarttrim_trimmer/") for n in proto.graph.node)
+    inits = {t.name: t.data_type for t in proto.graph.initializer}
+    prod = {o: n for n in proto.graph.node for o in n.output}
+    gathered = [prod[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulInteger" and n.input[1] in prod]
+    assert gathered, "no MatMulInteger reads a run-time (head-sliced) weight"
+    assert read_metadata(q.path)["quantization"].startswith("int8")
+    cases = make_cases(m)
+    rep = validate_quantized(make_session(q.path, "cpu", 2), make_session(legacy_onnx.path, "cpu", 2), "vqa", cases)
+    assert rep.ok, rep.checks
+    assert inits  # initializers survived dead-node removal
