@@ -197,3 +197,37 @@ def test_int8_graph_is_valid_smaller_and_close(model_dir, legacy_onnx, tmp_path)
     rep = validate_quantized(make_session(q.path, "cpu", 2), make_session(legacy_onnx.path, "cpu", 2), "vqa", cases)
     assert rep.ok, rep.checks
     assert inits  # initializers survived dead-node removal
+
+
+def test_large_graphs_use_external_data(legacy_onnx, model_dir, tmp_path, monkeypatch):
+    """Over 2 GB the weights go to MODEL.onnx.data (checked by path, written atomically); simulated by
+    lowering the limit. The result loads and runs like the inline file."""
+    from smarttrim_cli.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 1 << 20)
+    out = tmp_path / "big.onnx"
+    size, external = onnx_export.save_onnx(onnx.load(str(legacy_onnx.path)), out)
+    assert external and (tmp_path / "big.onnx.data").is_file()
+    assert out.stat().st_size < 0.3 * size  # the weights moved out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    m = smarttrim_cli.load(model_dir)
+    case = make_cases(m)[0]
+    a = make_session(out, "cpu", 1).run(None, case.feeds())
+    b = make_session(legacy_onnx.path, "cpu", 1).run(None, case.feeds())
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_execution_providers():
+    from smarttrim_cli.errors import SmartTrimError
+    from smarttrim_cli.export.ort_session import available_providers, select_providers, session_options
+
+    assert select_providers("cpu") == ["CPUExecutionProvider"]
+    assert select_providers("auto")[-1] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in available_providers():
+        with pytest.raises(SmartTrimError, match="onnxruntime-gpu"):
+            select_providers("cuda")
+    with pytest.raises(SmartTrimError):
+        select_providers("tpu")
+    so = session_options(None, ["CPUExecutionProvider"])
+    assert so.intra_op_num_threads == 2  # the timing default on CPU
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"

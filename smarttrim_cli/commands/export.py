@@ -143,17 +143,18 @@ def _render(rep):
             console.print(f"  {_mark(c.ok)} {c.name}: {c.detail} (tolerance: {c.tolerance})", highlight=False)
     if rep.timing:
         info = rep.timing_info
-        tt = Table(title=f"onnxruntime latency ({info['provider']}, {info['threads']} threads, median of "
-                         f"{info['runs']} runs, sessions interleaved)", title_justify="left", show_edge=False)
-        cols = ["input", "text", "threshold", "GMACs full → trimmed", "full ms", "trimmed ms", "speedup"]
+        thr = rep.timing[0].threshold
+        tt = Table(title=f"onnxruntime latency, trimmed vs full graph ({info['provider']}, {info['threads']} threads, "
+                         f"threshold {thr:g}, median of {info['runs']} runs, graphs interleaved)",
+                   title_justify="left", show_edge=False)
         has_q = any(r.int8_ms is not None for r in rep.timing)
-        if has_q:
-            cols += ["int8 ms", "int8 speedup"]
+        cols = ["input", "text", "GMACs full → trimmed", "full ms", "trimmed ms", "speedup"]
+        cols += ["int8 ms", "int8 speedup"] if has_q else []
         for col in cols:
             tt.add_column(col, justify="left" if col == "input" else "right")
         for r in rep.timing:
-            row = [r.name, str(r.text_len), f"{r.threshold:g}", f"{r.macs_full / 1e9:.3f} → {r.macs_trimmed / 1e9:.3f} "
-                   f"({r.macs_reduction:.2f}×)", f"{r.full_ms:.1f}", f"{r.trimmed_ms:.1f}", f"{r.speedup:.2f}×"]
+            row = [r.name, str(r.text_len), f"{r.macs_full / 1e9:.3g} → {r.macs_trimmed / 1e9:.3g} ({r.macs_reduction:.2f}×)",
+                   f"{r.full_ms:.1f}", f"{r.trimmed_ms:.1f}", f"{r.speedup:.2f}×"]
             if has_q:
                 row += [f"{r.int8_ms:.1f}", f"{r.full_ms / r.int8_ms:.2f}×"]
             tt.add_row(*row)

@@ -343,9 +343,9 @@ def export_onnx(model, out, *, mode: str = "hard", exporter: str = "auto", opset
     args = graph_args(graph, example_batch(model), getattr(model.trim_config, "threshold", 0.5))
     t0 = time.perf_counter()
     order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
-    if exporter == "auto" and opset < MIN_DYNAMO_OPSET:
-        order = ["legacy"]
     proto, used, reason, logs = None, None, None, {}
+    if exporter == "auto" and opset < MIN_DYNAMO_OPSET:
+        order, reason = ["legacy"], f"opset {opset} < {MIN_DYNAMO_OPSET}, which the dynamo exporter needs"
     for name in order:
         with tempfile.TemporaryDirectory(prefix="smarttrim-export-") as td, _quiet() as buf:
             try:
