@@ -89,6 +89,8 @@ def export(
                      device=device, threads=threads, runs=runs, exporter=exporter, int8_rel_tol=int8_tol,
                      status=status)
     _render(rep)
+    console.print(f"serve it without PyTorch: python -m smarttrim_cli.onnx_predict {rep.export.path} IMAGE \"QUESTION\"",
+                  highlight=False, soft_wrap=True)
     if report is not None:
         write_report(rep, report)
         console.print(f"report: {report}")
