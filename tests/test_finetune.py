@@ -137,6 +137,6 @@ def test_cli_finetune_defaults_and_latest(tmp_path, monkeypatch):
     assert cfg["finetune"]["target_ratio"] == 0.33 and cfg["provenance"]["finetuned_from"] == str(model.resolve())
     summary = json.loads((out / "finetune_summary.json").read_text())
     assert summary["config"]["tau_end"] == 0.3 and summary["config"]["lr"] == pytest.approx(5e-6)  # recipe
-    assert "selected model" in r.output and "FLOPs ratio" in r.output
+    assert "selected weights" in r.output and "written model" in r.output and "FLOPs ratio" in r.output
     r = CliRunner().invoke(app, ["finetune", "--data-dir", str(data), "--set", "nonsense=1"])
     assert r.exit_code == 2 and "unknown training setting 'nonsense'" in r.output

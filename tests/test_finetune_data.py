@@ -11,10 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from tiny_meter import tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only spin against other work on the 2 shared cores
+    yield
+    torch.set_num_threads(n)
+
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220)}
 VQA_LABELS = ["red", "green", "blue", "yes", "no"]
@@ -35,7 +45,7 @@ def _qa(rng, color: str, k: int):
     return f"is the square {asked}?", "yes" if asked == color else "no"
 
 
-def write_vqa(root: Path, n_train=48, n_val=16, seed=0) -> Path:
+def write_vqa(root: Path, n_train=48, n_val=16, seed=0, balanced=False) -> Path:
     """VQAv2: v2_OpenEnded_mscoco_<split>_questions.json, v2_mscoco_<split>_annotations.json,
     <split>/COCO_<split>_<id:012d>.jpg."""
     rng = np.random.default_rng(seed)
@@ -45,6 +55,8 @@ def write_vqa(root: Path, n_train=48, n_val=16, seed=0) -> Path:
         for k in range(n):
             iid = id0 + k
             color = list(COLORS)[int(rng.integers(0, 3))]
+            if balanced:  # every colour equally often among the colour questions
+                color = list(COLORS)[(k // 2) % 3]
             _picture(rng, color).save(root / split / f"COCO_{split}_{iid:012d}.jpg", quality=95)
             q, a = _qa(rng, color, k)
             qid = iid * 10
@@ -206,3 +218,22 @@ def test_label_count_mismatch_needs_new_head(tmp_path):
     import smarttrim_cli
     m = smarttrim_cli.load(tmp_path / "o")
     assert m.head()[-1].out_features == 13 and m.labels[0] == "black"
+
+
+def test_vqa_model_without_labels_builds_vocabulary(tmp_path):
+    """A VQAv2 model directory without label names: the vocabulary comes from the data (METER's rule);
+    it must have as many answers as the classifier has outputs."""
+    data = write_vqa(tmp_path / "vqa", n_train=64, n_val=16, balanced=True)  # each answer >= 9 times
+    for n_out in (7, 5):
+        model = model_for(tmp_path / str(n_out), "vqa", labels=[f"a{i}" for i in range(n_out)])
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["labels"] = None
+        (model / "config.json").write_text(json.dumps(cfg))
+        r = _cli([str(model), "--data-dir", str(data), "-o", str(tmp_path / "o"), *FAST, "--max-steps", "1"])
+        if n_out == 7:
+            assert r.exit_code == 2 and "vocabulary built from" in r.output and "--new-head" in r.output, r.output
+            assert "5 answers" in r.output and "7 outputs" in r.output
+        else:
+            assert r.exit_code == 0, r.output
+            labels = json.loads((tmp_path / "o" / "config.json").read_text())["labels"]
+            assert sorted(labels) == sorted(VQA_LABELS)

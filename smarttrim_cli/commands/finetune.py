@@ -86,16 +86,24 @@ def finetune(
               + (f", resumed at step {s['resumed_from_step']}" if s["resumed_from_step"] else ""))
     if s["base"].get("n"):
         t.add_row("starting model", f"score {s['base']['score']:.4f} (full capacity)")
+    def line(r):
+        out = f"score {r['score']:.4f}"
+        if s["mode"] == "smarttrim":
+            out += (f" · FLOPs ratio {r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} (p10 {r['ratio_p10']:.2f}, "
+                    f"p90 {r['ratio_p90']:.2f}) · {r['gmacs_mean']:.4g} GMACs")
+        return out
+
     sel = s["best"] or s["final"]
     if sel.get("n"):
-        line = f"score {sel['score']:.4f}"
-        if s["mode"] == "smarttrim":
-            line += (f" · FLOPs ratio {sel['ratio_mean']:.3f} ± {sel['ratio_std']:.3f} (p10 {sel['ratio_p10']:.2f}, "
-                     f"p90 {sel['ratio_p90']:.2f}; target {s['target_ratio']}) · {sel['gmacs_mean']:.3f} GMACs")
-        t.add_row("selected model", f"{line} — {s['selected']}")
+        t.add_row("selected weights", f"{line(sel)} — {s['selected']}")
+    cal = s.get("calibrated")
+    if cal and cal.get("n"):
+        t.add_row("written model", f"{line(cal)} at keep threshold {cal['threshold']:.4f} (calibrated to the "
+                  f"target {s['target_ratio']} on {cal['calibration_inputs']:,} validation inputs)")
     t.add_row("written to", f"{res.output} (training.png, finetune_log.jsonl, finetune_summary.json)")
     t.add_row("training state", str(res.state_dir))
     console.print(t)
     if s["mode"] == "smarttrim" and s["best"] is None:
-        console.print("[yellow]warning:[/] no validation reached the target FLOPs ratio within the tolerance; "
-                      "the last weights were written (raise cost_weight or train longer)")
+        console.print("[yellow]warning:[/] no epoch reached the target FLOPs ratio at the trained threshold; the "
+                      "last weights were written" + (" with a calibrated threshold" if cal else "")
+                      + " (train longer, or raise cost_weight / lr_mult_trimmer)")

@@ -287,6 +287,12 @@ def plot_history(history: list[dict], path: Path, title: str):
         axes[1].errorbar([v["step"] for v in vals], [v["ratio_mean"] for v in vals],
                          yerr=[v["ratio_std"] for v in vals], fmt="o", label="validation (hard)")
         axes[2].plot([v["step"] for v in vals], [v["score"] for v in vals], "o-")
+    cal = [r for r in history if r.get("event") == "val_calibrated" and r.get("n")]
+    if cal:
+        axes[1].plot([cal[-1]["step"]], [cal[-1]["ratio_mean"]], "r*", markersize=12,
+                     label=f"written model (threshold {cal[-1]['threshold']:.2f})")
+        axes[2].plot([cal[-1]["step"]], [cal[-1]["score"]], "r*", markersize=12, label="written model")
+        axes[2].legend(fontsize=8)
     axes[1].set_ylim(0, 1.05), axes[1].set_xlabel("step"), axes[1].set_title("FLOPs ratio (trimmed / full)")
     axes[1].legend(fontsize=8)
     axes[2].set_xlabel("step"), axes[2].set_title("validation score")
@@ -431,7 +437,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
     curriculum_end = math.ceil((cfg.curriculum_hold + cfg.curriculum) * total)
 
     loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(model.tokenizer, max_len),
-                     pin_memory=dev.type == "cuda", persistent_workers=False)
+                     pin_memory=dev.type == "cuda", persistent_workers=cfg.workers > 0)
     val_sampler = D.ResumableSampler(len(val_ds), info.rank, info.world, shuffle=False, pad=False)
     val_loader = torch.utils.data.DataLoader(IndexedDataset(val_ds), batch_size=cfg.eval_batch_size or micro,
                                              sampler=val_sampler, **loader_kw)
@@ -503,6 +509,10 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
             ck.save_state(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                                  "budget": budget.state_dict(), "step": step, "history": history, "best": best,
+                                 # the sampler's position: epoch `step // steps_per_epoch`, permutation seeded by
+                                 # (seed, epoch), resumed `start` inputs into each rank's share
+                                 "sampler": {"epoch": step // spe, "start": (step % spe) * cfg.grad_accum * micro,
+                                             "seed": cfg.seed, "steps_per_epoch": spe},
                                  "config": cfg.to_dict(), "world": info.world, "rng": rngs})
         D.barrier(info)
 
@@ -529,18 +539,19 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
             record({"event": "val_full", "step": 0, "epoch": -1, **res})
             bar.note(f"starting model (full capacity): validation score {res.get('score', float('nan')):.4f}")
         # an epoch whose last step was checkpointed before its validation ran
-        if step and step % spe == 0 and not any(r.get("event") == "val" and r["step"] == step for r in history):
-            validate(step // spe - 1)
+        if step and (step % spe == 0 or step == total) and \
+                not any(r.get("event") == "val" and r["step"] == step for r in history):
+            validate((step - 1) // spe)
 
-        step_times, t_log, n_log, last_info = [], time.time(), 0, "training"
+        step_times, compute_times, t_log, n_log, last_info = [], [], time.time(), 0, "training"
+        train_loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_size=micro, sampler=sampler,
+                                                   drop_last=True, **loader_kw)
         acc_keys = ("loss", "task", "distill", "feature", "cost", "spread", "ratio", "ratio_std")
         while step < total:
             epoch = step // spe
             pos = step - epoch * spe
             sampler.set_epoch(epoch, start=pos * cfg.grad_accum * micro)
-            loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_size=micro, sampler=sampler,
-                                                 drop_last=True, **loader_kw)
-            it = iter(loader)
+            it = iter(train_loader)  # the sampler is read here, in this process: the epoch and offset hold
             while pos < spe and step < total:
                 t0 = time.time()
                 tau = cur.temperature(step, total, cfg.tau_start, cfg.tau_end, cfg.tau_frac)
@@ -548,9 +559,11 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
                                       hold=cfg.curriculum_hold) if cfg.trim else 1.0
                 noise = cur.noise_scale(step, total, cfg.noise_start, cfg.noise_end, cfg.noise_frac)
                 objective.set_step(step, tau, rt, budget.nu, all_reduce, noise)
-                acc = {}
+                acc, waited = {}, 0.0
                 for a in range(cfg.grad_accum):
+                    t_wait = time.time()
                     batch = _to(_check_batch(next(it)), dev)
+                    waited += time.time() - t_wait
                     sync = step_module.no_sync() if (info.distributed and a < cfg.grad_accum - 1) else contextlib.nullcontext()
                     with sync:
                         with amp_ctx():
@@ -575,13 +588,17 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
                 budget.update(vals.get("ratio", 1.0), rt)
                 step += 1
                 pos += 1
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 dt = time.time() - t0
                 step_times.append(dt)
+                compute_times.append(dt - waited)
                 n_log += 1
                 if step % cfg.log_every == 0 or step == total or pos == spe:
                     now = time.time()
                     row = {"event": "step", "step": step, "epoch": epoch, **{k: round(v, 6) for k, v in vals.items()},
-                           "target": rt, "tau": tau, "noise": noise, "nu": budget.nu, "lr": sched.get_last_lr()[0],
+                           **({"target": rt, "tau": tau, "noise": noise, "nu": budget.nu} if cfg.trim else {}),
+                           "lr": sched.get_last_lr()[0],
                            "grad_norm": float(gnorm), "inputs_per_s": n_log * cfg.batch_size / max(now - t_log, 1e-9),
                            "elapsed_s": now - t_start}
                     record(row)
@@ -592,7 +609,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
                     save_checkpoint()
                 if on_step is not None:
                     on_step(step)
-            del it, loader
+            del it
             if pos == spe or step == total:
                 validate(epoch)
                 save_checkpoint()
@@ -627,6 +644,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
                  f"FLOPs ratio {res.get('ratio_mean', float('nan')):.3f} ± {res.get('ratio_std', float('nan')):.3f}")
     skipped = {"train": dict(train_ds.skipped), "val": dict(val_ds.skipped)}
     steady = step_times[min(len(step_times) - 1, 2):] if step_times else []
+    steady_c = compute_times[min(len(compute_times) - 1, 2):] if compute_times else []
     summary = {
         "mode": "smarttrim" if cfg.trim else "plain", "dataset": ds_name, "source": str(src),
         "train_inputs": len(train_ds), "val_inputs": len(val_ds), "skipped": skipped,
@@ -634,6 +652,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         "target_ratio": cfg.target_ratio if cfg.trim else 1.0, "selected": selected,
         "best": best, "final": final, "base": base, "calibrated": calibrated,
         "seconds_per_step": (sum(steady) / len(steady)) if steady else None,
+        "compute_seconds_per_step": (sum(steady_c) / len(steady_c)) if steady_c else None,
         "wall_s": wall, "config": cfg.to_dict(),
     }
     out = None
