@@ -359,8 +359,8 @@ def test_finetune_cli(vqa_dir, tmp_path):
     """A few fine-tuning steps through the CLI (profile runs in test_vilt.py; same code path)."""
     out, ft = tmp_path / "attached", tmp_path / "finetuned"
     assert runner.invoke(app, ["attach", str(vqa_dir), "-o", str(out)]).exit_code == 0
-    r = runner.invoke(app, ["finetune", str(out), "-o", str(ft), "--dataset", "easyvqa", "--limit", "16",
-                            "--max-steps", "2", "--batch-size", "8", "--device", "cpu"])
+    r = runner.invoke(app, ["finetune", str(out), "-o", str(ft), "--dataset", "easyvqa", "--limit", "8",
+                            "--max-steps", "2", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     m = smarttrim_cli.load(ft)
     assert m.family == "blip" and m.labels == ANSWERS

@@ -299,8 +299,8 @@ def test_onnx_export_equals_hard_mode(vilt_dir, tmp_path):
 def test_finetune_and_profile_cli(vilt_dir, tmp_path):
     out, ft = tmp_path / "attached", tmp_path / "finetuned"
     assert runner.invoke(app, ["attach", str(vilt_dir), "-o", str(out)]).exit_code == 0
-    r = runner.invoke(app, ["finetune", str(out), "-o", str(ft), "--dataset", "easyvqa", "--limit", "16",
-                            "--max-steps", "2", "--batch-size", "8", "--device", "cpu"])
+    r = runner.invoke(app, ["finetune", str(out), "-o", str(ft), "--dataset", "easyvqa", "--limit", "8",
+                            "--max-steps", "2", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert json.loads((ft / "config.json").read_text())["backbone"] == "vilt"
     r = runner.invoke(app, ["profile", str(ft), "--dataset", "easyvqa", "--limit", "4", "--iters", "2", "--warmup",
