@@ -284,16 +284,25 @@ def test_attach_rejects_wrong_task_and_unsupported_architectures(vilt_dir, tmp_p
 
 
 # ----- ONNX (invariant 5) and the other commands through the CLI -------------------------------------------
-def test_onnx_export_equals_hard_mode(vilt_dir, tmp_path):
-    from smarttrim_cli.export.onnx_export import export_onnx
-    from smarttrim_cli.export.ort_session import make_session
-    from smarttrim_cli.export.validate import make_cases, validate_against_torch
+def test_onnx_export_cli_equals_hard_mode(vilt_dir, tmp_path):
+    """`smarttrim export --onnx` on a ViLT model whose trimmers prune: onnxruntime == hard mode on texts
+    of several lengths (the command validates and exits 1 when a check fails)."""
+    from transformers import AutoTokenizer
+
+    from smarttrim_cli.backbones.hf_preprocess import preprocess_config
+    from smarttrim_cli.model_dir import save_model_dir
 
     m = trimmed(vilt_dir)
-    export_onnx(m, tmp_path / "vilt.onnx", exporter="legacy")  # the dynamo exporter works too, 5-10x slower
-    rep = validate_against_torch(make_session(tmp_path / "vilt.onnx", device="cpu"), m, make_cases(m, [0.5]))
-    assert all(c.ok for c in rep.checks), rep.checks
-    assert min(c.text_len for c in rep.cases) <= 2 and min(c.image_tokens_kept for c in rep.cases) < m.config.n_patches
+    save_model_dir(m, tmp_path / "m", tokenizer=AutoTokenizer.from_pretrained(str(vilt_dir)), labels=LABELS,
+                   extra={"preprocess": preprocess_config(vilt_dir, "vilt", None, m.config.max_text_len)})
+    r = runner.invoke(app, ["export", str(tmp_path / "m"), "--onnx", "-o", str(tmp_path / "vilt.onnx"),
+                            "--exporter", "legacy", "--no-timing"])  # dynamo works too, 5-10x slower
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "✓ logits" in out and "✓ kept_tokens" in out and "very short" in out
+    with torch.no_grad():
+        _, ctx = m.run(batch(m.config, B=1, pad_rows=()), mode="hard", record=True)
+    assert ctx.decisions["tok:ximage_1"].sum() < m.config.n_patches + 1  # the exported trimmers do prune
 
 
 def test_finetune_and_profile_cli(vilt_dir, tmp_path):
