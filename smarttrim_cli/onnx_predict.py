@@ -44,13 +44,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess_image(img: Image.Image, image_size: int, mean, std) -> np.ndarray:
-    """PIL image -> float32 [3, S, S]: resize shorter side (bicubic), center crop, /255, normalise."""
+def preprocess_image(img: Image.Image, image_size: int, mean, std, resize: str = "crop") -> np.ndarray:
+    """PIL image -> float32 [3, S, S]: resize shorter side (bicubic), center crop, /255, normalise.
+    ``resize="squash"`` (BLIP/ViLT processor configs): resize straight to S x S, no crop."""
     img = to_rgb(img)
     size = int(image_size)
     w, h = img.size
     if w <= 0 or h <= 0:
         raise SmartTrimError(f"empty image ({w}x{h})")
+    if resize == "squash":
+        img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+        w, h = size, size
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
@@ -174,13 +178,15 @@ class OnnxPredictor:
         if len(images) != len(texts):
             raise SmartTrimError(f"{len(images)} images but {len(texts)} texts: give one text per image")
         p = self.preprocess
-        px = np.stack([preprocess_image(im, p["image_size"], p["mean"], p["std"]) for im in images])
+        px = np.stack([preprocess_image(im, p["image_size"], p["mean"], p["std"], p.get("resize", "crop"))
+                       for im in images])
         ids, mask = self.tokenizer(texts)
         feed = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
         if "pixel_values2" in self.input_names:
             if images2 is None:
                 raise SmartTrimError("this model (NLVR2) needs a second image per input")
-            feed["pixel_values2"] = np.stack([preprocess_image(im, p["image_size"], p["mean"], p["std"]) for im in images2])
+            feed["pixel_values2"] = np.stack([preprocess_image(im, p["image_size"], p["mean"], p["std"],
+                                                                 p.get("resize", "crop")) for im in images2])
         if "threshold" in self.input_names:
             thr = self.default_threshold if threshold is None else float(threshold)
             if not 0.0 < thr < 1.0:

@@ -74,9 +74,10 @@ def default_data_dir(name: str) -> Path:
 
 def open_dataset(name: str, data_dir: str | os.PathLike | None, split: str, image_size: int,
                  label2id: Mapping[str, int] | Sequence[str] | None = None, limit: int | None = None,
-                 skip_bad: bool = False) -> ReaderBase:
+                 skip_bad: bool = False, preprocess=None) -> ReaderBase:
     """Open a reader by name: ``vqa``, ``nlvr2``, ``snli`` or ``easyvqa`` (aliases: vqav2, snli-ve,
-    easy-vqa). ``data_dir=None`` uses :func:`default_data_dir`. ``label2id``: answer vocabulary for
+    easy-vqa). ``data_dir=None`` uses :func:`default_data_dir`. ``preprocess``: the model's image
+    transform (``model_dir.image_preprocessor(model)``); default METER/CLIP's. ``label2id``: answer vocabulary for
     vqa/easyvqa (e.g. from the checkpoint), label order for snli; ignored by nlvr2."""
     key = canonical_name(name)
     explicit = data_dir is not None
@@ -87,7 +88,8 @@ def open_dataset(name: str, data_dir: str | os.PathLike | None, split: str, imag
         what = "is not a directory" if path.exists() else "does not exist"
         raise SmartTrimError(f"{key} data directory {path} {what} ({how}); expected "
                              f"{LAYOUT_HINTS[key]}")
-    kwargs: dict[str, Any] = dict(split=split, image_size=image_size, limit=limit, skip_bad=skip_bad)
+    kwargs: dict[str, Any] = dict(split=split, image_size=image_size, limit=limit, skip_bad=skip_bad,
+                                  preprocess=preprocess)
     if key != "nlvr2":
         kwargs["label2id"] = label2id
     return DATASETS[key](path, **kwargs)

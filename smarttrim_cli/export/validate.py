@@ -66,10 +66,9 @@ def preprocess_config(model) -> dict:
 
 
 def encode_images(model, images) -> torch.Tensor:
-    from ..data.preprocess import ImagePreprocessor
+    from ..backbones.hf_preprocess import preprocessor
 
-    p = preprocess_config(model)
-    pre = ImagePreprocessor(p["image_size"], p["mean"], p["std"])
+    pre = preprocessor(preprocess_config(model))  # the model's own transform (CLIP crop or HF squash)
     return torch.stack([pre(im) for im in images])
 
 

@@ -206,8 +206,10 @@ def open_data(s: ProfileSettings, model):
     elif name == "snli" and labels and task == "snli":
         label2id = {a: i for i, a in enumerate(labels)}
     split = s.split or DEFAULT_SPLITS.get(name, "val")
+    from ..model_dir import image_preprocessor
+
     ds = open_dataset(name, s.data_dir, split, image_size=model.config.image_size, label2id=label2id,
-                      limit=s.limit, skip_bad=s.skip_bad)
+                      limit=s.limit, skip_bad=s.skip_bad, preprocess=image_preprocessor(model))
     if len(ds) == 0:
         raise SmartTrimError(f"{name} {split}: no inputs to profile"
                              + (f" ({ds.skipped_summary()})" if ds.skipped_summary() else ""))

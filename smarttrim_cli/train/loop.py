@@ -346,10 +346,13 @@ def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
         label2id = {l: i for i, l in enumerate(labels)} if labels else None
     else:
         label2id = {l: i for i, l in enumerate(labels)} if labels else None
+    from ..model_dir import image_preprocessor
+
     size = model.config.image_size
+    pre = image_preprocessor(model)
     try:
         train = open_dataset(name, cfg.data_dir, tr_split, size, label2id=label2id, limit=cfg.limit,
-                             skip_bad=cfg.skip_bad)
+                             skip_bad=cfg.skip_bad, preprocess=pre)
     except SmartTrimError as e:
         if label2id is None or "label2id" not in str(e):
             raise
@@ -357,7 +360,7 @@ def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
                              "to train a fresh head for its labels)") from None
     vl = cfg.val_limit if cfg.val_limit is not None else cfg.limit
     val = open_dataset(name, cfg.data_dir, va_split, size, label2id=getattr(train, "label2id", None),
-                       limit=vl, skip_bad=cfg.skip_bad)
+                       limit=vl, skip_bad=cfg.skip_bad, preprocess=pre)
     labels = list(NLVR2_LABELS) if name == "nlvr2" else list(train.id2label)
     if len(labels) != model.config.num_labels:
         if new_head:
