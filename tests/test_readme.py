@@ -1,0 +1,36 @@
+"""The README is the user's manual: its test command is what CI runs, and its report schema is current."""
+import re
+from pathlib import Path
+
+from smarttrim_cli.profiling.report import schema_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```\n(.*?)\n```", README, re.S)
+    test_cmds = [b.strip() for b in blocks if "pytest" in b and "pip install" in b]
+    assert len(test_cmds) == 1, test_cmds
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmds[0] in ci.splitlines()
+
+
+def test_readme_carries_the_current_profile_schema():
+    start, end = "<!-- profile-schema:start -->\n", "\n<!-- profile-schema:end -->"
+    block = README[README.index(start) + len(start):README.index(end)]
+    assert block.strip() == schema_markdown().strip(), (
+        "README's report table is stale: regenerate it with\n"
+        "python -c \"from smarttrim_cli.profiling.report import schema_markdown; print(schema_markdown())\"")
+
+
+def test_every_command_in_the_readme_exists():
+    from typer.testing import CliRunner
+
+    from smarttrim_cli.cli import app
+
+    used = set(re.findall(r"^smarttrim (\w+)", README, re.M))
+    assert {"attach", "finetune", "profile", "export", "demo"} <= used
+    for cmd in used:
+        r = CliRunner().invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0, (cmd, r.output)
