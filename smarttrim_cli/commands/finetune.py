@@ -27,7 +27,9 @@ def finetune(
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Default: train."),
     val_split: Optional[str] = typer.Option(None, "--val-split", help="Default: val (VQAv2), dev (NLVR2, SNLI-VE), "
                                             "test (easy-VQA)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many inputs per split."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many training inputs (and validation "
+                                        "inputs, unless --val-limit)."),
+    val_limit: Optional[int] = typer.Option(None, "--val-limit", help="Use at most this many validation inputs."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows and missing or unreadable images "
                                   "(counted in the summary) instead of stopping with an error."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
@@ -63,7 +65,7 @@ def finetune(
 
     overrides = parse_sets(sets)
     cli = {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "train_split": train_split,
-           "val_split": val_split, "limit": limit, "val_limit": limit if limit is not None else None,
+           "val_split": val_split, "limit": limit, "val_limit": val_limit if val_limit is not None else limit,
            "skip_bad": True if skip_bad else None, "epochs": epochs, "max_steps": max_steps,
            "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "target_ratio": target_ratio,
            "trim": False if no_trim else None, "train_backbone": False if freeze_backbone else None,
