@@ -1,13 +1,26 @@
 """``smarttrim demo``: the whole pipeline on data that needs no download.
 
 Stages (each cached in the demo folder; ``fresh`` starts over):
+  0. data       — scenes only: the synthetic multi-object scenes set (data/scenes.py, VQAv2 layout), cached
   1. tokenizer  — a word-level (BERT format) vocabulary of the training questions
   2. init       — a small METER-architecture model with random weights, saved as METER's own Lightning
                   ``.ckpt`` and attached (so the demo goes through the same loader users' files do)
   3. base       — ``finetune --no-trim``: the "existing VLM" a user would bring
   4. trimmed    — ``finetune``: SmartTrim self-distillation with the curriculum towards target_ratio
-  5. profile    — full vs trimmed on the evaluation split: score, GMACs, latency, plots
-  6. export     — ONNX, validated in onnxruntime, timed against the full graph
+  5. profile    — full vs trimmed on the evaluation split: score, GMACs, latency, plots (scenes: kept
+                  tokens and GMACs against the number of objects, overlays per object count)
+  6. baselines  — the training-free baselines (baselines/) on the base model, each calibrated to the
+                  trimmed model's mean GMACs ratio, evaluated on the profiled inputs with the same code
+  7. export     — ONNX, validated in onnxruntime, timed against the full graph
+
+Datasets: ``easyvqa`` (the easy-vqa pip package: 64 px images of one shape), ``vqa`` (any folder in the
+VQAv2 layout) and ``scenes`` (generated: 128 px images with 1-6 small shapes on a textured background,
+counting / attribute / left-right questions). The scenes model sees 128 px images with 16 px patches:
+8 x 8 = 64 patches + [CLS] = 65 image tokens, the same sequence length (and so nearly the same cost) as
+the easy-VQA model at 64 px with 8 px patches, while the objects stay big enough (13-21 px) to cover a
+patch or more.
+
+``prepare`` (stages 0-3) and ``train_trimmed`` are importable: benchmarks/pareto.py builds on them.
 """
 from __future__ import annotations
 
@@ -27,18 +40,39 @@ MODEL_SIZES = {
                   text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, hidden=32,
                   cross_layers=1, cross_heads=2, cross_intermediate=64, max_text_len=24),
 }
+# scenes: 128 px / patch 16 = 65 image tokens, like easy-VQA's 64 px / patch 8 (quick: 64 px, 17 tokens)
+SCENES_MODEL_SIZES = {"normal": dict(MODEL_SIZES["normal"], image_size=128, patch_size=16),
+                      "quick": dict(MODEL_SIZES["quick"], image_size=64, patch_size=16)}
+# generate_scenes arguments (seed comes from --seed)
+SCENES_DATA = {"normal": dict(n_train=5000, n_val=500, image_size=128, min_objects=1, max_objects=6,
+                              questions_per_image=3),
+               "quick": dict(n_train=24, n_val=8, image_size=64, min_objects=1, max_objects=6,
+                             questions_per_image=3)}
 # training / evaluation budgets
 BUDGETS = {
     "normal": dict(base={"epochs": 3, "limit": 20000, "val_limit": 1000, "lr": 5e-4, "batch_size": 64},
                    trim={"epochs": 2, "limit": 20000, "val_limit": 1000, "batch_size": 64},
                    profile={"limit": 400, "iters": 30, "warmup": 5, "batch_size": 16, "throughput_batches": 3},
+                   baselines={"calib_inputs": 128, "batch_size": 32},
                    export_runs=20),
     "quick": dict(base={"max_steps": 4, "limit": 64, "val_limit": 16, "lr": 5e-4, "batch_size": 16},
                   trim={"max_steps": 4, "limit": 64, "val_limit": 16, "batch_size": 16},
                   profile={"limit": 8, "iters": 3, "warmup": 1, "batch_size": 4, "throughput_batches": 1},
+                  baselines={"calib_inputs": 8, "batch_size": 8},
                   export_runs=2),
 }
-DATASETS = ("easyvqa", "vqa")
+# scenes: 15,000 training questions, all 1,500 validation questions; a longer base training (the task
+# needs counting and left/right relations, learnt from scratch)
+SCENES_BUDGETS = {
+    "normal": dict(BUDGETS["normal"], base={"epochs": 4, "limit": 15000, "val_limit": 1500, "lr": 5e-4, "batch_size": 64},
+                   trim={"epochs": 2, "limit": 15000, "val_limit": 1500, "batch_size": 64},
+                   profile={"limit": 600, "iters": 30, "warmup": 5, "batch_size": 16, "throughput_batches": 3}),
+    "quick": BUDGETS["quick"],
+}
+DATASETS = ("easyvqa", "vqa", "scenes")
+RECIPES = {"easyvqa": "easyvqa.yaml", "vqa": "easyvqa.yaml", "scenes": "scenes.yaml"}
+# training-free baselines of the demo (baselines/): the inference rules that need no training run
+DEMO_BASELINES = ("random", "evit", "evit-fusion", "tome", "static-heads", "downsample")
 
 
 @dataclass
@@ -51,6 +85,7 @@ class DemoSettings:
     target_ratio: float = 0.33
     seed: int = 0
     threads: int | None = None
+    baselines: bool = True
 
     @property
     def size(self) -> str:
@@ -67,8 +102,17 @@ def _splits(dataset: str) -> tuple[str, str]:
     return ("train", "test") if dataset == "easyvqa" else ("train", "val")
 
 
-def training_questions(s: DemoSettings) -> tuple[list[str], list[str]]:
-    """(training questions, answer vocabulary) of the demo's dataset."""
+def model_size(s: DemoSettings) -> dict:
+    return (SCENES_MODEL_SIZES if s.dataset == "scenes" else MODEL_SIZES)[s.size]
+
+
+def budgets(s: DemoSettings) -> dict:
+    return (SCENES_BUDGETS if s.dataset == "scenes" else BUDGETS)[s.size]
+
+
+def training_questions(s: DemoSettings, data_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """(training questions, answer vocabulary) of the demo's dataset (``data_dir``: the VQAv2-layout folder
+    for vqa / scenes)."""
     if s.dataset == "easyvqa":
         from .data.easyvqa import EASYVQA_ANSWERS, easyvqa_data_dir
 
@@ -77,7 +121,8 @@ def training_questions(s: DemoSettings) -> tuple[list[str], list[str]]:
     from .data import default_data_dir
     from .data.vqav2 import _first_file, build_vqa_vocab, official_split, questions_file
 
-    data_dir = Path(s.data_dir) if s.data_dir else default_data_dir("vqa")
+    if data_dir is None:
+        data_dir = Path(s.data_dir) if s.data_dir else default_data_dir("vqa")
     if not data_dir.is_dir():
         raise SmartTrimError(f"{data_dir}: data directory not found (pass --data-dir with a folder in the VQAv2 "
                              "format: v2_OpenEnded_mscoco_train2014_questions.json, v2_mscoco_train2014_annotations.json, "
@@ -106,7 +151,7 @@ class _Stage:
         if self.fresh or not self.stamp.is_file() or not self.path.exists():
             return False
         try:
-            return json.loads(self.stamp.read_text()).get("key") == self.key
+            return json.loads(self.stamp.read_text()).get("key") == json.loads(json.dumps(self.key, default=str))
         except json.JSONDecodeError:
             return False
 
@@ -120,20 +165,66 @@ class _Stage:
         return json.loads(self.stamp.read_text()).get("result", {})
 
 
-def run_demo(s: DemoSettings, console=None, say=print) -> dict:
-    """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
+@dataclass
+class Prepared:
+    """What stages 0-3 leave behind: the folder, the data, the recipe and the base model."""
+
+    settings: DemoSettings
+    root: Path
+    data_dir: Path | None      # VQAv2-layout folder (vqa, scenes); None for easy-VQA
+    dataset: str               # reader name for finetune/profile: easyvqa or vqa
+    recipe: str
+    base_key: dict
+    budget: dict
+    common: dict               # finetune overrides shared by every run on this data
+    base_stage: _Stage
+    timings: dict
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def val_split(self) -> str:
+        return _splits(self.settings.dataset)[1]
+
+
+def _check(s: DemoSettings):
+    if s.dataset not in DATASETS:
+        raise SmartTrimError(f"--dataset must be one of {', '.join(DATASETS)}, got {s.dataset!r}")
+    if s.dataset == "easyvqa" and s.data_dir:
+        raise SmartTrimError("--data-dir applies to --dataset vqa or scenes; easy-VQA comes with its pip package")
+    if not 0.05 <= s.target_ratio <= 1.0:
+        raise SmartTrimError(f"--target-ratio must be in [0.05, 1], got {s.target_ratio}")
+
+
+def _generate(s: DemoSettings, root: Path, console, say) -> tuple[Path, dict]:
+    """Stage 0 (scenes): generate or reuse the set. -> (folder, meta)."""
+    from .data.scenes import generate_scenes
+
+    args = dict(SCENES_DATA[s.size], seed=s.seed)
+    data_dir = Path(s.data_dir) if s.data_dir else root / "scenes"
+    total = args["n_train"] + args["n_val"]
+    say(f"[0/7] synthetic scenes: {args['n_train']} + {args['n_val']} images of {args['min_objects']}-"
+        f"{args['max_objects']} objects, {args['questions_per_image']} questions each (cached)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("scenes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True, disable=console is None) as prog:
+        tid = prog.add_task("images", total=total)
+        meta = generate_scenes(data_dir, progress=lambda k: prog.advance(tid, k), **args)
+    return data_dir, meta
+
+
+def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
+    """Stages 0-3 (data, tokenizer + init, base model), cached; returns what later stages need."""
     import torch
 
     from . import attach as at
     from .backbones.meter import MeterConfig, MeterModel, save_lightning_checkpoint
     from .tokenizers_local import write_word_tokenizer
 
-    if s.dataset not in DATASETS:
-        raise SmartTrimError(f"--dataset must be one of {', '.join(DATASETS)}, got {s.dataset!r}")
-    if s.dataset == "easyvqa" and s.data_dir:
-        raise SmartTrimError("--data-dir applies to --dataset vqa; easy-VQA comes with its pip package")
-    if not 0.05 <= s.target_ratio <= 1.0:
-        raise SmartTrimError(f"--target-ratio must be in [0.05, 1], got {s.target_ratio}")
+    _check(s)
     if s.threads:
         torch.set_num_threads(s.threads)
     root = Path(s.out_dir) if s.out_dir else default_out_dir(s)
@@ -141,16 +232,28 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SmartTrimError(f"{root}: cannot create the demo folder ({e.strerror})") from None
-    size, budget = MODEL_SIZES[s.size], BUDGETS[s.size]
+    size, budget = model_size(s), budgets(s)
     base_key = {"dataset": s.dataset, "data_dir": s.data_dir, "size": size, "seed": s.seed}
     t0 = time.time()
     timings = {}
 
+    data_dir = None
+    if s.dataset == "scenes":
+        data_dir, meta = _generate(s, root, console, say)
+        base_key["scenes"] = meta["args"]
+        base_key["scenes_version"] = meta["version"]
+        timings["data"] = time.time() - t0
+    elif s.dataset == "vqa":
+        from .data import default_data_dir
+
+        data_dir = Path(s.data_dir) if s.data_dir else default_data_dir("vqa")
+
     # 1-2: tokenizer and the randomly initialised METER checkpoint, attached
+    t = time.time()
     st_init = _Stage(root, "init", base_key, s.fresh)
     if not st_init.done():
-        say("[1/6] vocabulary and a randomly initialised METER-architecture model")
-        questions, labels = training_questions(s)
+        say("[1/7] vocabulary and a randomly initialised METER-architecture model")
+        questions, labels = training_questions(s, data_dir)
         tok_dir = write_word_tokenizer(root / "tokenizer", questions)
         n_vocab = len((tok_dir / "vocab.txt").read_text().splitlines())
         torch.manual_seed(s.seed)
@@ -163,63 +266,169 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
         (root / "answers.json").write_text(json.dumps(labels))
         at.attach(root / "init.ckpt", root / "init", tokenizer=tok_dir, answers=root / "answers.json")
         st_init.finish({"labels": len(labels), "vocab": n_vocab})
-    timings["init"] = time.time() - t0
+    timings["init"] = time.time() - t
 
     from .train.loop import finetune
 
-    common = {"dataset": s.dataset, "data_dir": s.data_dir, "seed": s.seed,
+    reader = "easyvqa" if s.dataset == "easyvqa" else "vqa"
+    common = {"dataset": reader, "data_dir": str(data_dir) if data_dir is not None else None, "seed": s.seed,
               "train_split": _splits(s.dataset)[0], "val_split": _splits(s.dataset)[1]}
-    recipe = "easyvqa.yaml"
+    recipe = RECIPES[s.dataset]
     # 3: the base model, trained without trimmers
     t = time.time()
     st_base = _Stage(root, "base", {**base_key, **budget["base"]}, s.fresh or not st_init.stamp.is_file())
     if not st_base.done():
-        say("[2/6] training the base model (finetune --no-trim): the 'existing VLM'")
+        say("[2/7] training the base model (finetune --no-trim): the 'existing VLM'")
         res = finetune(root / "init", root / "base", recipe=recipe,
                        overrides={**common, **budget["base"], "trim": False}, console=console)
         st_base.finish(res.summary)
     timings["base"] = time.time() - t
+    return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings)
+
+
+def trim_overrides(p: Prepared, target_ratio: float, extra: dict | None = None) -> dict:
+    """finetune overrides of a SmartTrim run on the demo's data at ``target_ratio``."""
+    return {**p.common, **p.budget["trim"], "trim": True, "target_ratio": target_ratio, **(extra or {})}
+
+
+def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", console=None, say=print,
+                  extra: dict | None = None) -> _Stage:
+    """Stage 4: SmartTrim fine-tune of the base model at ``target_ratio`` into ``<root>/<name>`` (cached;
+    retrained when the base model is newer). ``extra``: more finetune overrides (part of the cache key)."""
+    from .train.loop import finetune
+
+    key = {**p.base_key, **p.budget["trim"], "target": target_ratio}
+    if extra:
+        key["extra"] = dict(extra)
+    st = _Stage(p.root, name, key, p.settings.fresh)
+    base = p.base_stage.stamp
+    if not st.done() or not base.is_file() or st.stamp.stat().st_mtime < base.stat().st_mtime:
+        say(f"[3/7] SmartTrim fine-tune: self-distillation, curriculum to {target_ratio:.2f} of the full GMACs")
+        res = finetune(p.base_dir, p.root / name, recipe=p.recipe, overrides=trim_overrides(p, target_ratio, extra),
+                       console=console)
+        st.finish(res.summary)
+    return st
+
+
+def run_demo(s: DemoSettings, console=None, say=print) -> dict:
+    """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
+    t0 = time.time()
+    p = prepare(s, console, say)
+    root, budget, timings = p.root, p.budget, p.timings
 
     # 4: SmartTrim fine-tune
     t = time.time()
-    st_trim = _Stage(root, "trimmed", {**base_key, **budget["trim"], "target": s.target_ratio}, s.fresh)
-    if not st_trim.done() or not st_base.stamp.is_file() or st_trim.stamp.stat().st_mtime < st_base.stamp.stat().st_mtime:
-        say(f"[3/6] SmartTrim fine-tune: self-distillation, curriculum to {s.target_ratio:.2f} of the full GMACs")
-        res = finetune(root / "base", root / "trimmed", recipe=recipe,
-                       overrides={**common, **budget["trim"], "trim": True, "target_ratio": s.target_ratio},
-                       console=console)
-        st_trim.finish(res.summary)
+    train_trimmed(p, s.target_ratio, console=console, say=say)
     timings["trimmed"] = time.time() - t
 
     # 5: profile full vs trimmed (always re-run: cheap, and it measures this machine now)
     t = time.time()
-    say("[4/6] profiling full vs trimmed (fvcore GMACs, latency, accuracy)")
+    say("[4/7] profiling full vs trimmed (fvcore GMACs, latency, accuracy)")
     from .profiling.runner import ProfileSettings, run_profile
 
-    p = budget["profile"]
-    prof = run_profile(ProfileSettings(model_dir=root / "trimmed", dataset=s.dataset, data_dir=s.data_dir,
-                                       split=_splits(s.dataset)[1], limit=p["limit"], iters=p["iters"],
-                                       warmup=p["warmup"], batch_size=p["batch_size"],
-                                       throughput_batches=p["throughput_batches"], show=2, threads=s.threads,
+    pr = budget["profile"]
+    prof = run_profile(ProfileSettings(model_dir=root / "trimmed", dataset=p.dataset, data_dir=p.common["data_dir"],
+                                       split=p.val_split, limit=pr["limit"], iters=pr["iters"],
+                                       warmup=pr["warmup"], batch_size=pr["batch_size"],
+                                       throughput_batches=pr["throughput_batches"],
+                                       show=4 if s.dataset == "scenes" else 2, threads=s.threads,
                                        out_dir=root / "profile", command="smarttrim demo"), console=console)
     timings["profile"] = time.time() - t
 
-    # 6: ONNX export, validated and timed
+    # 6: training-free baselines at the trimmed model's cost
     t = time.time()
-    say("[5/6] exporting to ONNX, validating in onnxruntime, timing full vs trimmed graphs")
+    base_rows = None
+    if s.baselines:
+        say("[5/7] baselines on the base model, calibrated to the trimmed model's mean GMACs, same inputs")
+        base_rows = run_baselines(p, prof.report["flops"]["ratio"], pr["limit"], console=console)
+    timings["baselines"] = time.time() - t
+
+    # 7: ONNX export, validated and timed
+    t = time.time()
+    say("[6/7] exporting to ONNX, validating in onnxruntime, timing full vs trimmed graphs")
     from .export.run import run_export, write_report
 
     exp = run_export(root / "trimmed", root / "model.onnx", runs=budget["export_runs"], threads=s.threads or 2)
     write_report(exp, root / "export.json")
     timings["export"] = time.time() - t
 
-    say("[6/6] summary")
-    summary = _summary(s, root, st_base.result(), prof.report, exp, timings, time.time() - t0)
+    say("[7/7] summary")
+    summary = _summary(s, root, p.base_stage.result(), prof.report, exp, timings, time.time() - t0, base_rows)
     from .atomic import atomic_path
 
     with atomic_path(root / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+# ----- baselines ---------------------------------------------------------------------------------------
+def eval_data(p: Prepared, model, limit: int, calib_inputs: int, batch_size: int):
+    """(evaluation set of the first ``limit`` validation inputs — the profiled ones —, calibration batches:
+    the next ``calib_inputs`` inputs, or the first ones when the split is too small)."""
+    from .data import open_dataset
+    from .profiling.compare import EvalSet
+
+    label2id = {a: i for i, a in enumerate(model.labels)}
+    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, model.config.image_size, label2id=label2id)
+    ev = EvalSet.build(model, ds, limit=limit, batch_size=batch_size)
+    start = limit if len(ds) >= limit + calib_inputs else 0
+    cal = EvalSet.build(model, ds, limit=calib_inputs, batch_size=batch_size, start=start)
+    return ev, cal.batches
+
+
+def evaluate_baselines(base, ev, calib_batches, target_ratio: float, names=DEMO_BASELINES, tol: float = 0.02,
+                       console=None) -> list[dict]:
+    """Each training-free baseline calibrated on ``calib_batches`` to ``target_ratio`` of the base model's
+    mean GMACs, then evaluated on ``ev`` (profiling/compare.py rows, with the calibration record)."""
+    from .baselines import get_baseline
+
+    ev.set_full_gmacs(base)
+    rows = []
+    for name in names:
+        bl = get_baseline(name).calibrate(base, calib_batches, target_ratio, tol=tol, strict=False)
+        applied = bl.apply(base)
+        info = {"family": name, "target_ratio": target_ratio, "calibration": bl.calibration, "params": bl.params()}
+        if name == "downsample":
+            info["image_tokens"] = int(applied.model.config.n_patches + 1)
+        rows.append(ev.evaluate(name, lambda b, a=applied: a.run(b, record=True), **info))
+        if console is not None:
+            r = rows[-1]
+            console.print(f"  {name}: {r['accuracy']:.2f}% at {r['gmacs_mean']:.4g} GMACs "
+                          f"(ratio {r['gmacs_ratio']:.3f}, target {target_ratio:.3f})", highlight=False)
+    return rows
+
+
+def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) -> list[dict]:
+    """Stage 6: full, SmartTrim (the trimmed model) and the training-free baselines on the profiled inputs;
+    writes baselines.json, baselines.png and (scenes) baselines_objects.png. -> the rows."""
+    from . import load
+    from .atomic import atomic_path
+    from .profiling import compare, objects
+
+    root = p.root
+    b = p.budget["baselines"]
+    base = load(root / "base", mode="hard")
+    trimmed = load(root / "trimmed", mode="hard")
+    ev, cal = eval_data(p, base, limit, b["calib_inputs"], b["batch_size"])
+    ev.set_full_gmacs(base)
+    full = ev.evaluate("full (base)", lambda x: base.run(x, mode="full", record=True), family="full")
+    st = ev.evaluate("smarttrim", lambda x: trimmed.run(x, mode="hard", record=True), family="smarttrim",
+                     target_ratio=p.settings.target_ratio, threshold=float(trimmed.threshold))
+    rows = [st] + evaluate_baselines(base, ev, cal, target_ratio, console=console)
+    out = {"dataset": p.settings.dataset, "n_inputs": len(ev), "target_ratio": target_ratio,
+           "note": "baselines act on the base model (training-free), calibrated to the trimmed model's measured "
+                   "mean GMACs ratio on separate validation inputs; SmartTrim is the fine-tuned trimmed model",
+           "full": full, "methods": rows, "table": compare.markdown_table([full] + rows, full)}
+    with atomic_path(root / "baselines.json") as tmp:
+        tmp.write_text(json.dumps(out, indent=2, default=str))
+    compare.pareto_chart(root / "baselines.png", rows, full,
+                         title=f"{p.settings.dataset}: SmartTrim vs training-free baselines at "
+                               f"{target_ratio:.2f} of the full GMACs")
+    if any(o is not None for o in ev.objects):
+        objects.lines_chart(root / "baselines_objects.png", {r["name"]: r["by_objects"] for r in rows},
+                            full_value=ev.n_image_tokens,
+                            title="Kept image tokens against objects: SmartTrim vs training-free baselines")
+    return [full] + rows
 
 
 def _init_like_meter(model):
@@ -236,13 +445,14 @@ def _init_like_meter(model):
             nn.init.zeros_(m.bias)
 
 
-def _summary(s, root, base, prof, exp, timings, wall) -> dict:
+def _summary(s, root, base, prof, exp, timings, wall, base_rows=None) -> dict:
     import statistics
 
     acc, fl, lat = prof["accuracy"], prof["flops"], prof["latency"]
     rows = exp.timing
     ort_full = statistics.median(r.full_ms for r in rows) if rows else None
     ort_trim = statistics.median(r.trimmed_ms for r in rows) if rows else None
+    ob = prof.get("objects")
     return {
         "settings": asdict(s), "folder": str(root), "wall_seconds": wall, "stage_seconds": timings,
         "base_model_val": base, "metric": acc.get("metric"),
@@ -254,9 +464,16 @@ def _summary(s, root, base, prof, exp, timings, wall) -> dict:
         "ratios": {"score_drop_points": acc["drop"], "gmacs_speedup": fl["speedup"],
                    "cpu_latency_speedup": lat.get("speedup"),
                    "ort_latency_speedup": (ort_full / ort_trim) if ort_full and ort_trim else None},
+        "objects": None if not ob else {k: ob[k] for k in ("spearman_tokens", "spearman_gmacs", "tokens_per_object",
+                                                           "direction", "by_objects")},
+        "baselines": None if base_rows is None else [
+            {k: r.get(k) for k in ("name", "accuracy", "accuracy_se", "gmacs_mean", "gmacs_ratio", "image_tokens_mean",
+                                   "spearman_tokens_objects")} for r in base_rows],
         "onnx_validation_ok": exp.ok,
         "files": {"profile_report": str(root / "profile" / "report.json"), "export_report": str(root / "export.json"),
+                  "baselines": str(root / "baselines.json") if base_rows is not None else None,
                   "onnx": str(exp.export.path), "plots": sorted(str(p) for p in (root / "profile").glob("*.png")),
+                  "baseline_plots": sorted(str(p) for p in root.glob("baselines*.png")),
                   "training_curves": sorted(str(p) for p in root.glob("*/*.png")),
                   "overlays": sorted(str(p) for p in (root / "profile").rglob("show/*.png"))},
         "machine": prof.get("machine"),

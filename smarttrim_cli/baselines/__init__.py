@@ -37,11 +37,21 @@ BASELINES: dict[str, BaselineInfo] = {
     "tome": BaselineInfo(ToMe, "token", "ToMe-style bipartite token merging (training-free)"),
     "static-heads": BaselineInfo(StaticHeads, "head", "the same least-important heads dropped for every input"),
     "downsample": BaselineInfo(Downsample, "resolution", "the full model at a lower input resolution"),
+    "evit-finetuned": BaselineInfo(lambda **kw: _evit_finetuned(**kw), "training",
+                                   "training run: fixed-ratio EViT top-k whose backbone is fine-tuned with "
+                                   "SmartTrim's self-distillation objective for the same steps "
+                                   "(evit_finetuned.finetune_evit); apply() runs its rule"),
     "smarttrim-no-distill": BaselineInfo(lambda **kw: no_distill(), "training",
                                          "ablation (training run): SmartTrim without self-distillation"),
     "smarttrim-no-curriculum": BaselineInfo(lambda **kw: no_curriculum(), "training",
                                             "ablation (training run): SmartTrim without the ratio curriculum"),
 }
+
+
+def _evit_finetuned(**kw):
+    from .evit_finetuned import EViTFinetuned
+
+    return EViTFinetuned(**kw)
 
 
 def get_baseline(name: str, **kw) -> Baseline:

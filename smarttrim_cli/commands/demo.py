@@ -1,4 +1,4 @@
-"""smarttrim demo [--quick] [--fresh] [--dataset easyvqa|vqa --data-dir DIR]"""
+"""smarttrim demo [--quick] [--fresh] [--dataset easyvqa|scenes|vqa] [--data-dir DIR]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +13,11 @@ from ..cli import app, console, user_errors
 @app.command()
 @user_errors
 def demo(
-    dataset: str = typer.Option("easyvqa", "--dataset", help="easyvqa (bundled with its pip package) or vqa "
-                                "(any folder in the VQAv2 format, answer vocabulary from its train split)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The VQAv2-format folder for --dataset vqa."),
+    dataset: str = typer.Option("easyvqa", "--dataset", help="easyvqa (bundled with its pip package), scenes "
+                                "(synthetic multi-object scenes, generated and cached) or vqa (any folder in the "
+                                "VQAv2 format, answer vocabulary from its train split)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The VQAv2-format folder for --dataset vqa; "
+                                            "for scenes, where to generate (or reuse) the set."),
     out_dir: Optional[Path] = typer.Option(None, "-o", "--output", help="Demo folder (default: "
                                            "./smarttrim-out/demo-<dataset>[-quick])."),
     quick: bool = typer.Option(False, "--quick", help="A tiny model and a few steps: checks the pipeline in about "
@@ -25,6 +27,8 @@ def demo(
                                        "that the curriculum aims at."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and onnxruntime."),
     seed: int = typer.Option(0, "--seed"),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Compare with the training-free "
+                                   "baselines at the trimmed model's cost."),
 ):
     """The whole pipeline on data that needs no download: train a small METER as the 'existing VLM',
     attach trimmers, fine-tune them with self-distillation, profile, export to ONNX, one table."""
@@ -32,7 +36,7 @@ def demo(
 
     s = DemoSettings(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                      out_dir=str(out_dir) if out_dir else None, quick=quick, fresh=fresh,
-                     target_ratio=target_ratio, seed=seed, threads=threads)
+                     target_ratio=target_ratio, seed=seed, threads=threads, baselines=baselines)
     res = run_demo(s, console=console, say=lambda m: console.rule(f"[bold]{m}"))
     f, t, r = res["full"], res["trimmed"], res["ratios"]
     fmt = lambda v, p="{:.2f}": "–" if v is None else p.format(v)  # noqa: E731
@@ -50,8 +54,28 @@ def demo(
     tab.add_row("onnxruntime latency, batch 1 (ms)", fmt(f["ort_latency_ms"]), fmt(t["ort_latency_ms"]),
                 f"{fmt(r['ort_latency_speedup'])}× faster")
     console.print(tab)
+    if res.get("baselines"):
+        bt = Table(title="same inputs, same cost model: SmartTrim vs training-free baselines on the base model, "
+                         "calibrated to the trimmed model's mean GMACs", title_justify="left")
+        for c in ("method", f"{res['metric']} (%)", "GMACs / input", "ratio to full", "image tokens kept"):
+            bt.add_column(c, justify="left" if c == "method" else "right")
+        objs = any(b.get("spearman_tokens_objects") is not None for b in res["baselines"])
+        if objs:
+            bt.add_column("tokens vs objects (Spearman)", justify="right")
+        for b in res["baselines"]:
+            cells = [b["name"], fmt(b["accuracy"]), fmt(b["gmacs_mean"], "{:.4f}"), fmt(b["gmacs_ratio"], "{:.3f}"),
+                     fmt(b["image_tokens_mean"], "{:.1f}")]
+            if objs:
+                cells.append(fmt(b.get("spearman_tokens_objects"), "{:+.2f}"))
+            bt.add_row(*cells)
+        console.print(bt)
+    if res.get("objects"):
+        ob = res["objects"]
+        console.print("kept image tokens by objects in the image: " + ", ".join(
+            f"{r['objects']}: {fmt(r['image_tokens_final_mean'], '{:.1f}')}" for r in ob["by_objects"])
+            + f" (Spearman {fmt(ob['spearman_tokens'], '{:+.2f}')}: {ob['direction']})", highlight=False)
     console.print(f"ONNX validation: {'[green]passed' if res['onnx_validation_ok'] else '[red]FAILED'}[/]; "
                   f"{res['wall_seconds'] / 60:.1f} min in all; everything is in {res['folder']}/ "
-                  "(summary.json, profile/report.json and plots, model.onnx, export.json)")
+                  "(summary.json, profile/report.json and plots, baselines.json, model.onnx, export.json)")
     if not res["onnx_validation_ok"]:
         raise typer.Exit(1)

@@ -130,6 +130,14 @@ FIELDS: dict[str, str] = {
     "per_input[].pred_trimmed": "same, trimmed",
     "per_input[].pred_full_label": "its label string when the model has labels, else null",
     "per_input[].pred_trimmed_label": "same, trimmed",
+    "per_input[].objects": "objects in the input's image (synthetic scenes: the folder has scenes_<split>.json), "
+                           "else null",
+    "objects": "scenes only, else null: {source, n_inputs, n_unmatched, image_tokens_full, gmacs_source, "
+               "spearman_tokens, spearman_gmacs (rank correlation of objects with kept image tokens / trimmed "
+               "GMACs), tokens_per_object (least-squares slope), direction (more/fewer on crowded images, flat), "
+               "by_objects: [{objects, n, image_tokens_final_mean/_std, kept_frac_mean, gmacs_trimmed_mean/_std, "
+               "gmacs_full_mean/_std, gmacs_ratio_mean, score_full_mean/_std, score_trimmed_mean/_std}], "
+               "by_kind: [{kind, n, image_tokens_final_mean, gmacs_trimmed_mean, score_trimmed}]}",
     "gate": "the CI gate",
     "gate.speedup_metric": "which speedup the gate reads (--speedup-metric)",
     "gate.min_speedup": "--min-speedup or null",
@@ -138,7 +146,9 @@ FIELDS: dict[str, str] = {
     "gate.drop": "accuracy.drop",
     "gate.passed": "true when every given bound holds",
     "gate.failures": "one message per failed bound",
-    "files": "paths written: json, flops_hist, layers, pareto (null when no sweep), show (list)",
+    "files": "paths written: json, flops_hist, layers, pareto (null when no sweep), show (list), objects and "
+             "objects_show (scenes only: kept tokens/GMACs against objects; one overlay per object count when "
+             "--show > 0; else null)",
 }
 
 
@@ -274,7 +284,13 @@ def render(report: dict, console) -> None:
                        _f(r["speedup"], "{:.2f}x"))
         console.print(st)
     files = report["files"]
-    written = [files[k] for k in ("json", "flops_hist", "layers", "pareto") if files.get(k)]
+    ob = report.get("objects")
+    if ob and ob.get("by_objects"):
+        console.print("kept image tokens by objects in the image: " + ", ".join(
+            f"{r['objects']}: {_f(r['image_tokens_final_mean'], '{:.1f}')}" for r in ob["by_objects"])
+            + f" of {ob['image_tokens_full']} (Spearman {_f(ob['spearman_tokens'], '{:+.2f}')}: {ob['direction']})",
+            highlight=False)
+    written = [files[k] for k in ("json", "flops_hist", "layers", "pareto", "objects", "objects_show") if files.get(k)]
     if files.get("show"):
         written.append(f"{len(files['show'])} overlays in {Path(files['show'][0]).parent}")
     console.print("written: " + ", ".join(str(w) for w in written), highlight=False)

@@ -30,6 +30,7 @@ from ..trim.cost import layer_macs
 from . import accuracy as acc
 from . import flops as fl
 from . import latency as lt
+from . import objects
 from . import report as rp
 
 DATASET_TASKS = {"vqa": "vqa", "easyvqa": "vqa", "nlvr2": "nlvr2", "snli": "snli"}
@@ -374,9 +375,14 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
                        (tp_pad_b if chosen == "pad" else tp_bucket_b)[0], mode="hard", threshold=threshold)[0], device))}}
 
     # (5) assemble ------------------------------------------------------------------------------------------
+    scenes = objects.SceneIndex.for_dataset(ds)  # synthetic scenes: objects per image (else None)
+    objects.annotate(rows, scenes)
     report = _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc,
                        sweep_macs, sweep_scores, recall, lat_full, lat_trim, full_tp, tp_modes, chosen, mem)
+    report["objects"] = objects.summary(rows, scenes, cfg.n_patches + 1) if scenes is not None else None
     files = _write_outputs(s, report, out_dir, model, shows, pre)
+    with torch.no_grad():
+        files.update(objects.write_outputs(report, out_dir, model, ds, one, threshold, pre, int(s.show) > 0))
     report["files"] = files
     report["gate"] = rp.evaluate_gate(report, s.min_speedup, s.max_drop, s.speedup_metric)
     report["machine"]["load_average"] = lt.machine_info(device)["load_average"]
@@ -523,6 +529,7 @@ def _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, f
         "layers": _layers(layer_acc),
         "sweep": sweep_rows,
         "per_input": rows,
+        "objects": None,
         "gate": None,
         "files": None,
     }

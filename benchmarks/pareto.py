@@ -1,0 +1,352 @@
+"""Accuracy against mean GMACs: SmartTrim at several target ratios and every baseline, side by side in ONE run.
+
+    python benchmarks/pareto.py --dataset easyvqa|scenes [--quick] [--ratios 0.5,0.33,0.2] [--steps N]
+                                [--limit N] [--threads N] [--out benchmarks/results] [--no-evit-ft] [--fresh]
+
+What runs (every model starts from the same base model, every method is evaluated by the same code on
+the same validation inputs: profiling/compare.py):
+  base       the demo's base model (``smarttrim demo`` stages, cached in $SMARTTRIM_HOME/demo-<dataset>[-quick];
+             reused when the demo ran there, else trained here): "full" = this model, untrimmed
+  control    finetune --no-trim continued from the base with exactly the SmartTrim runs' settings and
+             steps (same data, order, optimizer, schedule): the equal-steps control, so that the gain of
+             extra training is not credited to trimming
+  smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is calibrated
+             to the target at the end of training (train/loop.py calibrate_threshold)
+  evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
+             with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
+             keep ratio calibrated to each target on the base model
+  training-free baselines on the base model, each calibrated to each target ratio on separate
+             validation batches: random, evit, evit-fusion, tome, static-heads, downsample
+
+Written to --out (default benchmarks/results/): pareto_<dataset>[_quick].json (every number, settings,
+machine, load, timings), .png (accuracy vs mean GMACs), .md (the table and the goal verdicts) and, for
+scenes, pareto_<dataset>_objects.png (kept image tokens against the number of objects, per method, at
+the ratio nearest 3x). Trained models are cached in the demo folder (smarttrim-r<ratio>, evit-ft-r<ratio>,
+control[-<steps>]), so a second run only evaluates.
+
+Goals (issue 6 / 9): at a 3x GMAC reduction SmartTrim within 1 point (scenes: 1.5) of the full model and
+at least 2 points (scenes: 5) above the best baseline; on scenes, kept tokens that grow with the number of
+objects. Not a test: the script prints plainly where a goal is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data,  # noqa: E402
+                                prepare, train_trimmed, trim_overrides)
+
+GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
+         "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
+CLS_RULES = ("evit", "evit-fusion")  # training-free [CLS]-attention rules
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
+    ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the harness")
+    ap.add_argument("--ratios", default="0.5,0.33,0.2", help="target mean GMACs ratios (trimmed / full)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every fine-tune (control, "
+                    "SmartTrim, evit-ft); default: the demo's SmartTrim budget")
+    ap.add_argument("--limit", type=int, default=None, help="validation inputs evaluated (default: the demo's "
+                    "val_limit)")
+    ap.add_argument("--calib-inputs", type=int, default=128, help="validation inputs the baselines calibrate on")
+    ap.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--no-evit-ft", action="store_true", help="skip the fine-tuned EViT baseline")
+    ap.add_argument("--baselines", default=",".join(DEMO_BASELINES), help="training-free baselines")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra SmartTrim training setting (also applied to evit-ft where it exists); cache-keyed")
+    ap.add_argument("--fresh", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _say(msg):
+    print(f"== {msg}", flush=True)
+
+
+def control_overrides(p: Prepared, target: float, steps: int | None) -> dict:
+    """The SmartTrim run's complete settings with trim off: same data, steps, optimizer and schedule."""
+    from smarttrim_cli.train.config import build_config
+
+    ov = trim_overrides(p, target, {"max_steps": steps} if steps else None)
+    cfg, _ = build_config(p.recipe, ov, task="vqa", dataset=ov["dataset"])
+    d = cfg.to_dict()
+    d.update({"trim": False, "calibrate": False})
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def run(args) -> dict:
+    from smarttrim_cli import load
+    from smarttrim_cli.baselines import get_baseline
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit, keep_ratio_for
+    from smarttrim_cli.profiling import compare, objects
+    from smarttrim_cli.profiling.latency import machine_info
+    from smarttrim_cli.train.config import parse_sets
+    from smarttrim_cli.train.loop import finetune
+
+    t0 = time.time()
+    ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+    extra = parse_sets(args.set)
+    s = DemoSettings(dataset=args.dataset, quick=args.quick, threads=args.threads, seed=args.seed, fresh=args.fresh)
+    p = prepare(s, console=None, say=_say)
+    steps = args.steps
+    timings = {"prepare_s": time.time() - t0}
+    runs = {}
+
+    # (a) equal-steps control
+    t = time.time()
+    ctl_over = control_overrides(p, ratios[0], steps)
+    ctl_name = "control" + (f"-{steps}" if steps else "")
+    st = _Stage(p.root, ctl_name, {**p.base_key, "control": ctl_over}, args.fresh)
+    if not st.done() or st.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+        _say(f"equal-steps control: finetune --no-trim from the base ({ctl_over.get('max_steps') or ctl_over['epochs']} "
+             f"{'steps' if ctl_over.get('max_steps') else 'epochs'}, lr {ctl_over['lr']:g})")
+        res = finetune(p.base_dir, p.root / ctl_name, recipe=p.recipe, overrides=ctl_over, progress=False)
+        st.finish(res.summary)
+    runs["control"] = {"dir": str(p.root / ctl_name), "summary": _brief(st.result())}
+    timings["control_s"] = time.time() - t
+
+    # (b) SmartTrim at each ratio
+    st_dirs = {}
+    for r in ratios:
+        t = time.time()
+        ex = dict(extra)
+        if steps:
+            ex["max_steps"] = steps
+        name = "trimmed" if (abs(r - s.target_ratio) < 1e-9 and not ex) else f"smarttrim-r{r:g}" + (
+            f"-{steps}" if steps else "") + ("-" + "-".join(f"{k}{v}" for k, v in extra.items()) if extra else "")
+        stg = train_trimmed(p, r, name=name, say=lambda m: _say(f"{m} [{name}]"), extra=ex or None)
+        st_dirs[r] = p.root / name
+        runs[f"smarttrim@{r:g}"] = {"dir": str(p.root / name), "summary": _brief(stg.result())}
+        timings[f"smarttrim@{r:g}_s"] = time.time() - t
+
+    # evaluation data and the base model
+    base = load(p.base_dir, mode="hard")
+    limit = args.limit or p.budget["trim"]["val_limit"]
+    ev, cal = eval_data(p, base, limit, args.calib_inputs, args.batch_size)
+    ev.set_full_gmacs(base)
+    _say(f"evaluating on {len(ev)} validation inputs ({p.val_split}); baselines calibrate on {sum(len(b['target']) for b in cal)}")
+
+    # (d) EViT with a fine-tuned backbone, one run per ratio
+    evit_dirs = {}
+    if not args.no_evit_ft:
+        for r in ratios:
+            t = time.time()
+            keep = keep_ratio_for(base, cal, r)
+            ov = trim_overrides(p, r, {**extra, **({"max_steps": steps} if steps else {})})
+            name = f"evit-ft-r{r:g}" + (f"-{steps}" if steps else "")
+            stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
+            if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+                _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
+                     "self-distillation")
+                res = finetune_evit(p.base_dir, p.root / name, keep, recipe=p.recipe, overrides=ov, progress=False)
+                stg.finish(res.summary)
+            evit_dirs[r] = p.root / name
+            runs[f"evit-ft@{r:g}"] = {"dir": str(p.root / name), "summary": _brief(stg.result())}
+            timings[f"evit-ft@{r:g}_s"] = time.time() - t
+
+    # evaluate everything with the same code
+    t = time.time()
+    _say("evaluating: full, control, SmartTrim, evit-ft, training-free baselines")
+    full = ev.evaluate("full (base)", lambda b: base.run(b, mode="full", record=True), family="full")
+    ctl = load(p.root / ctl_name, mode="hard")
+    control = ev.evaluate("full + equal-steps fine-tune (control)", lambda b: ctl.run(b, mode="full", record=True),
+                          family="control")
+    rows = []
+    for r in ratios:
+        m = load(st_dirs[r], mode="hard")
+        rows.append(ev.evaluate(f"SmartTrim @{r:g}", lambda b, m=m: m.run(b, mode="hard", record=True),
+                                family="SmartTrim", target_ratio=r, threshold=float(m.threshold)))
+        _print_row(rows[-1], full, control)
+    for r in ratios:
+        if r in evit_dirs:
+            m = load(evit_dirs[r], mode="hard")
+            bl = EViTFinetuned.from_dir(evit_dirs[r])
+            trained_keep = bl.keep_ratio
+            bl.calibrate(m, cal, r, tol=0.01, strict=False)
+            a = bl.apply(m)
+            rows.append(ev.evaluate(f"EViT fine-tuned @{r:g}", lambda b, a=a: a.run(b, record=True),
+                                    family="EViT + self-distillation (fine-tuned)", target_ratio=r,
+                                    keep_ratio=bl.keep_ratio, trained_keep_ratio=trained_keep,
+                                    calibration=bl.calibration))
+            _print_row(rows[-1], full, control)
+    heads = None
+    for name in [n for n in args.baselines.split(",") if n]:
+        for r in ratios:
+            kw = {"importance": heads} if (name == "static-heads" and heads is not None) else {}
+            bl = get_baseline(name, **kw).calibrate(base, cal, r, tol=0.02, strict=False)
+            if name == "static-heads":
+                heads = bl.importance
+            a = bl.apply(base)
+            info = {"family": name, "target_ratio": r, "calibration": bl.calibration, "params": bl.params()}
+            if name == "downsample":
+                info["image_tokens"] = int(a.model.config.n_patches + 1)
+            rows.append(ev.evaluate(f"{name} @{r:g}", lambda b, a=a: a.run(b, record=True), **info))
+            _print_row(rows[-1], full, control)
+    timings["evaluate_s"] = time.time() - t
+
+    verdict = goals(args.dataset, ratios, rows, full, control)
+    out = {
+        "benchmark": "pareto", "dataset": args.dataset, "quick": args.quick,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
+                                        + sys.argv[1:]),
+        "ratios": ratios, "steps": steps or p.budget["trim"], "eval_inputs": len(ev), "eval_split": p.val_split,
+        "calibration_inputs": sum(len(b["target"]) for b in cal), "demo_folder": str(p.root),
+        "model_size": p.base_key["size"], "base_model_val": _brief(p.base_stage.result()),
+        "machine": {**machine_info(torch.device("cpu")), "platform": platform.platform(),
+                    "load_average_end": os.getloadavg()},
+        "torch_threads": torch.get_num_threads(), "timings": timings, "wall_s": time.time() - t0,
+        "runs": runs, "full": full, "control": control, "methods": rows, "goals": verdict,
+    }
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = f"pareto_{args.dataset}" + ("_quick" if args.quick else "")
+    from smarttrim_cli.atomic import atomic_path
+
+    title = (f"{args.dataset}: accuracy vs mean GMACs ({len(ev)} {p.val_split} inputs; every fine-tune "
+             f"{_steps_text(out['steps'])} from the same base)")
+    out["files"] = {"json": str(outdir / f"{stem}.json"), "png": str(outdir / f"{stem}.png"),
+                    "md": str(outdir / f"{stem}.md")}
+    compare.pareto_chart(outdir / f"{stem}.png", rows, full, title=title, control=control)
+    if any(o is not None for o in ev.objects):
+        near = min(ratios, key=lambda r: abs(r - 1 / 3))
+        series = {"full": full["by_objects"], **{r_["name"]: r_["by_objects"] for r_ in rows
+                                                if r_.get("target_ratio") == near}}
+        objects.lines_chart(outdir / f"{stem}_objects.png", series, full_value=ev.n_image_tokens,
+                            title=f"{args.dataset}: kept image tokens against objects at {1 / near:.1f}x fewer GMACs")
+        out["files"]["objects_png"] = str(outdir / f"{stem}_objects.png")
+    md = markdown(out)
+    with atomic_path(outdir / f"{stem}.md") as tmp:
+        tmp.write_text(md)
+    with atomic_path(outdir / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(out, indent=2, default=str))
+    print(md)
+    return out
+
+
+def _steps_text(steps):
+    if isinstance(steps, int):
+        return f"{steps} steps"
+    if steps.get("max_steps"):
+        return f"{steps['max_steps']} steps"
+    return f"{steps.get('epochs')} epochs of {steps.get('limit')} questions"
+
+
+def _brief(summary: dict) -> dict:
+    if not summary:
+        return {}
+    keep = ("mode", "steps", "steps_per_epoch", "selected", "seconds_per_step", "wall_s", "keep_ratio", "target_ratio")
+    out = {k: summary.get(k) for k in keep if k in summary}
+    for k in ("best", "final", "calibrated"):
+        v = summary.get(k)
+        if isinstance(v, dict):
+            out[k] = {x: v.get(x) for x in ("score", "ratio_mean", "ratio_std", "threshold", "step") if x in v}
+    return out
+
+
+def _print_row(r, full, control):
+    print(f"   {r['name']:<34} {r['accuracy']:6.2f}% (Δfull {r['accuracy'] - full['accuracy']:+.2f}, Δcontrol "
+          f"{r['accuracy'] - control['accuracy']:+.2f})  {r['gmacs_mean']:.4f} GMACs  ratio {r['gmacs_ratio']:.3f}"
+          + (f"  tokens~objects rho {r['spearman_tokens_objects']:+.2f}" if r.get("spearman_tokens_objects")
+             is not None else ""), flush=True)
+
+
+def goals(dataset, ratios, rows, full, control) -> dict:
+    """The issue's goals at the ratio nearest 3x, and (scenes) the direction of kept tokens vs objects."""
+    g = GOALS[dataset]
+    near = min(ratios, key=lambda r: abs(r - 1 / 3))
+    at = [r for r in rows if r.get("target_ratio") == near]
+    st = next((r for r in at if r["family"] == "SmartTrim"), None)
+    others = [r for r in at if r["family"] != "SmartTrim"]
+    best = max(others, key=lambda r: r["accuracy"]) if others else None
+    out = {"ratio": near, "reduction_target": 1 / near}
+    if st is None:
+        return out
+    drop = full["accuracy"] - st["accuracy"]
+    drop_ctl = control["accuracy"] - st["accuracy"]
+    out.update({"smarttrim_accuracy": st["accuracy"], "smarttrim_gmacs_ratio": st["gmacs_ratio"],
+                "smarttrim_reduction": st["gmacs_reduction"], "drop_vs_full": drop, "drop_vs_control": drop_ctl,
+                "max_drop": g["max_drop"], "within_drop_of_full": drop <= g["max_drop"],
+                "within_drop_of_control": drop_ctl <= g["max_drop"]})
+    if best is not None:
+        margin = st["accuracy"] - best["accuracy"]
+        out.update({"best_baseline": best["name"], "best_baseline_accuracy": best["accuracy"],
+                    "best_baseline_gmacs_ratio": best["gmacs_ratio"], "margin_over_best_baseline": margin,
+                    "min_margin": g["min_margin"], "margin_met": margin >= g["min_margin"]})
+    if st.get("spearman_tokens_objects") is not None:
+        out["smarttrim_tokens_vs_objects_spearman"] = st["spearman_tokens_objects"]
+        out["smarttrim_tokens_grow_with_objects"] = st["spearman_tokens_objects"] > 0.1
+        out["cls_rules_tokens_vs_objects_spearman"] = {r["name"]: r.get("spearman_tokens_objects") for r in at
+                                                       if r["family"] in CLS_RULES}
+    return out
+
+
+def markdown(out: dict) -> str:
+    from smarttrim_cli.profiling.compare import markdown_table
+
+    full, control, rows = out["full"], out["control"], out["methods"]
+    lines = [f"### Pareto: {out['dataset']}{' (quick)' if out['quick'] else ''}", "",
+             f"Command: `{out['command']}`  ", f"Evaluated on {out['eval_inputs']} {out['eval_split']} inputs; "
+             f"baselines calibrated on {out['calibration_inputs']} other validation inputs; every fine-tune "
+             f"{_steps_text(out['steps'])} from the same base model; machine: {out['machine'].get('cpu_count')} CPUs, "
+             f"{out['torch_threads']} torch thread(s), load average at the end {out['machine']['load_average_end'][0]:.1f}; "
+             f"wall {out['wall_s'] / 60:.0f} min.", "",
+             "Accuracy ± standard error over the inputs; Δ full / Δ control: points against the untrimmed base model "
+             "and against the base fine-tuned for the same steps without trimming; GMACs from the cost model "
+             "(fvcore convention), p10–p90 = spread over the inputs; ρ = Spearman correlation of kept image tokens "
+             "with the number of objects (scenes).", "",
+             markdown_table([full, control] + sorted(rows, key=lambda r: (-(r.get("target_ratio") or 1), r["name"])),
+                            full, control), ""]
+    g = out["goals"]
+    if "drop_vs_full" in g:
+        lines += [f"**At {g['reduction_target']:.1f}× ({g['ratio']:g} of the GMACs; SmartTrim measured "
+                  f"{g['smarttrim_reduction']:.2f}×)**: SmartTrim {g['smarttrim_accuracy']:.2f}%, "
+                  f"{-g['drop_vs_full']:+.2f} pts vs full (goal ≥ −{g['max_drop']:g}: "
+                  f"{'met' if g['within_drop_of_full'] else 'MISSED by %.2f pts' % (g['drop_vs_full'] - g['max_drop'])}), "
+                  f"{-g['drop_vs_control']:+.2f} pts vs the equal-steps control."]
+        if "margin_over_best_baseline" in g:
+            lines.append(f"Best baseline at that cost: {g['best_baseline']} {g['best_baseline_accuracy']:.2f}% → "
+                         f"margin {g['margin_over_best_baseline']:+.2f} pts (goal ≥ +{g['min_margin']:g}: "
+                         f"{'met' if g['margin_met'] else 'MISSED by %.2f pts' % (g['min_margin'] - g['margin_over_best_baseline'])}).")
+        if "smarttrim_tokens_vs_objects_spearman" in g:
+            cls = ", ".join(f"{k} {v:+.2f}" for k, v in g["cls_rules_tokens_vs_objects_spearman"].items()
+                            if v is not None)
+            lines.append(f"Kept image tokens vs objects (Spearman): SmartTrim {g['smarttrim_tokens_vs_objects_spearman']:+.2f} "
+                         f"({'grows with objects' if g['smarttrim_tokens_grow_with_objects'] else 'does NOT grow with objects'})"
+                         f"; training-free [CLS]-attention rules: {cls or 'n/a'}.")
+    if any(r.get("by_objects") for r in rows):
+        near = g.get("ratio")
+        sel = [full] + [r for r in rows if r.get("target_ratio") == near]
+        ks = sorted({b["objects"] for r in sel for b in r.get("by_objects", [])})
+        lines += ["", f"Kept image tokens (mean) by number of objects at {g.get('reduction_target', 0):.1f}×:", "",
+                  "| method | " + " | ".join(str(k) for k in ks) + " | ρ |", "|---|" + "---|" * (len(ks) + 1)]
+        for r in sel:
+            d = {b["objects"]: b for b in r.get("by_objects", [])}
+            cells = [f"{d[k]['image_tokens_final_mean']:.1f}" if k in d else "–" for k in ks]
+            rho = r.get("spearman_tokens_objects")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {'–' if rho is None else f'{rho:+.2f}'} |")
+        lines += ["", f"Accuracy (%) by number of objects at {g.get('reduction_target', 0):.1f}×:", "",
+                  "| method | " + " | ".join(str(k) for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for r in [full, control] + [r for r in rows if r.get("target_ratio") == near]:
+            d = {b["objects"]: b for b in r.get("by_objects", [])}
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{100 * d[k]['score_mean']:.1f}" if k in d and d[k]['score_mean'] is not None else "–" for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run(parse_args())
