@@ -231,3 +231,30 @@ def test_execution_providers():
     so = session_options(None, ["CPUExecutionProvider"])
     assert so.intra_op_num_threads == 2  # the timing default on CPU
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_threshold_decisions_agree_near_0_and_1(tmp_path):
+    """onnxruntime's Sigmoid has an absolute error of ~1e-7, so `sigmoid(x) > t` decided differently from
+    PyTorch for small thresholds; the core decides `x > logit(t)` (trim/gumbel.above_threshold), which an
+    exported graph computes exactly like PyTorch. Logits packed around each threshold's boundary."""
+    from smarttrim_cli.trim.gumbel import above_threshold
+
+    class Decide(torch.nn.Module):
+        def forward(self, logits, threshold):
+            return above_threshold(logits, threshold).to(torch.int64)
+
+    x = torch.randn(1, 8)
+    path = tmp_path / "decide.onnx"
+    torch.onnx.export(Decide(), (x, torch.tensor(0.5)), str(path), dynamo=False, input_names=["logits", "threshold"],
+                      dynamic_axes={"logits": {1: "n"}})
+    sess = make_session(path, "cpu", 1)
+    for t in (1e-7, 1e-6, 1e-4, 1e-2, 0.3, 0.5, 0.9, 0.999, 1 - 1e-6):
+        z = float(np.log(t) - np.log1p(-t))
+        logits = (z + torch.linspace(-0.05, 0.05, 2001, dtype=torch.float64)).float().unsqueeze(0)
+        ref = above_threshold(logits, t).to(torch.int64).numpy()
+        got = sess.run(None, {"logits": logits.numpy(), "threshold": np.array(t, np.float32)})[0]
+        assert (ref == got).all(), (t, int((ref != got).sum()))
+        # and it is the sigmoid rule wherever float64 can tell them apart
+        p = torch.sigmoid(logits.double())
+        clear = (p - t).abs() > 1e-6 * t
+        assert (ref.astype(bool) == (p > t).numpy())[clear.numpy()].all()

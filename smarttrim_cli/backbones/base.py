@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..nn.attention import pad_to_additive
 from ..trim.context import LayerCost, TrimContext, count
 from ..trim.gather import gather_rows, kept_order
-from ..trim.gumbel import st_keep
+from ..trim.gumbel import above_threshold, st_keep
 
 
 @dataclass
@@ -105,7 +105,7 @@ class TrimmableModel(nn.Module):
             elif ctx.keep_ratio is not None:
                 keep = self._topk_keep(logits, s.pad, ctx.keep_ratio)
             else:
-                keep = torch.sigmoid(logits) > ctx.threshold
+                keep = above_threshold(logits, ctx.threshold)
             keep = _cls_kept(keep & (s.pad > 0))
             s._gather(keep)
             if ctx.record:  # kept mask over the stream's original positions, for reports and overlays
@@ -142,7 +142,7 @@ class TrimmableModel(nn.Module):
             g = torch.maximum(g, top)
             ctx.decisions[key] = g.detach()
             return g, None, g.sum(1)
-        keep = (forced > 0.5) if forced is not None else torch.sigmoid(logits) > ctx.threshold
+        keep = (forced > 0.5) if forced is not None else above_threshold(logits, ctx.threshold)
         keep = keep | top.bool()
         ctx.decisions[key] = keep
         idx = keep.any(0).nonzero().squeeze(1)

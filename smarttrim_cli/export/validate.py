@@ -25,6 +25,7 @@ QUESTIONS = {
     "short question": "why?",
 }
 EXTREME_THRESHOLD = 0.999
+LOW_THRESHOLD = 0.001
 
 
 def scene_image(size: int, seed: int) -> Image.Image:
@@ -115,7 +116,7 @@ def default_thresholds(model) -> list[float]:
 
 def make_cases(model, thresholds=None, seed: int = 0) -> list[Case]:
     """Batch-1 inputs of several text lengths and batch-2 padded inputs, each at every threshold, plus a
-    blank image at threshold 0.999 (almost everything pruned)."""
+    blank image at threshold 0.999 (almost everything pruned) and a question at 0.001 (almost all kept)."""
     size = int(preprocess_config(model)["image_size"])
     thresholds = list(thresholds) if thresholds else default_thresholds(model)
     nlvr2 = model.config.task == "nlvr2"
@@ -136,6 +137,7 @@ def make_cases(model, thresholds=None, seed: int = 0) -> list[Case]:
     cases = [Case(n, b, float(t)) for t in thresholds for n, b in singles + [pair]]
     blank = mk([blank_image(size)], [QUESTIONS["short question"]], [blank_image(size)])
     cases.append(Case("blank image, almost all pruned", blank, EXTREME_THRESHOLD))
+    cases.append(Case("question, almost all kept", singles[0][1], LOW_THRESHOLD))
     return cases
 
 
