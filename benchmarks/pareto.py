@@ -5,13 +5,14 @@
 
 What runs (every model starts from the same base model, every method is evaluated by the same code on
 the same validation inputs: profiling/compare.py):
-  base       the demo's base model (``smarttrim demo`` stages, cached in $SMARTTRIM_HOME/demo-<dataset>[-quick];
-             reused when the demo ran there, else trained here): "full" = this model, untrimmed
+  base       the base model of ``smarttrim demo --long`` (its stages, cached in $SMARTTRIM_HOME/demo-<dataset>-long,
+             or -quick with --quick; reused when the demo ran there, else trained here): "full" = this model
   control    finetune --no-trim continued from the base with exactly the SmartTrim runs' settings and
              steps (same data, order, optimizer, schedule): the equal-steps control, so that the gain of
              extra training is not credited to trimming
-  smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is calibrated
-             to the target at the end of training (train/loop.py calibrate_threshold)
+  smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is chosen on
+             the baselines' calibration inputs by finetune's rule (the trained 0.5 unless the mean ratio
+             exceeds target + tolerance, then raised: train/loop.py calibrate_threshold)
   evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
              with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
              keep ratio calibrated to each target on the base model
@@ -49,7 +50,47 @@ from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, 
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
-CLS_RULES = ("evit", "evit-fusion")  # training-free [CLS]-attention rules
+CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attention rules
+# --set keys that change what the control must match (schedule and optimizer), not the trimming
+_SCHEDULE = {"epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_mult_cross_modal", "lr_mult_head",
+             "weight_decay", "warmup", "end_lr_factor", "grad_clip", "limit", "seed"}
+
+
+def cls_mass_baseline():
+    """Analysis only: an ADAPTIVE training-free [CLS]-attention rule, to see which way such rules move with the
+    number of objects (fixed-ratio top-k keeps the same count on every input). At each pruning position keep
+    the fewest live tokens whose share of the [CLS] attention (over the live non-[CLS] tokens) reaches ``m``
+    ("top-p" of the attention; concentrated attention keeps few tokens, spread attention many); ``m`` is
+    calibrated to the GMACs target like a keep ratio. Hard mode only."""
+    import torch
+
+    from smarttrim_cli.baselines.common import RatioBaseline, record_tokens, token_positions
+    from smarttrim_cli.baselines.evit import EViTPolicy
+
+    class MassPolicy(EViTPolicy):
+        def token_step(self, model, name, st, c, ctx, key):
+            if name not in self.names or self.keep_ratio >= 1.0:
+                return
+            att = self.score(model, name, st, st.pad, c, ctx, key).float()
+            live = (st.pad > 0).clone()
+            live[:, 0] = False
+            a = att.masked_fill(~live, 0.0)
+            a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+            order = torch.sort(a, dim=1, descending=True, stable=True).indices
+            before = a.gather(1, order).cumsum(1) - a.gather(1, order)  # mass of the tokens ranked above
+            keep_sorted = (before < self.keep_ratio) & live.gather(1, order)
+            keep = torch.zeros_like(live).scatter(1, order, keep_sorted)
+            keep[:, 0] = st.pad[:, 0] > 0
+            st._gather(keep)
+            record_tokens(st, ctx, key)
+
+    class EViTMass(RatioBaseline):
+        name = "evit-mass"
+
+        def policy(self, model):
+            return MassPolicy(token_positions(model, self.layers), self.keep_ratio)
+
+    return EViTMass()
 
 
 def parse_args(argv=None):
@@ -67,22 +108,43 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-evit-ft", action="store_true", help="skip the fine-tuned EViT baseline")
-    ap.add_argument("--baselines", default=",".join(DEMO_BASELINES), help="training-free baselines")
+    ap.add_argument("--evit-ft-ratios", default=None, help="ratios at which to train the fine-tuned EViT baseline "
+                    "(default: every --ratios value)")
+    ap.add_argument("--baselines", default=",".join(DEMO_BASELINES), help="training-free baselines (plus "
+                    "evit-mass: an adaptive [CLS]-attention rule for the objects analysis, not a baseline)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra SmartTrim training setting (also applied to evit-ft where it exists); cache-keyed")
+    ap.add_argument("--train-only", action="store_true", help="train (and cache) the runs, evaluate nothing: "
+                    "lets several processes train different ratios; a last run without it evaluates")
+    ap.add_argument("--no-control", action="store_true", help="with --train-only: leave the control to another process")
     ap.add_argument("--fresh", action="store_true")
     return ap.parse_args(argv)
+
+
+def smarttrim_threshold(m, cal, target: float) -> float:
+    """SmartTrim's keep threshold, chosen like every baseline's setting: on the calibration inputs (not the
+    evaluated ones), by finetune's end-of-run rule (train/loop.py calibrate_threshold: the trained threshold
+    0.5 unless the mean ratio exceeds target + tolerance, then raised)."""
+    import contextlib
+
+    from smarttrim_cli.train.config import TrainConfig
+    from smarttrim_cli.train.distributed import DistInfo
+    from smarttrim_cli.train.loop import calibrate_threshold
+
+    m.threshold = m.trim_config.threshold = 0.5
+    thr, _ = calibrate_threshold(m, cal, DistInfo(), target, contextlib.nullcontext, TrainConfig().tolerance)
+    return thr
 
 
 def _say(msg):
     print(f"== {msg}", flush=True)
 
 
-def control_overrides(p: Prepared, target: float, steps: int | None) -> dict:
-    """The SmartTrim run's complete settings with trim off: same data, steps, optimizer and schedule."""
+def control_overrides(p: Prepared, steps: int | None, extra: dict | None = None) -> dict:
+    """The SmartTrim runs' complete settings with trim off: same data, steps, optimizer and schedule."""
     from smarttrim_cli.train.config import build_config
 
-    ov = trim_overrides(p, target, {"max_steps": steps} if steps else None)
+    ov = trim_overrides(p, 1.0, {**(extra or {}), **({"max_steps": steps} if steps else {})})
     cfg, _ = build_config(p.recipe, ov, task="vqa", dataset=ov["dataset"])
     d = cfg.to_dict()
     d.update({"trim": False, "calibrate": False})
@@ -101,7 +163,8 @@ def run(args) -> dict:
     t0 = time.time()
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     extra = parse_sets(args.set)
-    s = DemoSettings(dataset=args.dataset, quick=args.quick, threads=args.threads, seed=args.seed, fresh=args.fresh)
+    s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
+                     fresh=args.fresh)
     p = prepare(s, console=None, say=_say)
     steps = args.steps
     timings = {"prepare_s": time.time() - t0}
@@ -109,15 +172,19 @@ def run(args) -> dict:
 
     # (a) equal-steps control
     t = time.time()
-    ctl_over = control_overrides(p, ratios[0], steps)
+    ctl_over = control_overrides(p, steps, {k: v for k, v in extra.items() if k in _SCHEDULE})
     ctl_name = "control" + (f"-{steps}" if steps else "")
     st = _Stage(p.root, ctl_name, {**p.base_key, "control": ctl_over}, args.fresh)
-    if not st.done() or st.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+    if args.no_control and not args.train_only:
+        raise SystemExit("--no-control only goes with --train-only (the evaluation needs the control)")
+    if args.no_control:
+        pass
+    elif not st.done() or st.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
         _say(f"equal-steps control: finetune --no-trim from the base ({ctl_over.get('max_steps') or ctl_over['epochs']} "
              f"{'steps' if ctl_over.get('max_steps') else 'epochs'}, lr {ctl_over['lr']:g})")
         res = finetune(p.base_dir, p.root / ctl_name, recipe=p.recipe, overrides=ctl_over, progress=False)
         st.finish(res.summary)
-    runs["control"] = {"dir": str(p.root / ctl_name), "summary": _brief(st.result())}
+    runs["control"] = {"dir": str(p.root / ctl_name), "summary": _brief(st.result()) if st.stamp.is_file() else {}}
     timings["control_s"] = time.time() - t
 
     # (b) SmartTrim at each ratio
@@ -144,7 +211,9 @@ def run(args) -> dict:
     # (d) EViT with a fine-tuned backbone, one run per ratio
     evit_dirs = {}
     if not args.no_evit_ft:
-        for r in ratios:
+        ft_ratios = ([float(x) for x in args.evit_ft_ratios.split(",") if x.strip()] if args.evit_ft_ratios
+                     else ratios)
+        for r in ft_ratios:
             t = time.time()
             keep = keep_ratio_for(base, cal, r)
             ov = trim_overrides(p, r, {**extra, **({"max_steps": steps} if steps else {})})
@@ -159,6 +228,10 @@ def run(args) -> dict:
             runs[f"evit-ft@{r:g}"] = {"dir": str(p.root / name), "summary": _brief(stg.result())}
             timings[f"evit-ft@{r:g}_s"] = time.time() - t
 
+    if args.train_only:
+        _say(f"trained (or found cached): {', '.join(runs)}; evaluation skipped (--train-only)")
+        return {"runs": runs, "timings": timings}
+
     # evaluate everything with the same code
     t = time.time()
     _say("evaluating: full, control, SmartTrim, evit-ft, training-free baselines")
@@ -169,10 +242,12 @@ def run(args) -> dict:
     rows = []
     for r in ratios:
         m = load(st_dirs[r], mode="hard")
+        saved, thr = float(m.threshold), smarttrim_threshold(m, cal, r)
+        m.threshold = m.trim_config.threshold = thr
         rows.append(ev.evaluate(f"SmartTrim @{r:g}", lambda b, m=m: m.run(b, mode="hard", record=True),
-                                family="SmartTrim", target_ratio=r, threshold=float(m.threshold)))
+                                family="SmartTrim", target_ratio=r, threshold=thr, saved_threshold=saved))
         _print_row(rows[-1], full, control)
-    for r in ratios:
+    for r in sorted(evit_dirs, reverse=True):
         if r in evit_dirs:
             m = load(evit_dirs[r], mode="hard")
             bl = EViTFinetuned.from_dir(evit_dirs[r])
@@ -188,14 +263,15 @@ def run(args) -> dict:
     for name in [n for n in args.baselines.split(",") if n]:
         for r in ratios:
             kw = {"importance": heads} if (name == "static-heads" and heads is not None) else {}
-            bl = get_baseline(name, **kw).calibrate(base, cal, r, tol=0.02, strict=False)
+            bl = (cls_mass_baseline() if name == "evit-mass" else get_baseline(name, **kw))
+            bl.calibrate(base, cal, r, tol=0.02, strict=False)
             if name == "static-heads":
                 heads = bl.importance
             a = bl.apply(base)
             info = {"family": name, "target_ratio": r, "calibration": bl.calibration, "params": bl.params()}
             if name == "downsample":
                 info["image_tokens"] = int(a.model.config.n_patches + 1)
-            rows.append(ev.evaluate(f"{name} @{r:g}", lambda b, a=a: a.run(b, record=True), **info))
+            rows.append(ev.evaluate(f"{bl.name} @{r:g}", lambda b, a=a: a.run(b, record=True), **info))
             _print_row(rows[-1], full, control)
     timings["evaluate_s"] = time.time() - t
 
@@ -279,7 +355,8 @@ def goals(dataset, ratios, rows, full, control) -> dict:
     drop = full["accuracy"] - st["accuracy"]
     drop_ctl = control["accuracy"] - st["accuracy"]
     out.update({"smarttrim_accuracy": st["accuracy"], "smarttrim_gmacs_ratio": st["gmacs_ratio"],
-                "smarttrim_reduction": st["gmacs_reduction"], "drop_vs_full": drop, "drop_vs_control": drop_ctl,
+                "smarttrim_reduction": st["gmacs_reduction"], "target_reached": st["gmacs_ratio"] <= near + 0.02,
+                "drop_vs_full": drop, "drop_vs_control": drop_ctl,
                 "max_drop": g["max_drop"], "within_drop_of_full": drop <= g["max_drop"],
                 "within_drop_of_control": drop_ctl <= g["max_drop"]})
     if best is not None:
@@ -314,7 +391,8 @@ def markdown(out: dict) -> str:
     g = out["goals"]
     if "drop_vs_full" in g:
         lines += [f"**At {g['reduction_target']:.1f}× ({g['ratio']:g} of the GMACs; SmartTrim measured "
-                  f"{g['smarttrim_reduction']:.2f}×)**: SmartTrim {g['smarttrim_accuracy']:.2f}%, "
+                  f"{g['smarttrim_reduction']:.2f}×{'' if g['target_reached'] else ', TARGET NOT REACHED'})**: "
+                  f"SmartTrim {g['smarttrim_accuracy']:.2f}%, "
                   f"{-g['drop_vs_full']:+.2f} pts vs full (goal ≥ −{g['max_drop']:g}: "
                   f"{'met' if g['within_drop_of_full'] else 'MISSED by %.2f pts' % (g['drop_vs_full'] - g['max_drop'])}), "
                   f"{-g['drop_vs_control']:+.2f} pts vs the equal-steps control."]

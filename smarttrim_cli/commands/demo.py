@@ -1,4 +1,4 @@
-"""smarttrim demo [--quick] [--fresh] [--dataset easyvqa|scenes|vqa] [--data-dir DIR]"""
+"""smarttrim demo [--quick | --long] [--fresh] [--dataset easyvqa|scenes|vqa] [--data-dir DIR]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +19,11 @@ def demo(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The VQAv2-format folder for --dataset vqa; "
                                             "for scenes, where to generate (or reuse) the set."),
     out_dir: Optional[Path] = typer.Option(None, "-o", "--output", help="Demo folder (default: "
-                                           "./smarttrim-out/demo-<dataset>[-quick])."),
+                                           "./smarttrim-out/demo-<dataset>[-quick|-long])."),
     quick: bool = typer.Option(False, "--quick", help="A tiny model and a few steps: checks the pipeline in about "
                                "a minute; the numbers mean nothing."),
+    long: bool = typer.Option(False, "--long", help="About 3x the training of the default (the budgets of "
+                              "benchmarks/pareto.py), in demo-<dataset>-long."),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain everything instead of reusing an earlier run."),
     target_ratio: float = typer.Option(0.33, "--target-ratio", help="GMACs of the trimmed model / full model "
                                        "that the curriculum aims at."),
@@ -35,12 +37,12 @@ def demo(
     from ..demo import DemoSettings, run_demo
 
     s = DemoSettings(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                     out_dir=str(out_dir) if out_dir else None, quick=quick, fresh=fresh,
+                     out_dir=str(out_dir) if out_dir else None, quick=quick, long=long, fresh=fresh,
                      target_ratio=target_ratio, seed=seed, threads=threads, baselines=baselines)
     res = run_demo(s, console=console, say=lambda m: console.rule(f"[bold]{m}"))
     f, t, r = res["full"], res["trimmed"], res["ratios"]
     fmt = lambda v, p="{:.2f}": "–" if v is None else p.format(v)  # noqa: E731
-    tab = Table(title=f"smarttrim demo ({s.dataset}{', quick' if quick else ''}): full vs trimmed, "
+    tab = Table(title=f"smarttrim demo ({s.dataset}{'' if s.size == 'normal' else ', ' + s.size}): full vs trimmed, "
                       f"threshold {t['threshold']}", title_justify="left")
     tab.add_column("")
     tab.add_column("full", justify="right")

@@ -61,7 +61,7 @@ class TrainConfig:
     nu_max: float = 20.0
     spread_weight: float = 0.5          # mu of var_b(R_b): keeps a few inputs from taking the budget
     tolerance: float = 0.05             # an epoch counts as "at the target" if its ratio <= target + this
-    calibrate: bool = True              # at the end, set the keep threshold so validation meets the target
+    calibrate: bool = True              # at the end, raise the keep threshold if validation misses target + tolerance
     calibrate_limit: int = 2000         # validation inputs used for that (bisection, ~12 passes)
     # bookkeeping
     seed: int = 0
