@@ -20,13 +20,14 @@ def finetune(
                                           "./smarttrim-out/finetuned; training state in <output>.state/)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe whose `train:` section gives the "
                                           "settings (default: the bundled one for the dataset / task)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="vqa, nlvr2, snli or easyvqa (default: recipe, "
-                                          "else the model's task)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="vqa, nlvr2, snli, easyvqa, or coco-captions / "
+                                          "flickr30k for a retrieval model (default: recipe, else the model's task; "
+                                          "retrieval: coco-captions)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset folder in its official layout "
                                             "(default: $SMARTTRIM_DATA/<dataset>; easy-VQA: the installed package)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Default: train."),
-    val_split: Optional[str] = typer.Option(None, "--val-split", help="Default: val (VQAv2), dev (NLVR2, SNLI-VE), "
-                                            "test (easy-VQA)."),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="Default: val (VQAv2, captions), dev (NLVR2, "
+                                            "SNLI-VE), test (easy-VQA)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many training inputs (and validation "
                                         "inputs, unless --val-limit)."),
     val_limit: Optional[int] = typer.Option(None, "--val-limit", help="Use at most this many validation inputs."),

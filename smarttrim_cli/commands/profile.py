@@ -15,11 +15,13 @@ from ..cli import app, console, user_errors
 def profile(
     model_dir: Optional[Path] = typer.Argument(None, help="Model directory (default: the one the last attach/"
                                                "finetune wrote, recorded in $SMARTTRIM_HOME/latest)."),
-    dataset: str = typer.Option(..., "--dataset", help="vqa, nlvr2, snli or easyvqa (easyvqa needs no data)."),
+    dataset: str = typer.Option(..., "--dataset", help="vqa, nlvr2, snli, easyvqa (needs no data), or "
+                                  "coco-captions / flickr30k (Karpathy-split captions; retrieval models: recall@k)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset folder (default: "
                                             "$SMARTTRIM_DATA/<dataset>, else ~/.cache/smarttrim/data/<dataset>; "
                                             "easy-VQA: the installed package's data)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: val; easyvqa: test)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to read (default: val; easyvqa, coco-captions, "
+                                        "flickr30k: test)."),
     limit: Optional[int] = typer.Option(500, "--limit", help="Profile the first N inputs (0: all)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Runtime keep threshold of the trimmed "
                                               "model, 0-1 (default: the model's, usually 0.5)."),

@@ -3,7 +3,8 @@
 - ``vqa`` (VQAv2, easy-VQA): the VQA soft score of the arg-max answer (``data.vqa_score``), averaged.
 - ``nlvr2``, ``snli``: accuracy of the arg-max class.
 - ``retrieval``: text-to-image recall@1/5/10 over the distinct images of the profiled inputs (each
-  input's own image is its positive); the headline score is recall@1.
+  input's own image is its positive); the headline score is recall@1. Image-to-text recall@k (an image
+  is found when any of its texts ranks in the top k) comes from the same scores.
 
 The drop reported everywhere is ``full score - trimmed score`` in points.
 """
@@ -44,6 +45,17 @@ def recall_at_k(scores: torch.Tensor, positives: Sequence[int], ks=RECALL_KS) ->
     pos = torch.as_tensor(list(positives), dtype=torch.long)
     own = scores.gather(1, pos.unsqueeze(1))
     rank = (scores > own).sum(1)  # 0 = the positive is ranked first (ties favour the positive)
+    return {f"recall@{k}": float((rank < k).float().mean() * 100.0) for k in ks}
+
+
+def image_to_text_recall(scores: torch.Tensor, positives: Sequence[int], ks=RECALL_KS) -> dict:
+    """scores: (n_texts, n_images); positives[i] = column of text i's image -> {"recall@k": percent} over
+    the images: the rank of an image's best-scored own text among all texts (ties favour the positive)."""
+    s = scores.float().t()                                           # (images, texts)
+    pos = torch.as_tensor(list(positives), dtype=torch.long)
+    own = pos.unsqueeze(0) == torch.arange(s.shape[0]).unsqueeze(1)  # (images, texts): text is the image's
+    best = s.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+    rank = (s > best).sum(1)
     return {f"recall@{k}": float((rank < k).float().mean() * 100.0) for k in ks}
 
 

@@ -40,7 +40,7 @@ FIELDS: dict[str, str] = {
     "versions": "smarttrim, torch, transformers, fvcore, numpy, matplotlib, onnxruntime",
     "settings": "every option that shapes the numbers",
     "settings.model_dir": "the model directory profiled",
-    "settings.dataset": "dataset reader (vqa, nlvr2, snli, easyvqa)",
+    "settings.dataset": "dataset reader (vqa, nlvr2, snli, easyvqa, coco-captions, flickr30k)",
     "settings.data_dir": "data directory read",
     "settings.split": "split read",
     "settings.limit": "--limit (null = all)",
@@ -65,7 +65,8 @@ FIELDS: dict[str, str] = {
     "accuracy.trimmed": "score of the trimmed model at settings.threshold",
     "accuracy.drop": "full - trimmed, in points",
     "accuracy.agreement": "percent of inputs where both models predict the same answer (null for retrieval)",
-    "accuracy.recall": "retrieval only: {recall@1, recall@5, recall@10} for full and trimmed, else null",
+    "accuracy.recall": "retrieval only: text-to-image {recall@1, recall@5, recall@10} for full and trimmed, plus "
+                       "image_to_text (same keys), texts and images counts; else null",
     "flops": "per-input cost at batch 1 (unpadded text)",
     "flops.unit": '"GMACs"',
     "flops.source": "fvcore (every input counted by fvcore) or cost_model (analytic, trim/cost.py)",
@@ -247,6 +248,9 @@ def render(report: dict, console) -> None:
     if a.get("recall"):
         for k in a["recall"]["full"]:
             t.add_row(f"  {k} (%)", _f(a["recall"]["full"][k], "{:.2f}"), _f(a["recall"]["trimmed"][k], "{:.2f}"), "")
+        i2t = a["recall"].get("image_to_text")
+        for k in (i2t or {}).get("full", {}):
+            t.add_row(f"  image-to-text {k} (%)", _f(i2t["full"][k], "{:.2f}"), _f(i2t["trimmed"][k], "{:.2f}"), "")
     t.add_row(f"GMACs / input, mean ({fl['source']})", _g(fl["full"]["mean"]), _g(fl["trimmed"]["mean"]),
               _f(fl["ratio"], "{:.3f}") + f"  ({_f(fl['speedup'], '{:.2f}')}x)")
     t.add_row("GMACs p10 / p50 / p90", " / ".join(_g(fl["full"][k]) for k in ("p10", "p50", "p90")),

@@ -33,8 +33,10 @@ from . import latency as lt
 from . import objects
 from . import report as rp
 
-DATASET_TASKS = {"vqa": "vqa", "easyvqa": "vqa", "nlvr2": "nlvr2", "snli": "snli"}
-DEFAULT_SPLITS = {"easyvqa": "test"}
+DATASET_TASKS = {"vqa": "vqa", "easyvqa": "vqa", "nlvr2": "nlvr2", "snli": "snli", "coco-captions": "retrieval",
+                 "flickr30k": "retrieval"}
+# Karpathy's test split is where retrieval recall is reported (BLIP, ALBEF, METER)
+DEFAULT_SPLITS = {"easyvqa": "test", "coco-captions": "test", "flickr30k": "test"}
 BATCH_MODES = ("auto", "pad", "bucket")
 _STREAM = re.compile(r"^([a-z]+)_(\d+)$")  # a transformer layer's record: <stream>_<i>
 _IMAGE_TOKENS = re.compile(r"^tok:(vision|ximage)_\d+$")  # image-stream token decisions of the first image
@@ -117,7 +119,7 @@ def _model_batch(model, batch: dict) -> dict:
 
 
 def _item_id(item: dict):
-    for k in ("question_id", "identifier", "line", "image_id"):
+    for k in ("question_id", "identifier", "sentid", "line", "image_id"):
         if k in item:
             v = item[k]
             return v if isinstance(v, (int, str)) else str(v)
@@ -401,7 +403,9 @@ def _throughput(fn, batches, device) -> dict:
 
 
 def _retrieval_scores(model, ds, items, threshold, sweep, collate, max_len, device, B, prog):
-    """Text-to-image recall@k over the distinct images of the profiled inputs, full and trimmed."""
+    """Recall@k over the distinct images of the profiled inputs, full and trimmed: text-to-image (the
+    headline, under "full"/"trimmed") and image-to-text from the same score matrix (every text against
+    every image, ITM "match" logit as BLIP ranks)."""
     keys, img_index, pos = [], {}, []
     for i, key in items:
         if key not in img_index:
@@ -421,7 +425,9 @@ def _retrieval_scores(model, ds, items, threshold, sweep, collate, max_len, devi
                 logits, _ = model.run(b, mode="full") if t is None else model.run(b, mode="hard", threshold=t)
                 scores[k][r, c0:c0 + len(chunk)] = logits.reshape(len(chunk), -1)[:, -1].float().cpu()
         prog.advance(tid)
-    rec = {"full": acc.recall_at_k(scores["full"], pos), "trimmed": acc.recall_at_k(scores["trimmed"], pos)}
+    rec = {"full": acc.recall_at_k(scores["full"], pos), "trimmed": acc.recall_at_k(scores["trimmed"], pos),
+           "texts": len(items), "images": len(keys),
+           "image_to_text": {k: acc.image_to_text_recall(scores[k], pos) for k in ("full", "trimmed")}}
     sweep_rec = {t: acc.recall_at_k(scores[f"t{t}"], pos)["recall@1"] for t in sweep}
     return rec, sweep_rec
 

@@ -30,9 +30,11 @@ from . import distributed as D
 from .config import TrainConfig, build_config
 from .losses import Budget, budget_loss, distill_loss, feature_loss, global_stats, is_multilabel, score, task_loss
 
-TASK_DATASETS = {"vqa": ("vqa", "easyvqa"), "nlvr2": ("nlvr2",), "snli": ("snli",)}
+TASK_DATASETS = {"vqa": ("vqa", "easyvqa"), "nlvr2": ("nlvr2",), "snli": ("snli",),
+                 "retrieval": ("coco-captions", "flickr30k")}
+TASK_DEFAULT_DATASET = {"retrieval": "coco-captions"}  # other tasks: the dataset named like the task
 DEFAULT_SPLITS = {"vqa": ("train", "val"), "nlvr2": ("train", "dev"), "snli": ("train", "dev"),
-                  "easyvqa": ("train", "test")}
+                  "easyvqa": ("train", "test"), "coco-captions": ("train", "val"), "flickr30k": ("train", "val")}
 # Settings that may change between an interrupted run and its resumption.
 RESUME_FREE = {"workers", "save_every", "log_every", "eval_batch_size", "data_dir", "eval_before"}
 
@@ -60,8 +62,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 class Collate:
     KEEP = ("pixel_values", "pixel_values2", "input_ids", "attention_mask", "target")
 
-    def __init__(self, tokenizer, max_text_len: int):
-        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+    def __init__(self, tokenizer, max_text_len: int, extra: tuple = ()):
+        # extra: more item keys to keep (retrieval: image_id, so that negatives come from other images)
+        self.tokenizer, self.max_text_len, self.keep = tokenizer, max_text_len, self.KEEP + tuple(extra)
 
     def __call__(self, items):
         from ..data import collate
@@ -71,7 +74,7 @@ class Collate:
                 return {"__error__": it["__error__"]}
         idx = torch.tensor([it.pop("__index__") for it in items], dtype=torch.long)
         out = collate(items, self.tokenizer, self.max_text_len)
-        out = {k: out[k] for k in self.KEEP if k in out}
+        out = {k: out[k] for k in self.keep if k in out}
         out["index"] = idx
         return out
 
@@ -84,6 +87,47 @@ def _check_batch(batch):
 
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----- image-text matching (retrieval) -------------------------------------------------------------------
+ITC_TEMP = 0.07           # BLIP's initial ITC temperature (transformers' BLIP checkpoints do not store the learnt one)
+NEGATIVE_ID = 1 << 30     # Gumbel-noise id of input i's negative pair: i + NEGATIVE_ID (its own noise, not i's)
+
+
+def itm_negatives(image_id: torch.Tensor, sim: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+    """For each row, the row whose caption is its negative, from another image of the batch (-1: none,
+    every row shows that image). With ``sim`` (B images x B captions, ITC cosine): BLIP's hard negatives,
+    sampled with weights softmax(sim / ITC_TEMP) + 1e-4 over the other images' captions (sampled, not the
+    arg-max, as BLIP does: the closest caption of another image may describe this one too). Without: the
+    next row, cyclically, that shows another image (deterministic, for validation)."""
+    image_id = image_id.reshape(-1).cpu()
+    B = image_id.numel()
+    other = image_id[:, None] != image_id[None, :]
+    has = other.any(1)
+    if sim is None:
+        dist = (torch.arange(B)[None, :] - torch.arange(B)[:, None]) % B
+        neg = dist.masked_fill(~other, B).argmin(1)
+    else:
+        w = (torch.softmax(sim.detach().float().cpu() / ITC_TEMP, 1) + 1e-4) * other
+        w[~has] = 1.0  # a row without a candidate draws anything; dropped below
+        neg = torch.multinomial(w, 1, generator=generator).squeeze(1)
+    return torch.where(has, neg, torch.full_like(neg, -1))
+
+
+def itm_batch(batch: dict, neg: torch.Tensor) -> dict:
+    """Positives (every row, target 1 "match") followed by one negative pair per row with a negative
+    (the row's image with caption ``neg[row]``, target 0): the image-text matching batch. ``index`` (the
+    Gumbel-noise ids), when present, gets NEGATIVE_ID added for the negatives."""
+    rows = (neg >= 0).nonzero().squeeze(1).to(batch["input_ids"].device)
+    cap = neg.to(rows.device)[rows]
+    out = {"pixel_values": torch.cat([batch["pixel_values"], batch["pixel_values"][rows]]),
+           "input_ids": torch.cat([batch["input_ids"], batch["input_ids"][cap]]),
+           "attention_mask": torch.cat([batch["attention_mask"], batch["attention_mask"][cap]])}
+    pos = torch.ones_like(batch["target"]).long()
+    out["target"] = torch.cat([pos, torch.zeros(len(rows), dtype=torch.long, device=pos.device)])
+    if "index" in batch:
+        out["index"] = torch.cat([batch["index"], batch["index"][rows] + NEGATIVE_ID])
+    return out
 
 
 # ----- the objective --------------------------------------------------------------------------------
@@ -100,13 +144,34 @@ class Objective(nn.Module):
         if cfg.trim and cfg.feature_weight > 0:
             model.head().register_forward_pre_hook(lambda mod, args: self._feats.append(args[0]))
 
+    def _negatives(self, inputs, image_id, index):
+        """BLIP's hard negatives from the full model's ITC similarities where it has them (``itc``), else
+        uniform over the other images' captions. The draw is seeded by (seed, step, the batch's smallest
+        input id), so a resumed run draws the same negatives. They come from this process's micro-batch
+        (BLIP gathers them over GPUs), so with several processes or --grad-accum a retrieval run is not
+        the same as a single-process one, unlike the other tasks."""
+        if hasattr(self.model, "itc"):
+            with torch.no_grad():
+                img, txt = self.model.itc(inputs, mode="full")
+            sim = img.float() @ txt.float().T
+        else:
+            sim = torch.zeros(len(image_id), len(image_id))  # softmax of zeros: uniform
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1_000_003 + int(index.min()))
+        return itm_negatives(image_id, sim, g)
+
     def set_step(self, step, tau, r_target, nu, all_reduce, noise=1.0):
         self.step, self.tau, self.r_target, self.nu, self.all_reduce = step, tau, r_target, nu, all_reduce
         self.noise = noise
 
-    def forward(self, pixel_values, input_ids, attention_mask, target, index, pixel_values2=None):
+    def forward(self, pixel_values, input_ids, attention_mask, target, index, pixel_values2=None, image_id=None):
         m, cfg = self.model, self.cfg
         inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        if image_id is not None:
+            # retrieval: the ITM loss on the positives plus one hard negative caption each; then the trimmed
+            # and full ITM logits of all pairs are student and teacher, like any classification head
+            pairs = itm_batch(dict(inputs, target=target, index=index), self._negatives(inputs, image_id, index))
+            target, index = pairs.pop("target"), pairs.pop("index")
+            inputs = pairs
         if pixel_values2 is not None:
             inputs["pixel_values2"] = pixel_values2
         if not cfg.trim:
@@ -188,6 +253,8 @@ def evaluate(model, loader, info: D.DistInfo, trimmed: bool, amp_ctx, threshold=
     scores, ratios, macs = [], [], []
     for batch in loader:
         batch = _to(_check_batch(batch), info.device)
+        if "image_id" in batch:  # retrieval: ITM accuracy on the positives and one fixed negative each
+            batch = itm_batch(batch, itm_negatives(batch["image_id"]))
         with amp_ctx():
             logits, ctx = model.run(batch, mode="hard" if trimmed else "full", record=True, threshold=threshold)
         scores += score(logits.float(), batch["target"]).tolist()
@@ -336,11 +403,16 @@ def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
     from ..data import NLVR2_LABELS, canonical_name, open_dataset
 
     task = model.config.task
-    name = cfg.dataset or ((recipe or {}).get("data") or {}).get("dataset") or task
+    name = cfg.dataset or ((recipe or {}).get("data") or {}).get("dataset") or TASK_DEFAULT_DATASET.get(task, task)
     name = canonical_name(name)
     if name not in TASK_DATASETS.get(task, ()):
+        need = (": image-caption pairs, a Karpathy-split dataset_coco.json / dataset_flickr30k.json and its images "
+                "in --data-dir" if task == "retrieval" else "")
         raise SmartTrimError(f"dataset {name!r} does not fit a {task} model (a {task} model trains on "
-                             f"{', '.join(TASK_DATASETS.get(task, ())) or 'nothing supported'})")
+                             f"{', '.join(TASK_DATASETS.get(task, ())) or 'nothing supported'}{need})")
+    if task == "retrieval" and model.config.num_labels != 2:
+        raise SmartTrimError(f"{model.family} retrieval model: finetune trains an image-text matching head with 2 "
+                             f"outputs (no_match, match), this model scores a pair with {model.config.num_labels}")
     tr_split, va_split = DEFAULT_SPLITS[name]
     tr_split, va_split = cfg.train_split or tr_split, cfg.val_split or va_split
     labels = model.labels
@@ -367,7 +439,7 @@ def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
     vl = cfg.val_limit if cfg.val_limit is not None else cfg.limit
     val = open_dataset(name, cfg.data_dir, va_split, size, label2id=getattr(train, "label2id", None),
                        limit=vl, skip_bad=cfg.skip_bad, preprocess=pre)
-    labels = list(NLVR2_LABELS) if name == "nlvr2" else list(train.id2label)
+    labels = list(NLVR2_LABELS) if name == "nlvr2" else list(train.id2label)  # retrieval: no_match, match
     if len(labels) != model.config.num_labels:
         if new_head:
             replace_head(model, len(labels))
@@ -445,7 +517,15 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
     total = int(cfg.max_steps) if cfg.max_steps else cfg.epochs * spe
     curriculum_end = math.ceil((cfg.curriculum_hold + cfg.curriculum) * total)
 
-    loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(model.tokenizer, max_len),
+    retrieval = model.config.task == "retrieval"
+    if retrieval:
+        # the ITM loss never reaches the ITC projections (they only pick the hard negatives): frozen, so that
+        # DDP without find_unused_parameters sees every trainable parameter used
+        for name in ("vision_proj", "text_proj"):
+            if hasattr(model, name):
+                getattr(model, name).requires_grad_(False)
+    loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(model.tokenizer, max_len,
+                                                                 ("image_id",) if retrieval else ()),
                      pin_memory=dev.type == "cuda", persistent_workers=cfg.workers > 0)
     val_sampler = D.ResumableSampler(len(val_ds), info.rank, info.world, shuffle=False, pad=False)
     val_loader = torch.utils.data.DataLoader(IndexedDataset(val_ds), batch_size=cfg.eval_batch_size or micro,
