@@ -113,7 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--baselines", default=",".join(DEMO_BASELINES), help="training-free baselines (plus "
                     "evit-mass: an adaptive [CLS]-attention rule for the objects analysis, not a baseline)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra SmartTrim training setting (also applied to evit-ft where it exists); cache-keyed")
+                    help="extra SmartTrim training setting (schedule settings also apply to the control and evit-ft); "
+                    "cache-keyed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the runs, evaluate nothing: "
                     "lets several processes train different ratios; a last run without it evaluates")
     ap.add_argument("--no-control", action="store_true", help="with --train-only: leave the control to another process")
@@ -216,7 +217,9 @@ def run(args) -> dict:
         for r in ft_ratios:
             t = time.time()
             keep = keep_ratio_for(base, cal, r)
-            ov = trim_overrides(p, r, {**extra, **({"max_steps": steps} if steps else {})})
+            # the schedule settings only: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
+            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k in _SCHEDULE},
+                                       **({"max_steps": steps} if steps else {})})
             name = f"evit-ft-r{r:g}" + (f"-{steps}" if steps else "")
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:

@@ -114,3 +114,38 @@ def test_grad_accumulation_matches_one_batch(tmp_path):
     sa, sb = a.model.state_dict(), b.model.state_dict()
     worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
     assert worst < 1e-4, worst  # Adam turns float rounding in near-zero gradients into ~1% of a step
+
+
+def test_floor_loss_value_and_gradient():
+    """The per-position floor: zero when every position keeps at least the floor on batch average; else the
+    squared shortfall summed over positions, with the gradient of that expression on each input's share."""
+    from smarttrim_cli.train.losses import floor_loss
+
+    a = torch.tensor([0.1, 0.3], requires_grad=True)   # mean 0.2: 0.13 short of 0.33
+    b = torch.tensor([0.5, 0.6], requires_grad=True)   # above the floor: no term
+    loss = floor_loss({"tok:vision_1": a, "tok:ximage_0": b}, 0.33)
+    assert loss.item() == pytest.approx(0.13 ** 2, rel=1e-5)
+    loss.backward()
+    assert torch.allclose(a.grad, torch.full((2,), -2 * 0.13 / 2), atol=1e-6)
+    assert torch.all(b.grad == 0)
+    assert floor_loss({"k": torch.tensor([0.4, 0.5])}, 0.33).item() == 0.0
+
+
+def test_floor_term_enters_the_loss_only_when_weighted(tmp_path):
+    """Soft-mode training records each token position's kept share, and the floor term enters the loss
+    (logged as 'floor') only when floor_weight > 0."""
+    from test_finetune_data import model_for, write_vqa
+
+    from smarttrim_cli.train.loop import finetune
+
+    data = write_vqa(tmp_path / "vqa")
+    model = model_for(tmp_path, "vqa")
+    base = dict(data_dir=str(data), dataset="vqa", batch_size=4, max_steps=3, target_ratio=0.3, curriculum=0.0,
+                eval_before=False, calibrate=False, workers=0, log_every=1)
+    on = finetune(model, tmp_path / "on", overrides=dict(base, floor_weight=50.0), recipe=False, progress=False)
+    off = finetune(model, tmp_path / "off", overrides=base, recipe=False, progress=False)
+    s_on = [r for r in on.history if r["event"] == "step"]
+    s_off = [r for r in off.history if r["event"] == "step"]
+    assert all("floor" in r and r["floor"] >= 0 for r in s_on) and not any("floor" in r for r in s_off)
+    # same first batch, same weights: the losses differ by exactly the weighted floor term
+    assert s_on[0]["loss"] == pytest.approx(s_off[0]["loss"] + 50.0 * s_on[0]["floor"], rel=1e-4, abs=1e-5)

@@ -96,7 +96,9 @@ class TrimmableModel(nn.Module):
                 m = self._topk_keep(logits, alive, ctx.keep_ratio).to(s.x.dtype)
             else:
                 m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
+            before = alive.sum(1).clamp_min(1.0)
             s.policy = s.policy * _cls_kept(m * s.pad)
+            ctx.keep_fraction[key] = s.policy.sum(1) / before
             ctx.decisions[key] = s.policy.detach()
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
         else:

@@ -60,6 +60,9 @@ class TrainConfig:
     dual_lr: float = 2.0                # Lagrangian step for nu (0 = off)
     nu_max: float = 20.0
     spread_weight: float = 0.5          # mu of var_b(R_b): keeps a few inputs from taking the budget
+    floor_weight: float = 0.0           # per-position floor: weight of sum_p relu(R_t - mean_b keep_p)^2, so that
+                                        # no token trimmer drops, on batch average, a larger share of its live
+                                        # tokens than the target (0 = off; see losses.floor_loss)
     tolerance: float = 0.05             # an epoch counts as "at the target" if its ratio <= target + this
     calibrate: bool = True              # at the end, raise the keep threshold if validation misses target + tolerance
     calibrate_limit: int = 2000         # validation inputs used for that (bisection, ~12 passes)

@@ -28,7 +28,8 @@ from . import checkpointing as ck
 from . import curriculum as cur
 from . import distributed as D
 from .config import TrainConfig, build_config
-from .losses import Budget, budget_loss, distill_loss, feature_loss, global_stats, is_multilabel, score, task_loss
+from .losses import (Budget, budget_loss, distill_loss, feature_loss, floor_loss, global_stats, is_multilabel, score,
+                     task_loss)
 
 TASK_DATASETS = {"vqa": ("vqa", "easyvqa"), "nlvr2": ("nlvr2",), "snli": ("snli",),
                  "retrieval": ("coco-captions", "flickr30k")}
@@ -193,6 +194,10 @@ class Objective(nn.Module):
         loss = lt + cfg.distill_weight * ld + lb
         parts = {"task": lt.detach(), "distill": ld.detach(), **bparts, "ratio": stats.mean,
                  "ratio_std": stats.var.sqrt()}
+        if cfg.floor_weight > 0 and ctx.keep_fraction:
+            lfl = floor_loss(ctx.keep_fraction, self.r_target, self.all_reduce)
+            loss = loss + cfg.floor_weight * lfl
+            parts["floor"] = lfl.detach()
         if cfg.feature_weight > 0:
             lf = feature_loss(self._feats[-1], self._feats[0])
             loss = loss + cfg.feature_weight * lf
@@ -635,7 +640,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         step_times, compute_times, t_log, n_log, last_info = [], [], time.time(), 0, "training"
         train_loader = torch.utils.data.DataLoader(IndexedDataset(train_ds), batch_size=micro, sampler=sampler,
                                                    drop_last=True, **loader_kw)
-        acc_keys = ("loss", "task", "distill", "feature", "cost", "spread", "ratio", "ratio_std")
+        acc_keys = ("loss", "task", "distill", "feature", "cost", "spread", "floor", "ratio", "ratio_std")
         while step < total:
             epoch = step // spe
             pos = step - epoch * spe

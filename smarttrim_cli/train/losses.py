@@ -106,6 +106,30 @@ def budget_loss(ratio: torch.Tensor, target: float, stats: BatchStats, lam: floa
     return loss, {"cost": pen_value.detach(), "spread": spread_value.detach()}
 
 
+def floor_loss(keep_fraction: dict, floor: float, all_reduce=None) -> torch.Tensor:
+    """sum_p relu(floor - mean_b K_bp)^2 over the token positions p, K_bp the share of its live tokens input b
+    keeps at p. The budget alone lets the learned trimmers put all the cutting at the first position (a
+    token dropped there saves every later layer, so the cost gradient is largest there), where the features
+    are shallowest: on the scenes set at a 0.33 target the first of three positions kept 15% of the image
+    tokens and the later ones kept all of those. The floor asks every position to keep, on batch average, at
+    least the target share of what reaches it (what fixed-ratio EViT keeps everywhere), and leaves inputs
+    free to differ. The batch mean is global over ranks (``all_reduce`` sums in place), so its gradient,
+    averaged by DDP, equals that of the single-process penalty, as in ``budget_loss``."""
+    total = None
+    for k in sorted(keep_fraction):
+        f = keep_fraction[k].float()
+        local = f.mean()
+        t = torch.stack([f.detach().sum(), torch.tensor(float(f.numel()), device=f.device)])
+        if all_reduce is not None:
+            all_reduce(t)
+        m = t[0] / t[1].clamp_min(1)
+        gap = (floor - m).clamp_min(0)
+        # value gap^2; gradient -2 gap / B_local on each local K_b, which DDP's mean over ranks makes -2 gap / B
+        term = gap ** 2 - 2 * gap * (local - local.detach())
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
 class Budget:
     """The dual variable ``nu`` of the ratio constraint (Lagrangian-style adaptive strength).
 

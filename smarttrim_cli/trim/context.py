@@ -44,6 +44,9 @@ class TrimContext:
     records: list = field(default_factory=list)
     decisions: dict = field(default_factory=dict)
     keep_probs: dict = field(default_factory=dict)
+    # soft mode: per token position, the share of its live tokens each input keeps (B,), differentiable
+    # (the per-position floor of the training objective acts on it)
+    keep_fraction: dict = field(default_factory=dict)
     noise: Any = None             # optional callable(key, logits) -> uniform(0,1) noise (soft mode, training)
 
     def __post_init__(self):
