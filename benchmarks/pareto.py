@@ -12,7 +12,7 @@ the same validation inputs: profiling/compare.py):
              extra training is not credited to trimming
   smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is chosen on
              the baselines' calibration inputs by finetune's rule (the trained 0.5 unless the mean ratio
-             exceeds target + tolerance, then raised: train/loop.py calibrate_threshold)
+             exceeds the target by over 3% of it, then raised: train/loop.py calibrate_threshold)
   evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
              with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
              keep ratio calibrated to each target on the base model
@@ -125,7 +125,7 @@ def parse_args(argv=None):
 def smarttrim_threshold(m, cal, target: float) -> float:
     """SmartTrim's keep threshold, chosen like every baseline's setting: on the calibration inputs (not the
     evaluated ones), by finetune's end-of-run rule (train/loop.py calibrate_threshold: the trained threshold
-    0.5 unless the mean ratio exceeds target + tolerance, then raised)."""
+    0.5 unless the mean ratio exceeds the target by over 3% of it, then raised)."""
     import contextlib
 
     from smarttrim_cli.train.config import TrainConfig
@@ -133,7 +133,8 @@ def smarttrim_threshold(m, cal, target: float) -> float:
     from smarttrim_cli.train.loop import calibrate_threshold
 
     m.threshold = m.trim_config.threshold = 0.5
-    thr, _ = calibrate_threshold(m, cal, DistInfo(), target, contextlib.nullcontext, TrainConfig().tolerance)
+    thr, _ = calibrate_threshold(m, cal, DistInfo(), target, contextlib.nullcontext,
+                                 TrainConfig().calibrate_tolerance * target)
     return thr
 
 

@@ -47,11 +47,11 @@ def test_loss_falls_and_ratio_follows_curriculum(tmp_path):
     assert steps[6]["ratio"] > steps[18]["ratio"] > steps[30]["ratio"]
     assert abs(mean(steps[-12:], "ratio") - 0.5) < 0.06
     # inference (hard mode) on the validation set: near the target at the trained threshold; the
-    # calibration keeps that threshold when within the tolerance (0.05), else raises it onto the target;
+    # calibration keeps that threshold when within 3% of the target, else raises it onto the target;
     # inputs get different ratios (adaptive, not one ratio for all)
     assert abs(vals[-1]["ratio_mean"] - 0.5) <= 0.15, vals[-1]
     cal = res.summary["calibrated"]
-    if res.summary["best"]["ratio_mean"] <= 0.55:
+    if res.summary["best"]["ratio_mean"] <= 0.5 * 1.03:
         assert cal["threshold"] == 0.5 and cal["ratio_mean"] == pytest.approx(res.summary["best"]["ratio_mean"])
     else:
         assert cal["threshold"] > 0.5 and cal["ratio_mean"] <= 0.5, cal

@@ -64,7 +64,8 @@ class TrainConfig:
                                         # no token trimmer drops, on batch average, a larger share of its live
                                         # tokens than the target (0 = off; see losses.floor_loss)
     tolerance: float = 0.05             # an epoch counts as "at the target" if its ratio <= target + this
-    calibrate: bool = True              # at the end, raise the keep threshold if validation misses target + tolerance
+    calibrate: bool = True              # at the end, raise the keep threshold if validation misses the target
+    calibrate_tolerance: float = 0.03   # ... by more than this share of it (0.03: 0.33 -> 0.34)
     calibrate_limit: int = 2000         # validation inputs used for that (bisection, ~12 passes)
     # bookkeeping
     seed: int = 0

@@ -728,7 +728,8 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         cal_sampler = D.ResumableSampler(n_cal, info.rank, info.world, shuffle=False, pad=False)
         cal_loader = torch.utils.data.DataLoader(IndexedDataset(val_ds), batch_size=cfg.eval_batch_size or micro,
                                                  sampler=cal_sampler, **loader_kw)
-        thr, _ = calibrate_threshold(model, cal_loader, info, cfg.target_ratio, amp_ctx, cfg.tolerance)
+        thr, _ = calibrate_threshold(model, cal_loader, info, cfg.target_ratio, amp_ctx,
+                                    cfg.calibrate_tolerance * cfg.target_ratio)
         res = evaluate(model, val_loader, info, True, amp_ctx, thr)
         calibrated = {"threshold": thr, "calibration_inputs": n_cal, **res}
         record({"event": "val_calibrated", "step": step, "epoch": -1, **calibrated})
