@@ -56,6 +56,13 @@ _SCHEDULE = {"epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_mult_c
              "weight_decay", "warmup", "end_lr_factor", "grad_clip", "limit", "seed"}
 
 
+# TrainConfig fields a --no-trim run does not read
+TRIM_ONLY = {"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end", "tau_frac",
+             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "feature_weight",
+             "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance", "calibrate",
+             "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"}
+
+
 def cls_mass_baseline():
     """Analysis only: an ADAPTIVE training-free [CLS]-attention rule, to see which way such rules move with the
     number of objects (fixed-ratio top-k keeps the same count on every input). At each pruning position keep
@@ -176,7 +183,9 @@ def run(args) -> dict:
     t = time.time()
     ctl_over = control_overrides(p, steps, {k: v for k, v in extra.items() if k in _SCHEDULE})
     ctl_name = "control" + (f"-{steps}" if steps else "")
-    st = _Stage(p.root, ctl_name, {**p.base_key, "control": ctl_over}, args.fresh)
+    # keyed on the settings a no-trim run reads, so that a new trimming setting does not retrain it
+    st = _Stage(p.root, ctl_name, {**p.base_key, "control": {k: v for k, v in ctl_over.items() if k not in TRIM_ONLY}},
+                args.fresh)
     if args.no_control and not args.train_only:
         raise SystemExit("--no-control only goes with --train-only (the evaluation needs the control)")
     if args.no_control:
