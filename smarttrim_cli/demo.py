@@ -470,16 +470,19 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None) -> dict:
     ort_full = statistics.median(r.full_ms for r in rows) if rows else None
     ort_trim = statistics.median(r.trimmed_ms for r in rows) if rows else None
     ob = prof.get("objects")
+    tp = prof.get("throughput") or {}
     return {
         "settings": asdict(s), "folder": str(root), "wall_seconds": wall, "stage_seconds": timings,
         "base_model_val": base, "metric": acc.get("metric"),
         "full": {"score": acc["full"], "gmacs": fl["full"]["mean"], "cpu_latency_ms_p50": lat["full"]["p50"],
-                 "ort_latency_ms": ort_full},
+                 "ort_latency_ms": ort_full, "cpu_inputs_per_s": (tp.get("full") or {}).get("inputs_per_s")},
         "trimmed": {"score": acc["trimmed"], "gmacs": fl["trimmed"]["mean"],
                     "cpu_latency_ms_p50": lat["trimmed"]["p50"], "ort_latency_ms": ort_trim,
+                    "cpu_inputs_per_s": (tp.get("trimmed") or {}).get("inputs_per_s"),
                     "threshold": prof["settings"]["threshold"]},
+        "throughput_batch_size": tp.get("batch_size"),
         "ratios": {"score_drop_points": acc["drop"], "gmacs_speedup": fl["speedup"],
-                   "cpu_latency_speedup": lat.get("speedup"),
+                   "cpu_latency_speedup": lat.get("speedup"), "cpu_throughput_speedup": tp.get("speedup"),
                    "ort_latency_speedup": (ort_full / ort_trim) if ort_full and ort_trim else None},
         "objects": None if not ob else {k: ob[k] for k in ("spearman_tokens", "spearman_gmacs", "tokens_per_object",
                                                            "direction", "by_objects")},
