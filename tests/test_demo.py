@@ -15,7 +15,7 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "--quick", "-o", str(out), "--threads", "2"])
     assert r.exit_code == 0, r.output
-    for label in ("full vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed"):
+    for label in ("untrimmed vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed"):
         assert label in r.output, label
     s = json.loads((out / "summary.json").read_text())
     assert s["onnx_validation_ok"] is True

@@ -72,7 +72,7 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "--dataset", "scenes", "--quick", "-o", str(out), "--threads", "1"])
     assert r.exit_code == 0, r.output
-    for label in ("full vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed",
+    for label in ("untrimmed vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed",
                   "training-free baselines", "kept image tokens by objects"):
         assert label in r.output, label
     s = json.loads((out / "summary.json").read_text())

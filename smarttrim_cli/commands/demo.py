@@ -42,12 +42,12 @@ def demo(
     res = run_demo(s, console=console, say=lambda m: console.rule(f"[bold]{m}"))
     f, t, r = res["full"], res["trimmed"], res["ratios"]
     fmt = lambda v, p="{:.2f}": "–" if v is None else p.format(v)  # noqa: E731
-    tab = Table(title=f"smarttrim demo ({s.dataset}{'' if s.size == 'normal' else ', ' + s.size}): full vs trimmed, "
+    tab = Table(title=f"smarttrim demo ({s.dataset}{'' if s.size == 'normal' else ', ' + s.size}): untrimmed vs trimmed, "
                       f"threshold {t['threshold']}", title_justify="left")
     tab.add_column("")
-    tab.add_column("full", justify="right")
+    tab.add_column("untrimmed", justify="right")
     tab.add_column("trimmed", justify="right")
-    tab.add_column("trimmed vs full", justify="right")
+    tab.add_column("trimmed vs untrimmed", justify="right")
     tab.add_row(f"{res['metric']} (%)", fmt(f["score"]), fmt(t["score"]), f"{fmt(-r['score_drop_points'], '{:+.2f}')} pt")
     tab.add_row("GMACs / input (fvcore convention)", fmt(f["gmacs"], "{:.4f}"), fmt(t["gmacs"], "{:.4f}"),
                 f"{fmt(r['gmacs_speedup'])}× less")
@@ -58,6 +58,8 @@ def demo(
                     fmt(t["cpu_inputs_per_s"], "{:.0f}"), f"{fmt(r.get('cpu_throughput_speedup'))}× faster")
     tab.add_row("onnxruntime latency, batch 1 (ms)", fmt(f["ort_latency_ms"]), fmt(t["ort_latency_ms"]),
                 f"{fmt(r['ort_latency_speedup'])}× faster")
+    tab.caption = ("untrimmed: the fine-tuned weights at full capacity (the base model before the fine-tune is "
+                   "'full (base)' in the baselines table)")
     console.print(tab)
     if (r.get("cpu_latency_speedup") or 0) < 1 and f["gmacs"] < 1:
         # measured: at 0.09 GMACs the trimmers' per-call cost is a few ms, as large as the work they save
