@@ -51,12 +51,8 @@ from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
 CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attention rules
-# --set keys that change what the control must match (schedule and optimizer), not the trimming
-_SCHEDULE = {"epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_mult_cross_modal", "lr_mult_head",
-             "weight_decay", "warmup", "end_lr_factor", "grad_clip", "limit", "seed"}
-
-
-# TrainConfig fields a --no-trim run does not read
+# TrainConfig fields a --no-trim run does not read: left out of the control's cache key, and --set keys among
+# them go to the SmartTrim runs only (the rest, schedule and optimizer, also to the control and evit-ft)
 TRIM_ONLY = {"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end", "tau_frac",
              "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "feature_weight",
              "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance", "calibrate",
@@ -181,7 +177,7 @@ def run(args) -> dict:
 
     # (a) equal-steps control
     t = time.time()
-    ctl_over = control_overrides(p, steps, {k: v for k, v in extra.items() if k in _SCHEDULE})
+    ctl_over = control_overrides(p, steps, {k: v for k, v in extra.items() if k not in TRIM_ONLY})
     ctl_name = "control" + (f"-{steps}" if steps else "")
     # keyed on the settings a no-trim run reads, so that a new trimming setting does not retrain it
     st = _Stage(p.root, ctl_name, {**p.base_key, "control": {k: v for k, v in ctl_over.items() if k not in TRIM_ONLY}},
@@ -228,7 +224,7 @@ def run(args) -> dict:
             t = time.time()
             keep = keep_ratio_for(base, cal, r)
             # the schedule settings only: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
-            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k in _SCHEDULE},
+            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY},
                                        **({"max_steps": steps} if steps else {})})
             name = f"evit-ft-r{r:g}" + (f"-{steps}" if steps else "")
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)

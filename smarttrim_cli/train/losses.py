@@ -119,11 +119,7 @@ def floor_loss(keep_fraction: dict, floor: float, all_reduce=None) -> torch.Tens
     for k in sorted(keep_fraction):
         f = keep_fraction[k].float()
         local = f.mean()
-        t = torch.stack([f.detach().sum(), torch.tensor(float(f.numel()), device=f.device)])
-        if all_reduce is not None:
-            all_reduce(t)
-        m = t[0] / t[1].clamp_min(1)
-        gap = (floor - m).clamp_min(0)
+        gap = (floor - global_stats(f, all_reduce).mean).clamp_min(0)
         # value gap^2; gradient -2 gap / B_local on each local K_b, which DDP's mean over ranks makes -2 gap / B
         term = gap ** 2 - 2 * gap * (local - local.detach())
         total = term if total is None else total + term

@@ -1,0 +1,115 @@
+"""Where a trained SmartTrim model spends and loses: the diagnostics behind BENCHMARKS.md sections 6-7.
+
+Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains into.
+
+    python benchmarks/trim_diagnostics.py decisions --dataset scenes --run trimmed
+        share of heads kept per head position and mean image/text tokens kept per token position
+        (hard mode, threshold 0.5, the first 256 validation inputs)
+    python benchmarks/trim_diagnostics.py scores --dataset easyvqa [--run trimmed --ref evit-ft-r0.33]
+        the same validation inputs pareto.py evaluates: RUN at threshold 0.5; RUN with a fixed per-input keep
+        share on its own trimmer scores (0.3-0.45); RUN's and REF's backbones under training-free EViT (+fusion)
+        calibrated to 0.33
+    python benchmarks/trim_diagnostics.py token-only --dataset easyvqa --target 0.33
+        a SmartTrim fine-tune from the base with its head trimmers removed (token trimmers only), the demo's
+        --long settings; writes <folder>/tokonly-r<target> and prints its final and calibrated validation
+
+Prints; nothing is asserted or saved beside the model the token-only run trains.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from smarttrim_cli.demo import DemoSettings, eval_data, prepare, trim_overrides  # noqa: E402
+from smarttrim_cli.model_dir import load  # noqa: E402
+
+
+def decisions(p, run: str):
+    base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, base, 256, 8, 64)
+    m = load(p.root / run, mode="hard")
+    m.threshold = m.trim_config.threshold = 0.5
+    heads, tokens = {}, {}
+    for b in ev.batches[:4]:
+        _, ctx = m.run(b, mode="hard", record=True)
+        for k, v in ctx.decisions.items():
+            if k.startswith("head:"):
+                heads.setdefault(k, []).append(v.float().mean().item())
+            else:
+                tokens.setdefault(k, []).append(v.float().sum(1).mean().item())
+    print(f"{run}: share of heads kept", {k: round(sum(v) / len(v), 3) for k, v in heads.items()})
+    print(f"{run}: tokens kept (mean count)", {k: round(sum(v) / len(v), 1) for k, v in tokens.items()})
+
+
+def scores(p, run: str, ref: str, limit: int):
+    from smarttrim_cli.baselines import get_baseline
+
+    base = load(p.base_dir, mode="hard")
+    ev, cal = eval_data(p, base, limit, 128, 64)
+    ev.set_full_gmacs(base)
+
+    def show(row):
+        print(f"{row['name']:42s} {row['accuracy']:6.2f}%  ratio {row['gmacs_ratio']:.3f}  "
+              f"image tokens {row['image_tokens_mean']:.1f}", flush=True)
+
+    m = load(p.root / run, mode="hard")
+    m.threshold = m.trim_config.threshold = 0.5
+    show(ev.evaluate(f"{run} at threshold 0.5", lambda b: m.run(b, mode="hard", record=True)))
+    for k in (0.3, 0.35, 0.4, 0.45):
+        show(ev.evaluate(f"{run}, own scores, keep share {k}",
+                         lambda b, k=k: m.run(b, mode="hard", record=True, keep_ratio=k)))
+    for name, model in ((run, m), (ref, load(p.root / ref, mode="hard"))):
+        for rule in ("evit", "evit-fusion"):
+            a = get_baseline(rule).calibrate(model, cal, 0.33, tol=0.02, strict=False).apply(model)
+            show(ev.evaluate(f"{name} backbone + {rule}", lambda b, a=a: a.run(b, record=True)))
+
+
+def token_only(p, target: float):
+    from smarttrim_cli.backbones import build
+    from smarttrim_cli.model_dir import save_model_dir
+    from smarttrim_cli.train.loop import finetune
+
+    src = p.root / "base-tokonly"
+    if not (src / "model.safetensors").is_file():
+        m = load(p.base_dir, mode="hard")
+        cfg = m.smarttrim_config
+        m2 = build(cfg["backbone"], cfg["backbone_config"], dict(cfg["trim"], head_layers={}))
+        missing, unexpected = m2.load_state_dict(m.state_dict(), strict=False)
+        if missing or not all("head_trimmers" in k for k in unexpected):
+            raise SystemExit(f"unexpected weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        save_model_dir(m2, src, tokenizer=m.tokenizer, labels=m.labels)
+    res = finetune(src, p.root / f"tokonly-r{target:g}", recipe=p.recipe, overrides=trim_overrides(p, target),
+                   progress=False)
+    print(json.dumps({k: res.summary.get(k) for k in ("final", "calibrated")}, indent=1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("decisions", "scores", "token-only"))
+    ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
+    ap.add_argument("--run", default="trimmed", help="model folder inside the demo folder")
+    ap.add_argument("--ref", default="evit-ft-r0.33", help="scores: the reference model folder")
+    ap.add_argument("--limit", type=int, default=1000, help="scores: validation inputs")
+    ap.add_argument("--target", type=float, default=0.33, help="token-only: target ratio")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    p = prepare(DemoSettings(dataset=a.dataset, long=True), say=lambda m: None)
+    if a.what == "decisions":
+        decisions(p, a.run)
+    elif a.what == "scores":
+        scores(p, a.run, a.ref, a.limit)
+    else:
+        token_only(p, a.target)
+
+
+if __name__ == "__main__":
+    main()
