@@ -120,9 +120,41 @@ def parse_args(argv=None):
                     "cache-keyed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the runs, evaluate nothing: "
                     "lets several processes train different ratios; a last run without it evaluates")
-    ap.add_argument("--no-control", action="store_true", help="with --train-only: leave the control to another process")
+    ap.add_argument("--no-control", action="store_true", help="do not train the control: with --train-only leave it to "
+                    "another process; otherwise evaluate the control already on disk even if its settings (e.g. "
+                    "--set seed=...) differ from this run's")
+    ap.add_argument("--token-layers", default=None, metavar="SPEC",
+                    help='token-trimmer placement for SmartTrim and evit-ft instead of the base model\'s, e.g. '
+                    '"vision=0,2" (streams not named keep theirs): a copy of the base with the trimmers re-placed')
     ap.add_argument("--fresh", action="store_true")
     return ap.parse_args(argv)
+
+
+def replaced_base(p: Prepared, spec: str) -> Prepared:
+    """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``spec``
+    (same backbone weights; fresh trimmers, as attach makes them). Cached as ``<root>/base-<spec>``."""
+    import dataclasses
+
+    from smarttrim_cli import load
+    from smarttrim_cli.attach import trim_config_for
+    from smarttrim_cli.model_dir import save_model_dir
+    from smarttrim_cli.trim.config import parse_layer_spec
+
+    layers = parse_layer_spec(spec)
+    tag = "_".join(f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items()))
+    name = f"base-{tag}"
+    out = p.root / name
+    if not (out / "config.json").is_file() or (out / "config.json").stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+        m = load(p.base_dir, mode="full")
+        torch.manual_seed(0)
+        m.attach_trimmers(trim_config_for(m, token_layers=layers))
+        cfg = m.smarttrim_config
+        save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
+                       provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
+                                   "replaced_token_layers": spec},
+                       extra={"preprocess": cfg.get("preprocess") or {}})
+        _say(f"base with token trimmers at {spec}: {out}")
+    return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers})
 
 
 def smarttrim_threshold(m, cal, target: float) -> float:
@@ -170,28 +202,32 @@ def run(args) -> dict:
     extra = parse_sets(args.set)
     s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
                      fresh=args.fresh)
-    p = prepare(s, console=None, say=_say)
+    p0 = p = prepare(s, console=None, say=_say)
+    if args.token_layers:  # the control does not trim: it keeps p0, the original base
+        p = replaced_base(p, args.token_layers)
+    place = "" if p is p0 else "-" + p.base_name.removeprefix("base-")
     steps = args.steps
     timings = {"prepare_s": time.time() - t0}
     runs = {}
 
     # (a) equal-steps control
     t = time.time()
-    ctl_over = control_overrides(p, steps, {k: v for k, v in extra.items() if k not in TRIM_ONLY})
+    ctl_over = control_overrides(p0, steps, {k: v for k, v in extra.items() if k not in TRIM_ONLY})
     ctl_name = "control" + (f"-{steps}" if steps else "")
     # keyed on the settings a no-trim run reads, so that a new trimming setting does not retrain it
-    st = _Stage(p.root, ctl_name, {**p.base_key, "control": {k: v for k, v in ctl_over.items() if k not in TRIM_ONLY}},
+    st = _Stage(p0.root, ctl_name, {**p0.base_key, "control": {k: v for k, v in ctl_over.items() if k not in TRIM_ONLY}},
                 args.fresh)
-    if args.no_control and not args.train_only:
-        raise SystemExit("--no-control only goes with --train-only (the evaluation needs the control)")
-    if args.no_control:
+    if args.no_control and not args.train_only and not st.stamp.is_file():
+        raise SystemExit(f"--no-control: no trained control in {p0.root / ctl_name} to evaluate (run once without it)")
+    if args.no_control:  # train-only: another process trains it; evaluation: the one on disk, whatever its settings
         pass
-    elif not st.done() or st.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+    elif not st.done() or st.stamp.stat().st_mtime < p0.base_stage.stamp.stat().st_mtime:
         _say(f"equal-steps control: finetune --no-trim from the base ({ctl_over.get('max_steps') or ctl_over['epochs']} "
              f"{'steps' if ctl_over.get('max_steps') else 'epochs'}, lr {ctl_over['lr']:g})")
-        res = finetune(p.base_dir, p.root / ctl_name, recipe=p.recipe, overrides=ctl_over, progress=False)
+        res = finetune(p0.base_dir, p0.root / ctl_name, recipe=p0.recipe, overrides=ctl_over, progress=False)
         st.finish(res.summary)
-    runs["control"] = {"dir": str(p.root / ctl_name), "summary": _brief(st.result()) if st.stamp.is_file() else {}}
+    runs["control"] = {"dir": str(p0.root / ctl_name), "summary": _brief(st.result()) if st.stamp.is_file() else {},
+                       **({"settings": "as cached (--no-control)"} if args.no_control else {})}
     timings["control_s"] = time.time() - t
 
     # (b) SmartTrim at each ratio
@@ -201,7 +237,7 @@ def run(args) -> dict:
         ex = dict(extra)
         if steps:
             ex["max_steps"] = steps
-        name = "trimmed" if (abs(r - s.target_ratio) < 1e-9 and not ex) else f"smarttrim-r{r:g}" + (
+        name = "trimmed" if (abs(r - s.target_ratio) < 1e-9 and not ex and not place) else f"smarttrim-r{r:g}{place}" + (
             f"-{steps}" if steps else "") + ("-" + "-".join(f"{k}{v}" for k, v in extra.items()) if extra else "")
         stg = train_trimmed(p, r, name=name, say=lambda m: _say(f"{m} [{name}]"), extra=ex or None)
         st_dirs[r] = p.root / name
@@ -226,7 +262,7 @@ def run(args) -> dict:
             # the schedule settings only: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
             ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY},
                                        **({"max_steps": steps} if steps else {})})
-            name = f"evit-ft-r{r:g}" + (f"-{steps}" if steps else "")
+            name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "")
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
@@ -245,7 +281,7 @@ def run(args) -> dict:
     t = time.time()
     _say("evaluating: full, control, SmartTrim, evit-ft, training-free baselines")
     full = ev.evaluate("full (base)", lambda b: base.run(b, mode="full", record=True), family="full")
-    ctl = load(p.root / ctl_name, mode="hard")
+    ctl = load(p0.root / ctl_name, mode="hard")
     control = ev.evaluate("full + equal-steps fine-tune (control)", lambda b: ctl.run(b, mode="full", record=True),
                           family="control")
     rows = []

@@ -191,10 +191,11 @@ class Prepared:
     common: dict               # finetune overrides shared by every run on this data
     base_stage: _Stage
     timings: dict
+    base_name: str = "base"    # the folder the fine-tunes start from (benchmarks may re-place the trimmers)
 
     @property
     def base_dir(self) -> Path:
-        return self.root / "base"
+        return self.root / self.base_name
 
     @property
     def val_split(self) -> str:

@@ -206,3 +206,21 @@ def test_pareto_quick_end_to_end(tmp_path):
         assert Path(res["files"][f]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "pareto_scenes_quick.md").read_text()
     assert "Command: `python benchmarks/pareto.py --dataset scenes --quick" in md and "SmartTrim @0.6" in md
+
+    # --token-layers: SmartTrim and evit-ft start from a copy of the base with the token trimmers re-placed;
+    # the control (which does not trim) is the one already trained, not retrained (--no-control evaluates it)
+    r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--dataset", "scenes", "--quick",
+                         "--ratios", "0.6", "--baselines", "evit", "--threads", "1", "--token-layers", "vision=0",
+                         "--no-control", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
+                        timeout=900)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    res2 = json.loads((tmp_path / "placed" / "pareto_scenes_quick.json").read_text())
+    assert res2["runs"]["control"]["dir"] == res["runs"]["control"]["dir"]
+    assert res2["control"]["accuracy"] == res["control"]["accuracy"]
+    for key in ("smarttrim@0.6", "evit-ft@0.6"):
+        d = Path(res2["runs"][key]["dir"])
+        assert d.name.endswith("-vision0") and d != Path(res["runs"][key]["dir"])
+        assert json.loads((d / "config.json").read_text())["trim"]["token_layers"]["vision"] == [0]
+    assert json.loads((Path(res["runs"]["smarttrim@0.6"]["dir"]) / "config.json").read_text())["trim"][
+        "token_layers"]["vision"] != [0]
+    assert res2["full"]["accuracy"] == res["full"]["accuracy"]
