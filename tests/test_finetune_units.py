@@ -149,3 +149,45 @@ def test_floor_term_enters_the_loss_only_when_weighted(tmp_path):
     assert all("floor" in r and r["floor"] >= 0 for r in s_on) and not any("floor" in r for r in s_off)
     # same first batch, same weights: the losses differ by exactly the weighted floor term
     assert s_on[0]["loss"] == pytest.approx(s_off[0]["loss"] + 50.0 * s_on[0]["floor"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("teacher", ["self", "start"])
+def test_teacher_is_the_current_or_the_starting_weights(tmp_path, teacher):
+    """teacher=self distils from the full pass of the weights being trained; teacher=start from a frozen copy of
+    the weights the objective was built with, whatever training does to the model afterwards."""
+    import smarttrim_cli
+    from test_finetune_data import model_for
+
+    from smarttrim_cli.train.config import TrainConfig
+    from smarttrim_cli.train.loop import Objective
+
+    m = smarttrim_cli.load(model_for(tmp_path, "vqa"), mode="soft").train()
+    g = torch.Generator().manual_seed(0)
+    B, c = 3, m.config
+    pix = torch.randn(B, 3, c.image_size, c.image_size, generator=g)
+    ids = torch.randint(5, 30, (B, 6), generator=g)
+    att = torch.ones(B, 6, dtype=torch.long)
+    target = torch.rand(B, c.num_labels, generator=g)
+    with torch.no_grad():
+        start_logits = m(pix, ids, att, ctx=m.make_context(mode="full"))
+    obj = Objective(m, TrainConfig(teacher=teacher), multilabel=True)
+    assert not any(p is q for p in obj.parameters() for q in (obj._teacher[0].parameters() if obj._teacher else []))
+    with torch.no_grad():  # "training" moves the weights
+        for p in m.backbone_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        now_logits = m(pix, ids, att, ctx=m.make_context(mode="full"))
+    obj.set_step(0, 1.0, 1.0, 0.0, None, noise=0.0)  # no noise: the trimmers (init keep-all) keep everything
+    _, parts = obj(pix, ids, att, target, torch.arange(B))
+    # the student is the moved weights at full capacity; the teacher differs by setting
+    want = distill_loss(now_logits, start_logits if teacher == "start" else now_logits, multilabel=True)
+    other = distill_loss(now_logits, now_logits if teacher == "start" else start_logits, multilabel=True)
+    assert abs(float(want - other)) > 1e-3  # the perturbation changes the logits enough to tell them apart
+    assert float(parts["distill"]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_teacher_setting_is_checked():
+    from smarttrim_cli.errors import SmartTrimError
+    from smarttrim_cli.train.config import TrainConfig
+
+    with pytest.raises(SmartTrimError, match="teacher must be self or start"):
+        TrainConfig(teacher="frozen").check()

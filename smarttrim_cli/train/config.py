@@ -54,6 +54,8 @@ class TrainConfig:
     noise_end: float = 0.3              # linearly to this (0: training takes the decisions inference takes;
     noise_frac: float = 0.75            # a little noise keeps the budget gradient alive), at this fraction
     distill_weight: float = 1.0         # alpha
+    teacher: str = "self"               # self: the full-capacity pass of the current weights (the paper's);
+                                        # start: a frozen copy of the starting weights (not moved by training)
     distill_temperature: float = 1.0
     feature_weight: float = 0.0         # MSE between pooled features (trimmed vs full)
     cost_weight: float = 20.0           # lambda of (mean_b R_b - R_t)^2
@@ -104,6 +106,8 @@ class TrainConfig:
             raise SmartTrimError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.curriculum_shape not in ("linear", "cosine"):
             raise SmartTrimError(f"curriculum_shape must be linear or cosine, got {self.curriculum_shape!r}")
+        if self.teacher not in ("self", "start"):
+            raise SmartTrimError(f"teacher must be self or start, got {self.teacher!r}")
         return self
 
 

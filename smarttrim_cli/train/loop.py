@@ -14,6 +14,7 @@ global batch's mean ratio).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -142,8 +143,15 @@ class Objective(nn.Module):
         self.model, self.cfg, self.multilabel = model, cfg, multilabel
         self.step, self.tau, self.r_target, self.nu, self.all_reduce, self.noise = 0, 1.0, 1.0, 0.0, None, 1.0
         self._feats: list = []
+        # teacher "start": a frozen copy of the weights training starts from (made before a resume loads the
+        # checkpoint's), in eval mode; kept out of the module tree so that neither DDP nor the optimizer sees it
+        self._teacher = ()
+        if cfg.trim and cfg.teacher == "start" and cfg.distill_weight + cfg.feature_weight > 0:
+            t = copy.deepcopy(model).eval().requires_grad_(False)
+            self._teacher = (t,)
         if cfg.trim and cfg.feature_weight > 0:
-            model.head().register_forward_pre_hook(lambda mod, args: self._feats.append(args[0]))
+            for mod in (*self._teacher, model):  # teacher first: _feats[0] is the teacher's, [-1] the student's
+                mod.head().register_forward_pre_hook(lambda mod, args: self._feats.append(args[0]))
 
     def _negatives(self, inputs, image_id, index):
         """BLIP's hard negatives from the full model's ITC similarities where it has them (``itc``), else
@@ -182,7 +190,8 @@ class Objective(nn.Module):
             return lt, {"task": lt.detach(), "ratio": one, "ratio_std": 0 * one}
         self._feats.clear()
         with torch.no_grad():
-            teacher = m(**inputs, ctx=m.make_context(mode="full"))
+            tm = self._teacher[0] if self._teacher else m
+            teacher = tm(**inputs, ctx=tm.make_context(mode="full"))
         ctx = m.make_context(mode="soft", record=True, tau=self.tau)
         ctx.noise = D.InstanceNoise(cfg.seed, self.step, index, self.noise)
         logits = m(**inputs, ctx=ctx)
