@@ -54,7 +54,7 @@ CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attentio
 # TrainConfig fields a --no-trim run does not read: left out of the control's cache key, and --set keys among
 # them go to the SmartTrim runs only (the rest, schedule and optimizer, also to the control and evit-ft)
 TRIM_ONLY = {"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end", "tau_frac",
-             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "feature_weight",
+             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "teacher", "feature_weight",
              "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance", "calibrate",
              "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"}
 
@@ -118,6 +118,9 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra SmartTrim training setting (schedule settings also apply to the control and evit-ft); "
                     "cache-keyed")
+    ap.add_argument("--evit-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra training setting of the fine-tuned EViT runs only (e.g. distill_weight=0, to give "
+                    "the baseline the objective that suits it best); cache-keyed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the runs, evaluate nothing: "
                     "lets several processes train different ratios; a last run without it evaluates")
     ap.add_argument("--no-control", action="store_true", help="do not train the control: with --train-only leave it to "
@@ -200,6 +203,7 @@ def run(args) -> dict:
     t0 = time.time()
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     extra = parse_sets(args.set)
+    evit_extra = parse_sets(args.evit_set)
     s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
                      fresh=args.fresh)
     p0 = p = prepare(s, console=None, say=_say)
@@ -261,8 +265,9 @@ def run(args) -> dict:
             keep = keep_ratio_for(base, cal, r)
             # the schedule settings only: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
             ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY},
-                                       **({"max_steps": steps} if steps else {})})
-            name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "")
+                                       **({"max_steps": steps} if steps else {}), **evit_extra})
+            name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "") + (
+                "-" + "-".join(f"{k}{v}" for k, v in evit_extra.items()) if evit_extra else "")
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
