@@ -123,6 +123,8 @@ def parse_args(argv=None):
                     "the baseline the objective that suits it best); cache-keyed")
     ap.add_argument("--train-only", action="store_true", help="train (and cache) the runs, evaluate nothing: "
                     "lets several processes train different ratios; a last run without it evaluates")
+    ap.add_argument("--no-smarttrim", action="store_true", help="with --train-only: leave the SmartTrim runs to "
+                    "another process (e.g. this one trains only evit-ft)")
     ap.add_argument("--no-control", action="store_true", help="do not train the control: with --train-only leave it to "
                     "another process; otherwise evaluate the control already on disk even if its settings (e.g. "
                     "--set seed=...) differ from this run's")
@@ -236,7 +238,9 @@ def run(args) -> dict:
 
     # (b) SmartTrim at each ratio
     st_dirs = {}
-    for r in ratios:
+    if args.no_smarttrim and not args.train_only:
+        raise SystemExit("--no-smarttrim only goes with --train-only (the evaluation needs the SmartTrim runs)")
+    for r in ([] if args.no_smarttrim else ratios):
         t = time.time()
         ex = dict(extra)
         if steps:
@@ -473,6 +477,18 @@ def markdown(out: dict) -> str:
             d = {b["objects"]: b for b in r.get("by_objects", [])}
             lines.append(f"| {r['name']} | " + " | ".join(
                 f"{100 * d[k]['score_mean']:.1f}" if k in d and d[k]['score_mean'] is not None else "–" for k in ks) + " |")
+    if any(r.get("by_kind") for r in rows):
+        near = g.get("ratio")
+        sel = [full, control] + [r for r in rows if r.get("target_ratio") == near]
+        kinds = sorted({k for r in sel for k in r.get("by_kind", {})})
+        lines += ["", f"Accuracy (%) by question kind at {g.get('reduction_target', 0):.1f}× (questions per kind in "
+                  "the header; kept image tokens in brackets):", "",
+                  "| method | " + " | ".join(f"{k} ({full.get('by_kind', {}).get(k, {}).get('n', '?')})" for k in kinds)
+                  + " |", "|---|" + "---|" * len(kinds)]
+        for r in sel:
+            d = r.get("by_kind", {})
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{d[k]['accuracy']:.1f} ({d[k]['image_tokens_final_mean']:.1f})" if k in d else "–" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -112,6 +112,15 @@ def test_evalset_batched_costs_equal_batch_one_and_objects_attached(scene_model,
     assert row["image_tokens_mean"] == pytest.approx(row1["image_tokens_mean"])
     assert row["gmacs_ratio"] < 1 and row["image_tokens_mean"] < ev.n_image_tokens
     assert sum(r["n"] for r in row["by_objects"]) == 10
+    # per question kind: the generator's kinds, counts adding up, each kind's accuracy the mean of its inputs' scores
+    import json as _json
+    from smarttrim_cli.data.scenes import KINDS
+    truth = {q["question_id"]: q["kind"] for sc in _json.loads((scenes / "scenes_val.json").read_text())["scenes"]
+             for q in sc["questions"]}
+    assert ev.kinds == [truth[q] for q in ev.ids] and set(row["by_kind"]) <= set(KINDS)
+    assert sum(v["n"] for v in row["by_kind"].values()) == 10
+    n_acc = sum(v["n"] * v["accuracy"] for v in row["by_kind"].values()) / 10
+    assert n_acc == pytest.approx(row["accuracy"], abs=1e-9)
     ref = ev.evaluate("full", lambda x: m.run(x, mode="full", record=True))
     assert ref["gmacs_ratio"] == pytest.approx(1.0) and ref["image_tokens_mean"] == ev.n_image_tokens
     md = markdown_table([ref, row], ref)

@@ -40,8 +40,8 @@ def image_tokens_final(ctx, n_full: int) -> torch.Tensor:
 
 @dataclass
 class EvalSet:
-    """Fixed inputs, collated once: ``batches`` (model inputs + target), ``ids`` (question ids) and
-    ``objects`` (per input, None outside the scenes set)."""
+    """Fixed inputs, collated once: ``batches`` (model inputs + target), ``ids`` (question ids),
+    ``objects`` and ``kinds`` (per input: number of objects and question kind; None outside the scenes set)."""
 
     batches: list
     ids: list
@@ -49,6 +49,7 @@ class EvalSet:
     n_image_tokens: int
     scenes_source: str | None = None
     full_gmacs: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
 
     @classmethod
     def build(cls, model, ds, limit: int | None = None, batch_size: int = 32, start: int = 0) -> "EvalSet":
@@ -66,8 +67,9 @@ class EvalSet:
             batches.append({k: v for k, v in b.items() if k in keep})
             ids += [it.get("question_id", it.get("identifier")) for it in items]
         objs = [index.objects(q) if index is not None else None for q in ids]
+        kinds = [index.kind(q) if index is not None else None for q in ids]
         return cls(batches, ids, objs, int(model.config.n_patches + 1),
-                   str(index.path) if index is not None else None)
+                   str(index.path) if index is not None else None, kinds=kinds)
 
     def __len__(self):
         return len(self.ids)
@@ -97,16 +99,18 @@ class EvalSet:
         s = torch.cat(scores).double().numpy()
         g = (torch.cat(macs) / 1e9).numpy()
         t = torch.cat(toks).double().numpy()
-        return summarize(name, s, g, t, self.objects, self.full_gmacs or None, self.n_image_tokens, **info)
+        return summarize(name, s, g, t, self.objects, self.full_gmacs or None, self.n_image_tokens,
+                         kinds=self.kinds, **info)
 
 
 def _q(a, p):
     return float(np.percentile(a, p)) if a.size else None
 
 
-def summarize(name, scores, gmacs, tokens, objects, full_gmacs, n_image_tokens, **info) -> dict:
+def summarize(name, scores, gmacs, tokens, objects, full_gmacs, n_image_tokens, kinds=None, **info) -> dict:
     """One method's row: accuracy (percent) with its standard error, mean GMACs and their spread over
-    the inputs, the ratio to the full model, kept image tokens, and the per-object-count table."""
+    the inputs, the ratio to the full model, kept image tokens, and the per-object-count and (scenes)
+    per-question-kind tables."""
     n = len(scores)
     acc = float(scores.mean()) * 100 if n else None
     se = float(scores.std(ddof=1) / math.sqrt(n)) * 100 if n > 1 else None
@@ -128,6 +132,11 @@ def summarize(name, scores, gmacs, tokens, objects, full_gmacs, n_image_tokens, 
         first, last = row["by_objects"][0], row["by_objects"][-1]
         row["tokens_most_vs_fewest_objects"] = (last["image_tokens_final_mean"] / first["image_tokens_final_mean"]
                                                 if first["image_tokens_final_mean"] else None)
+    if kinds and any(k for k in kinds):
+        row["by_kind"] = {k: {"n": int(m.sum()), "accuracy": float(scores[m].mean()) * 100,
+                              "image_tokens_final_mean": float(tokens[m].mean())}
+                          for k in sorted({k for k in kinds if k})
+                          for m in [np.array([x == k for x in kinds])]}
     return row
 
 
