@@ -74,7 +74,7 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
             cfg.token_layers = {k: list(v or []) for k, v in t["token_layers"].items()}
         if "head_layers" in t:
             cfg.head_layers = {k: list(v or []) for k, v in t["head_layers"].items()}
-        for k in ("threshold", "reduction", "init_keep"):
+        for k in ("threshold", "reduction", "init_keep", "fuse"):
             if k in t:
                 setattr(cfg, k, t[k])
         source = r["_path"]

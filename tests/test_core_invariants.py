@@ -11,10 +11,11 @@ from tiny_meter import batch, tiny_model
 TASKS = ["vqa", "nlvr2", "snli", "retrieval"]
 
 
-def trimmed(task, init_keep=0.0, seed=0):
+def trimmed(task, init_keep=0.0, seed=0, fuse=False):
     m = tiny_model(task, seed)
     t = default_trim_config(m.config)
     t.init_keep = init_keep  # ~half the tokens and heads dropped at threshold 0.5
+    t.fuse = fuse
     m.attach_trimmers(t)
     torch.manual_seed(seed + 7)
     for p in m.trimmer_parameters():  # random trimmers with varied decisions per instance
@@ -35,9 +36,10 @@ def test_hard_keep_all_equals_full(task):
     assert ctx.decisions and all(v.all() for k, v in ctx.decisions.items() if k.startswith("head:"))
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("task", TASKS)
-def test_hard_equals_soft_given_same_decisions(task):
-    m = trimmed(task)
+def test_hard_equals_soft_given_same_decisions(task, fuse):
+    m = trimmed(task, fuse=fuse)
     b = batch(m, B=4)
     with torch.no_grad():
         soft, sctx = m.run(b, mode="soft", record=True)
@@ -45,15 +47,16 @@ def test_hard_equals_soft_given_same_decisions(task):
         full, _ = m.run(b, mode="full")
     assert torch.allclose(soft, hard, atol=1e-4), (soft - hard).abs().max()
     assert not torch.allclose(full, hard, atol=1e-3), "decisions changed nothing: the test would not see a bug"
-    kept = sctx.decisions["tok:vision_1"].sum(1)
-    assert len(set(kept.tolist())) > 1, "instances should keep different token counts"
+    counts = [set(v.sum(1).tolist()) for k, v in sctx.decisions.items() if k.startswith("tok:")]
+    assert any(len(c) > 1 for c in counts), "instances should keep different token counts"
     # the per-instance costs of the two paths agree as well
     assert torch.allclose(total_macs(sctx.records).double(), total_macs(hctx.records).double(), rtol=1e-6)
 
 
-def test_soft_eval_decides_like_hard():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_soft_eval_decides_like_hard(fuse):
     """Without forcing, soft mode in eval takes the same threshold decisions as hard mode."""
-    m = trimmed("vqa")
+    m = trimmed("vqa", fuse=fuse)
     b = batch(m, B=4)
     with torch.no_grad():
         soft, _ = m.run(b, mode="soft")
@@ -61,8 +64,9 @@ def test_soft_eval_decides_like_hard():
     assert torch.allclose(soft, hard, atol=1e-4)
 
 
-def test_soft_mode_is_differentiable_in_trimmers():
-    m = trimmed("vqa").train()
+@pytest.mark.parametrize("fuse", [False, True])
+def test_soft_mode_is_differentiable_in_trimmers(fuse):
+    m = trimmed("vqa", fuse=fuse).train()
     b = batch(m)
     logits, ctx = m.run(b, mode="soft", record=True, tau=1.0)
     from smarttrim_cli.trim.cost import macs_ratio
@@ -82,10 +86,10 @@ class _Hard(torch.nn.Module):
         return self.m(px, ids, mask, ctx=self.m.make_context(mode=self.mode))
 
 
-@pytest.mark.parametrize("mode", ["full", "hard"])
+@pytest.mark.parametrize("mode,fuse", [("full", False), ("hard", False), ("hard", True)])
 @pytest.mark.parametrize("task", ["vqa", "snli"])
-def test_cost_model_equals_fvcore(task, mode):
-    m = trimmed(task)
+def test_cost_model_equals_fvcore(task, mode, fuse):
+    m = trimmed(task, fuse=fuse)
     b = batch(m, B=1, T=7, pad_rows=())
     with torch.no_grad():
         _, ctx = m.run(b, mode=mode, record=True)
@@ -108,3 +112,49 @@ def test_cost_model_falls_with_threshold():
             _, ctx = m.run(b, mode="hard", threshold=thr, record=True)
             costs.append(float(total_macs(ctx.records)[0]))
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+
+
+def test_fusion_with_identical_tokens_is_exact():
+    """Token fusion's proportional attention: when the dropped tokens are identical, attention over the kept
+    tokens plus the fused one (weighted by log size) is attention over all of them, so trimming image tokens
+    with fusion changes nothing, in every layer kind (self- and cross-attention), while without fusion the
+    same drops do."""
+    outs = {}
+    for fuse in (False, True):
+        m = trimmed("vqa", fuse=fuse)
+        with torch.no_grad():  # no positions: every patch of a uniform image is the same token in every layer
+            m.vit_model.visual.positional_embedding[1:] = m.vit_model.visual.positional_embedding[1]
+        b = batch(m, B=3)
+        with torch.no_grad():
+            _, sctx = m.run(b, mode="soft", record=True)
+        g = torch.Generator().manual_seed(1)  # random image-token decisions ([CLS] kept); text tokens and heads all kept
+        forced = {k: (torch.cat([torch.ones_like(v[:, :1]), (torch.rand(v[:, 1:].shape, generator=g) < 0.5).to(v.dtype)], 1)
+                      if k.startswith(("tok:vision", "tok:ximage")) else torch.ones_like(v))
+                  for k, v in sctx.decisions.items()}
+        kept = forced["tok:vision_1"][:, 1:].sum(1)
+        assert ((kept > 0) & (kept < forced["tok:vision_1"].shape[1] - 1)).all(), kept
+        b["pixel_values"] = torch.ones_like(b["pixel_values"]) * torch.tensor([0.3, -0.2, 0.5]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            full, _ = m.run(b, mode="full")
+            hard, _ = m.run(b, mode="hard", forced=forced)
+            soft, _ = m.run(b, mode="soft", forced=forced)
+        outs[fuse] = ((hard - full).abs().max().item(), (soft - full).abs().max().item())
+    assert outs[True][0] < 1e-4 and outs[True][1] < 1e-4, outs
+    assert outs[False][0] > 1e-3, outs  # without fusion the same drops change the output
+
+
+def test_fused_token_carries_the_dropped_size():
+    from smarttrim_cli.trim.fusion import fuse_dropped
+
+    x = torch.arange(12, dtype=torch.float32).view(1, 4, 3)
+    size = torch.tensor([[1.0, 2.0, 1.0, 3.0]])
+    alive = torch.ones(1, 4)
+    kept = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    logits = torch.tensor([[5.0, -1.0, 2.0, -0.5]])
+    x2, size2, kept2 = fuse_dropped(x, size, alive, kept, logits)
+    # tokens 1 (size 2) and 3 (size 3) merge into token 3 (the dropped one scored highest): mean weighted 2:3
+    assert kept2.tolist() == [[1.0, 0.0, 1.0, 1.0]] and size2.tolist() == [[1.0, 2.0, 1.0, 5.0]]
+    assert torch.allclose(x2[0, 3], (2 * x[0, 1] + 3 * x[0, 3]) / 5) and torch.equal(x2[0, :3], x[0, :3])
+    # nothing dropped: nothing changes
+    x3, size3, kept3 = fuse_dropped(x, size, alive, alive.clone(), logits)
+    assert torch.equal(x3, x) and torch.equal(size3, size) and torch.equal(kept3, alive)

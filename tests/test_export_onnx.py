@@ -40,7 +40,7 @@ SMALL = {"kw": {"text_layers": 1, "vision_layers": 2, "cross_layers": 1},
                   "head_layers": {"vision": [1], "ximage": [0]}}}
 
 
-def varied_model_dir(path: Path, task: str = "vqa", small: bool = False) -> Path:
+def varied_model_dir(path: Path, task: str = "vqa", small: bool = False, fuse: bool = False) -> Path:
     """tiny_model_dir + spread_trimmers, saved back as a model directory (records it as latest).
     small: one text and one cross-modal layer, fewer head trimmers (the dynamo exporter's symbolic
     tracing time grows with the graph: this halves it), every stream still trimmed."""
@@ -49,9 +49,9 @@ def varied_model_dir(path: Path, task: str = "vqa", small: bool = False) -> Path
 
     path = Path(path)
     if small:
-        tiny_model_dir(path, task, trim_kw=SMALL["trim"], **SMALL["kw"])
+        tiny_model_dir(path, task, trim_kw={**SMALL["trim"], "fuse": fuse}, **SMALL["kw"])
     else:
-        tiny_model_dir(path, task)
+        tiny_model_dir(path, task, trim_kw={"fuse": fuse})
     m = smarttrim_cli.load(path)
     spread_trimmers(m)
     cfg = read_config(path)
@@ -59,13 +59,13 @@ def varied_model_dir(path: Path, task: str = "vqa", small: bool = False) -> Path
     return path
 
 
-def module_model_dir(tmp_path_factory, name="model", task="vqa", small=False) -> Path:
+def module_model_dir(tmp_path_factory, name="model", task="vqa", small=False, fuse=False) -> Path:
     """For module-scoped fixtures: the per-test SMARTTRIM_HOME is not set yet, so use a private one."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SMARTTRIM_HOME", str(root / "home"))
-        return varied_model_dir(root / name, task, small)
+        return varied_model_dir(root / name, task, small, fuse)
 
 
 # ----- tests -------------------------------------------------------------------------------------------------
@@ -133,6 +133,21 @@ def test_legacy_export_equals_torch_hard_mode(model_dir, legacy_onnx):
     m = smarttrim_cli.load(model_dir)
     assert legacy_onnx.exporter == "legacy"
     _check_graph_matches_torch(legacy_onnx.path, m)
+
+
+def test_export_with_token_fusion_equals_torch(tmp_path_factory, tmp_path):
+    """Token fusion (merge + log-size attention bias) stays dynamic in the graph and matches PyTorch."""
+    m = smarttrim_cli.load(module_model_dir(tmp_path_factory, "fused", fuse=True))
+    assert m.trim_config.fuse
+    res = export_onnx(m, tmp_path / "fused.onnx", exporter="legacy")
+    rep = _check_graph_matches_torch(res.path, m)
+    # fusion changed the function: the same weights without it give other logits on the same inputs
+    b = make_cases(m)[0]
+    with torch.no_grad():
+        on, _ = m.run(b.batch, mode="hard", threshold=b.threshold)
+        m.trim_config.fuse = False
+        off, _ = m.run(b.batch, mode="hard", threshold=b.threshold)
+    assert rep.ok and not torch.allclose(on, off, atol=1e-3)
 
 
 def test_metadata_in_the_file(model_dir, legacy_onnx):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import pad_to_additive
 from ..trim.context import LayerCost, TrimContext, count
+from ..trim.fusion import fuse_dropped, size_bias
 from ..trim.gather import gather_rows, kept_order
 from ..trim.gumbel import above_threshold, st_keep
 
@@ -25,6 +26,7 @@ class Stream:
     all_valid: bool              # no padding anywhere: attention needs no additive mask
     n_orig: int = 0
     key_bias: torch.Tensor | None = None  # (B, n) extra additive key bias, e.g. log token sizes (ToMe)
+    size: torch.Tensor | None = None      # (B, n) original tokens each slot stands for (token fusion only)
 
     @classmethod
     def start(cls, x, pad, mode: str, all_valid: bool):
@@ -35,7 +37,7 @@ class Stream:
 
     def key_add(self):
         add = None if self.all_valid else pad_to_additive(self.pad, self.x.dtype)
-        if self.key_bias is not None:  # set only by baselines (baselines/tome.py proportional attention)
+        if self.key_bias is not None:  # proportional attention: ToMe (baselines/tome.py), token fusion (trim/fusion.py)
             add = self.key_bias.to(self.x.dtype) if add is None else add + self.key_bias.to(self.x.dtype)
         return add
 
@@ -53,6 +55,8 @@ class Stream:
         self.pos = gather_rows(self.pos, idx)
         if self.key_bias is not None:
             self.key_bias = gather_rows(self.key_bias, idx)
+        if self.size is not None:
+            self.size = gather_rows(self.size, idx)
         self.all_valid = self.x.shape[0] == 1  # batch of one: every gathered token is real
 
 
@@ -89,6 +93,8 @@ class TrimmableModel(nn.Module):
         logits = tr(s.x, alive, c)
         ctx.add(LayerCost(key, "token_trimmer", tr.cost_dims(), n=count(alive), n_full=s.n_full))
         forced = ctx.forced.get(key) if ctx.forced else None
+        # fusion: the decisions recorded (and forced) are the trimmer's, before the dropped tokens are merged
+        fuse = bool(getattr(self.trim_config, "fuse", False))
         if ctx.mode == "soft":
             if forced is not None:
                 m = forced.to(s.x.dtype)
@@ -97,9 +103,13 @@ class TrimmableModel(nn.Module):
             else:
                 m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
             before = alive.sum(1).clamp_min(1.0)
-            s.policy = s.policy * _cls_kept(m * s.pad)
+            kept = s.policy * _cls_kept(m * s.pad)
+            ctx.decisions[key] = kept.detach()
+            if fuse:
+                self._fuse(s, alive, kept, logits)
+            else:
+                s.policy = kept
             ctx.keep_fraction[key] = s.policy.sum(1) / before
-            ctx.decisions[key] = s.policy.detach()
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
         else:
             if forced is not None:
@@ -109,10 +119,23 @@ class TrimmableModel(nn.Module):
             else:
                 keep = above_threshold(logits, ctx.threshold)
             keep = _cls_kept(keep & (s.pad > 0))
-            s._gather(keep)
             if ctx.record:  # kept mask over the stream's original positions, for reports and overlays
                 ctx.decisions[key] = torch.zeros(s.pad.shape[0], s.n_orig, dtype=s.pad.dtype,
-                                                 device=s.pad.device).scatter(1, s.pos, s.pad)
+                                                 device=s.pad.device).scatter(1, s.pos, keep.to(s.pad.dtype))
+            if fuse:
+                keep = self._fuse(s, s.pad, keep.to(s.x.dtype), logits) > 0.5
+            s._gather(keep)
+
+    @staticmethod
+    def _fuse(s: Stream, alive, kept, logits):
+        """Merge the tokens this trimmer dropped into one (trim/fusion.py); soft: sets ``s.policy``. -> kept."""
+        if s.size is None:
+            s.size = torch.ones_like(alive)
+        s.x, s.size, kept = fuse_dropped(s.x, s.size, alive, kept, logits)
+        s.key_bias = size_bias(s.size, s.x.dtype)
+        if s.policy is not None:
+            s.policy = kept
+        return kept
 
     @staticmethod
     def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:

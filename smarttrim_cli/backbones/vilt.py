@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SmartTrimError
-from ..nn.attention import pad_to_additive
 from ..nn.layers import ViltLayer
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
@@ -228,8 +227,9 @@ class ViltModel(TrimmableModel):
             gate, idx, hc = self.head_step(f"joint_{i}", t_cls, i_cls, ctx)
             nt = text.x.shape[1]
             x = torch.cat([text.x, img.x], dim=1)
-            key_add = None if (text.all_valid and img.all_valid) else \
-                pad_to_additive(torch.cat([text.pad, img.pad], dim=1), x.dtype)
+            ta, ia = text.key_add(), img.key_add()  # padding masks, and log sizes with token fusion
+            key_add = None if ta is None and ia is None else torch.cat(
+                [a if a is not None else x.new_zeros(s.pad.shape) for a, s in ((ta, text), (ia, img))], dim=1)
             policy = None if text.policy is None else torch.cat([text.policy, img.policy], dim=1)
             x = layer(x, key_add, policy, gate, idx)
             text.x, img.x = x[:, :nt], x[:, nt:]

@@ -20,13 +20,17 @@ class TrimConfig:
     threshold: float = 0.5
     reduction: int = 8
     init_keep: float = 3.0
+    # merge each trimmer's dropped tokens into one token (size-weighted mean) that later attention weighs by
+    # log(size) (ToMe's proportional attention): softmax denominators, and with them what attention can
+    # count, stay close to the untrimmed model's (trim/fusion.py)
+    fuse: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrimConfig":
-        known = {k: d[k] for k in ("token_layers", "head_layers", "threshold", "reduction", "init_keep") if k in d}
+        known = {k: d[k] for k in ("token_layers", "head_layers", "threshold", "reduction", "init_keep", "fuse") if k in d}
         cfg = cls(**known)
         cfg.token_layers = {k: [int(i) for i in v] for k, v in cfg.token_layers.items()}
         cfg.head_layers = {k: [int(i) for i in v] for k, v in cfg.head_layers.items()}
