@@ -148,6 +148,14 @@ def test_evit_soft_training_rule_equals_hard_inference_rule(scene_model, scenes)
     assert torch.equal(ch.decisions[key].bool(), cs.decisions[key].bool())
     kept = ch.decisions["tok:vision_1"].sum(1)
     assert torch.all(kept == math.ceil(0.5 * 17))  # ceil(r * 17 live tokens), [CLS] among them
+    # merge (the learned trimmers' token fusion): the same in both modes, and it changes the result
+    with torch.no_grad():
+        hard_m, chm = m.run(b, mode="hard", record=True, policy=EViTPolicy(names, 0.5, merge=True))
+        soft_m, _ = m.run(b, mode="soft", policy=EViTPolicy(names, 0.5, merge=True))
+    assert torch.allclose(hard_m, soft_m, atol=1e-4) and not torch.allclose(hard_m, hard, atol=1e-3)
+    assert torch.equal(chm.decisions["tok:vision_1"], ch.decisions["tok:vision_1"])  # same rule, fused extra
+    from smarttrim_cli.trim.cost import total_macs
+    assert (total_macs(chm.records) > total_macs(ch.records)).all()  # the fused token costs a token
 
 
 def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, scenes, tmp_path):
@@ -216,20 +224,24 @@ def test_pareto_quick_end_to_end(tmp_path):
     md = (out / "pareto_scenes_quick.md").read_text()
     assert "Command: `python benchmarks/pareto.py --dataset scenes --quick" in md and "SmartTrim @0.6" in md
 
-    # --token-layers: SmartTrim and evit-ft start from a copy of the base with the token trimmers re-placed;
+    # --token-layers/--fuse: SmartTrim and evit-ft start from a copy of the base with the token trimmers re-placed
+    # and token fusion on;
     # the control (which does not trim) is the one already trained, not retrained (--no-control evaluates it)
     r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--dataset", "scenes", "--quick",
                          "--ratios", "0.6", "--baselines", "evit", "--threads", "1", "--token-layers", "vision=0",
-                         "--no-control", "--evit-set", "distill_weight=0", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
+                         "--fuse", "--no-control", "--evit-set", "distill_weight=0", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
                         timeout=900)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     res2 = json.loads((tmp_path / "placed" / "pareto_scenes_quick.json").read_text())
     assert res2["runs"]["control"]["dir"] == res["runs"]["control"]["dir"]
     assert res2["control"]["accuracy"] == res["control"]["accuracy"]
-    for key, tail in (("smarttrim@0.6", "-vision0"), ("evit-ft@0.6", "-vision0-distill_weight0")):
+    for key, tail in (("smarttrim@0.6", "-vision0_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_weight0")):
         d = Path(res2["runs"][key]["dir"])
         assert d.name.endswith(tail) and d != Path(res["runs"][key]["dir"])
-        assert json.loads((d / "config.json").read_text())["trim"]["token_layers"]["vision"] == [0]
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["trim"]["token_layers"]["vision"] == [0] and cfg["trim"]["fuse"] is True
+        if key.startswith("evit"):  # the fixed-ratio baseline trains and runs with the same token fusion
+            assert cfg["evit_finetuned"]["merge"] is True
     assert json.loads((Path(res["runs"]["smarttrim@0.6"]["dir"]) / "config.json").read_text())["trim"][
         "token_layers"]["vision"] != [0]
     evit_cfg = json.loads((Path(res2["runs"]["evit-ft@0.6"]["dir"]) / "finetune_summary.json").read_text())["config"]

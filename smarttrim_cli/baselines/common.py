@@ -128,11 +128,13 @@ def keep_topk(score: torch.Tensor, alive: torch.Tensor, ratio: float) -> torch.T
     return (rank < k.unsqueeze(1)) & (alive > 0)
 
 
-def record_tokens(s, ctx, key) -> None:
-    """The kept mask over the stream's original positions (hard mode), as the learned trimmer records it."""
+def record_tokens(s, ctx, key, keep=None) -> None:
+    """The kept mask over the stream's original positions (hard mode), as the learned trimmer records it:
+    of the gathered stream, or ``keep`` (B, n) over the stream's current slots (before a gather)."""
     if ctx.record:
+        kept = s.pad if keep is None else keep.to(s.pad.dtype) * s.pad
         ctx.decisions[key] = torch.zeros(s.pad.shape[0], s.n_orig, dtype=s.pad.dtype,
-                                         device=s.pad.device).scatter(1, s.pos, s.pad)
+                                         device=s.pad.device).scatter(1, s.pos, kept)
 
 
 class Policy:
@@ -153,9 +155,12 @@ class TokenPolicy(Policy):
 
     soft_ok = True
 
-    def __init__(self, names, keep_ratio: float):
+    def __init__(self, names, keep_ratio: float, merge: bool = False):
         self.names = set(names)
         self.keep_ratio = float(keep_ratio)
+        # merge: the learned trimmers' token fusion (trim/fusion.py; soft and hard), so that a fine-tuned
+        # fixed-ratio rule can be compared with a fused SmartTrim on equal terms
+        self.merge = bool(merge)
 
     def score(self, model, name, s, alive, c, ctx, key) -> torch.Tensor:
         raise NotImplementedError
@@ -171,13 +176,23 @@ class TokenPolicy(Policy):
             if not self.soft_ok:
                 raise SmartTrimError(f"{type(self).__name__}: this baseline changes token states; run it in hard mode")
             alive = s.policy
-            keep = keep_topk(self.score(model, name, s, alive, c, ctx, key), alive, self.keep_ratio)
+            score = self.score(model, name, s, alive, c, ctx, key)
+            keep = keep_topk(score, alive, self.keep_ratio)
             m = torch.cat([torch.ones_like(s.pad[:, :1]), (keep.to(s.x.dtype) * s.pad)[:, 1:]], dim=1)
-            s.policy = s.policy * m
-            ctx.decisions[key] = s.policy.detach()
+            kept = s.policy * m
+            ctx.decisions[key] = kept.detach()  # with merge, as for the learned trimmers: before the fusion
+            if self.merge:
+                model._fuse(s, alive, kept, score)
+            else:
+                s.policy = kept
             return
         score = self.score(model, name, s, s.pad, c, ctx, key)
         keep = keep_topk(score, s.pad, self.keep_ratio)
+        if self.merge:
+            record_tokens(s, ctx, key, keep)
+            keep = model._fuse(s, s.pad, keep.to(s.x.dtype) * s.pad, score) > 0.5
+            s._gather(keep)
+            return
         keep = self.fuse(model, name, s, keep, score, ctx)
         s._gather(keep)
         record_tokens(s, ctx, key)

@@ -30,8 +30,8 @@ GUIDES = ("cls", "text_cls", "text")
 
 
 class EViTPolicy(TokenPolicy):
-    def __init__(self, names, keep_ratio, guide: str = "cls", fuse: bool = False):
-        super().__init__(names, keep_ratio)
+    def __init__(self, names, keep_ratio, guide: str = "cls", fuse: bool = False, merge: bool = False):
+        super().__init__(names, keep_ratio, merge)
         self.guide, self.fuse_tokens = guide, fuse
         self.soft_ok = not fuse
         self._text = {}

@@ -51,13 +51,17 @@ class EViTFinetuned(EViT):
     name = "evit-finetuned"
     kind = "token"
 
-    def __init__(self, keep_ratio: float = 0.5, layers=None, guide: str = "cls", model_dir=None):
+    def __init__(self, keep_ratio: float = 0.5, layers=None, guide: str = "cls", model_dir=None, merge: bool = False):
         super().__init__(keep_ratio, layers, guide, fuse=False)
         self.name = "evit-finetuned"
         self.model_dir = None if model_dir is None else str(model_dir)
+        self.merge = bool(merge)  # trained with the model's token fusion (TrimConfig.fuse)
 
     def params(self) -> dict:
-        return {**super().params(), "model_dir": self.model_dir}
+        return {**super().params(), "model_dir": self.model_dir, "merge": self.merge}
+
+    def policy(self, model):
+        return EViTPolicy(token_positions(model, self.layers), self.keep_ratio, self.guide, merge=self.merge)
 
     @classmethod
     def from_dir(cls, model_dir) -> "EViTFinetuned":
@@ -66,7 +70,7 @@ class EViTFinetuned(EViT):
         cfg = read_config(model_dir).get(CONFIG_KEY)
         if not cfg:
             raise SmartTrimError(f"{model_dir}/config.json: no `{CONFIG_KEY}` section (not written by finetune_evit)")
-        return cls(cfg["keep_ratio"], cfg.get("layers"), cfg.get("guide", "cls"), model_dir)
+        return cls(cfg["keep_ratio"], cfg.get("layers"), cfg.get("guide", "cls"), model_dir, bool(cfg.get("merge")))
 
 
 def keep_ratio_for(model, batches, target_macs_ratio: float, tol: float = 0.01) -> float:
@@ -90,7 +94,7 @@ def _keep_schedule(step: int, total: int, final: float, frac: float, shape: str,
 
 
 @torch.no_grad()
-def _evaluate(model, loader, names, keep_ratio, guide, dev) -> dict:
+def _evaluate(model, loader, names, keep_ratio, guide, dev, merge=False) -> dict:
     from ..train.loop import _check_batch, _to
     from ..train.losses import score
     from ..trim.cost import macs_ratio
@@ -100,7 +104,7 @@ def _evaluate(model, loader, names, keep_ratio, guide, dev) -> dict:
     scores, ratios = [], []
     for batch in loader:
         batch = _to(_check_batch(batch), dev)
-        logits, ctx = model.run(batch, mode="hard", record=True, policy=EViTPolicy(names, keep_ratio, guide))
+        logits, ctx = model.run(batch, mode="hard", record=True, policy=EViTPolicy(names, keep_ratio, guide, merge=merge))
         scores += score(logits.float(), batch["target"]).tolist()
         ratios += macs_ratio(ctx.records).tolist()
     model.train(was)
@@ -148,6 +152,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     pre = dict(model.smarttrim_config.get("preprocess") or {})
     max_len = int(pre.get("max_text_len") or model.config.max_text_len)
     names = token_positions(model, layers)
+    merge = bool(getattr(model.trim_config, "fuse", False))  # a model with token fusion: the rule fuses too
 
     for p in model.trimmer_parameters():
         p.requires_grad_(False)
@@ -184,7 +189,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
 
     def validate(epoch, step):
         nonlocal best, best_sd
-        res = _evaluate(model, val_loader, names, keep_ratio, guide, dev)
+        res = _evaluate(model, val_loader, names, keep_ratio, guide, dev, merge)
         history.append({"event": "val", "step": step, "epoch": epoch, **res})
         if res.get("n") and step >= curriculum_end and (best is None or res["score"] > best["score"]):
             best = {"step": step, "epoch": epoch, **res}
@@ -195,7 +200,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     step, step_times = 0, []
     try:
         if cfg.eval_before:
-            res = _evaluate(model, val_loader, names, keep_ratio, guide, dev)
+            res = _evaluate(model, val_loader, names, keep_ratio, guide, dev, merge)
             history.append({"event": "val_start", "step": 0, "epoch": -1, **res})
         while step < total:
             epoch, pos = step // spe, step % spe
@@ -211,7 +216,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
                     feats.clear()
                     with torch.no_grad():
                         teacher = model(**inputs, ctx=model.make_context(mode="full"))
-                    logits = model(**inputs, ctx=model.make_context(mode="soft", policy=EViTPolicy(names, r, guide)))
+                    logits = model(**inputs, ctx=model.make_context(mode="soft", policy=EViTPolicy(names, r, guide, merge=merge)))
                     lt = task_loss(logits, batch["target"])
                     ld = distill_loss(logits, teacher, multilabel, cfg.distill_temperature)
                     loss = lt + cfg.distill_weight * ld
@@ -257,7 +262,8 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     prov.update({"finetuned_from": str(src.resolve()), "finetune_mode": "evit-finetuned", "finetune_dataset": ds_name})
     out = save_model_dir(model.cpu(), output, tokenizer=model.tokenizer, labels=labels, provenance=prov,
                          extra={"preprocess": pre, CONFIG_KEY: {"keep_ratio": float(keep_ratio), "layers": names,
-                                                                "guide": guide, "steps": total, "selected": selected}})
+                                                                "guide": guide, "merge": merge, "steps": total,
+                                                                "selected": selected}})
     ck.write_json(Path(out) / "finetune_summary.json", summary)
     ck.write_jsonl(Path(out) / "finetune_log.jsonl", history)
     try:
