@@ -2,6 +2,7 @@
 
     python benchmarks/pareto.py --dataset easyvqa|scenes [--quick] [--ratios 0.5,0.33,0.2] [--steps N]
                                 [--limit N] [--threads N] [--out benchmarks/results] [--no-evit-ft] [--fresh]
+                                [--set KEY=VALUE] [--fuse] [--token-layers SPEC] [--train-only] ...
 
 What runs (every model starts from the same base model, every method is evaluated by the same code on
 the same validation inputs: profiling/compare.py):
@@ -15,7 +16,8 @@ the same validation inputs: profiling/compare.py):
              exceeds the target by over 3% of it, then raised: train/loop.py calibrate_threshold)
   evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
              with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
-             keep ratio calibrated to each target on the base model
+             keep ratio calibrated to each target on the base model; with --fuse it fuses dropped tokens
+             exactly as SmartTrim does
   training-free baselines on the base model, each calibrated to each target ratio on separate
              validation batches: random, evit, evit-fusion, tome, static-heads, downsample
 
@@ -54,9 +56,11 @@ CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attentio
 # TrainConfig fields a --no-trim run does not read: left out of the control's cache key, and --set keys among
 # them go to the SmartTrim runs only (the rest, schedule and optimizer, also to the control and evit-ft)
 TRIM_ONLY = {"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end", "tau_frac",
-             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "teacher", "feature_weight",
-             "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance", "calibrate",
-             "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"}
+             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "teacher",
+             "feature_weight", "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance",
+             "calibrate", "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"}
+# ... of which the fine-tuned EViT shares these with SmartTrim (the same objective: issue 9)
+OBJECTIVE = {"distill_weight", "distill_temperature", "teacher", "feature_weight"}
 
 
 def cls_mass_baseline():
@@ -116,8 +120,8 @@ def parse_args(argv=None):
     ap.add_argument("--baselines", default=",".join(DEMO_BASELINES), help="training-free baselines (plus "
                     "evit-mass: an adaptive [CLS]-attention rule for the objects analysis, not a baseline)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra SmartTrim training setting (schedule settings also apply to the control and evit-ft); "
-                    "cache-keyed")
+                    help="extra SmartTrim training setting (schedule settings also apply to the control and evit-ft, "
+                    "objective settings such as distill_weight or teacher to evit-ft); cache-keyed")
     ap.add_argument("--evit-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training setting of the fine-tuned EViT runs only (e.g. distill_weight=0, to give "
                     "the baseline the objective that suits it best); cache-keyed")
@@ -273,8 +277,8 @@ def run(args) -> dict:
         for r in ft_ratios:
             t = time.time()
             keep = keep_ratio_for(base, cal, r)
-            # the schedule settings only: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
-            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY},
+            # schedule and objective settings: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
+            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY or k in OBJECTIVE},
                                        **({"max_steps": steps} if steps else {}), **evit_extra})
             name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "") + (
                 "-" + "-".join(f"{k}{v}" for k, v in evit_extra.items()) if evit_extra else "")

@@ -30,6 +30,7 @@ ratio on the starting model (``keep_ratio_for``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -179,8 +180,12 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
         opt, lambda s: cur.lr_factor(s, total, cfg.warmup, cfg.end_lr_factor, cfg.decay_power))
     params = [p for g in groups for p in g["params"]]
     feats: list = []
+    # the teacher as SmartTrim's objective has it (train/loop.py Objective): the current weights, or a frozen
+    # copy of the starting ones
+    tmodel = copy.deepcopy(model).eval().requires_grad_(False) if cfg.teacher == "start" else model
     if cfg.feature_weight > 0:
-        model.head().register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
+        for mod in ((tmodel, model) if tmodel is not model else (model,)):
+            mod.head().register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
 
     state_dir = ck.state_dir_for(Path(output))
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +220,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
                     inputs = {k: batch[k] for k in model.input_names if k in batch}
                     feats.clear()
                     with torch.no_grad():
-                        teacher = model(**inputs, ctx=model.make_context(mode="full"))
+                        teacher = tmodel(**inputs, ctx=tmodel.make_context(mode="full"))
                     logits = model(**inputs, ctx=model.make_context(mode="soft", policy=EViTPolicy(names, r, guide, merge=merge)))
                     lt = task_loss(logits, batch["target"])
                     ld = distill_loss(logits, teacher, multilabel, cfg.distill_temperature)
