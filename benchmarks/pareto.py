@@ -280,8 +280,9 @@ def run(args) -> dict:
             # schedule and objective settings: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
             ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY or k in OBJECTIVE},
                                        **({"max_steps": steps} if steps else {}), **evit_extra})
+            named = {**{k: v for k, v in extra.items() if k in OBJECTIVE}, **evit_extra}
             name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "") + (
-                "-" + "-".join(f"{k}{v}" for k, v in evit_extra.items()) if evit_extra else "")
+                "-" + "-".join(f"{k}{v}" for k, v in named.items()) if named else "")
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
