@@ -62,7 +62,7 @@ def resolve_tokenizer(ckpt: Path, tokenizer_dir, family: str, name: str, vocab_s
     return tok
 
 
-def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, threshold=None) -> TrimConfig:
+def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, threshold=None, fuse=None) -> TrimConfig:
     from .backbones import family
 
     cfg = family(model.family).default_trim_config(model.config)
@@ -86,6 +86,8 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
         source = "--head-layers"
     if threshold is not None:
         cfg.threshold = threshold
+    if fuse is not None:
+        cfg.fuse = bool(fuse)
     cfg = TrimConfig.from_dict(cfg.to_dict())
     cfg.validate(model.stream_layers(), source)
     return cfg
@@ -121,7 +123,7 @@ def summary(model) -> dict:
         "head_trimmers": {k: v for k, v in t.head_layers.items() if v},
         "n_token_trimmers": len(model.token_trimmers), "n_head_trimmers": len(model.head_trimmers),
         "params_backbone": n_backbone, "params_added": n_added, "params_added_pct": 100.0 * n_added / n_backbone,
-        "full_gmacs": full_macs(model) / 1e9, "threshold": t.threshold,
+        "full_gmacs": full_macs(model) / 1e9, "threshold": t.threshold, "fuse": bool(t.fuse),
     }
 
 
@@ -153,7 +155,7 @@ def read_labels(path, num_labels: int) -> list[str]:
 
 
 def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
-           head_layers=None, threshold=None, task=None, answers=None) -> AttachResult:
+           head_layers=None, threshold=None, task=None, answers=None, fuse=None) -> AttachResult:
     """``answers``: for METER, the label names lining up with its classifier (the file carries none);
     for BLIP VQA, the answer list to rank."""
     from .backbones import meter
@@ -163,12 +165,12 @@ def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, tok
         raise SmartTrimError(f"{ckpt}: no such file")
     if ckpt.is_dir():
         return attach_hf_dir(ckpt, out_dir, tokenizer, image_size, recipe, token_layers, head_layers, threshold,
-                             task, answers)
+                             task, answers, fuse)
     if task is not None and task != "auto":
         raise SmartTrimError(f"{ckpt}: --task applies to Hugging Face directories; a METER checkpoint's task "
                              "is read from its head")
     model, info = meter.from_checkpoint(ckpt, image_size=image_size)
-    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse))
     c = model.config
     tok = resolve_tokenizer(ckpt, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
     label_list = read_labels(answers, c.num_labels) if answers is not None else None
@@ -215,7 +217,7 @@ def detect_hf_architecture(path: Path, hf: dict, task=None) -> str:
 
 
 def attach_hf_dir(path: Path, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
-                  head_layers=None, threshold=None, task=None, answers=None) -> AttachResult:
+                  head_layers=None, threshold=None, task=None, answers=None, fuse=None) -> AttachResult:
     import hashlib
 
     from .backbones import family
@@ -239,7 +241,7 @@ def attach_hf_dir(path: Path, out_dir=None, tokenizer=None, image_size=None, rec
         if answers is not None:
             raise SmartTrimError(f"{path}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
         model, info = fam.from_hf_dir(path, image_size=image_size, hf_config=hf)
-    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold))
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse))
     c = model.config
     files = weight_files(path)
     digest = sha256(files[0]) if len(files) == 1 else \

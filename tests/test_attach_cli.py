@@ -58,6 +58,15 @@ def test_attach_options_and_recipe(tmp_path):
     m = smarttrim_cli.load(tmp_path / "out")
     assert sorted(m.token_trimmers) == ["vision_1", "ximage_1"]
     assert sorted(m.head_trimmers) == sorted(["xtext_1_cross", "xtext_1_self", "ximage_0_cross", "ximage_0_self"])
+    assert cfg["trim"]["fuse"] is False and not m.trim_config.fuse and "fused" not in r.output
+    # token fusion: from the recipe's `trim: fuse`, and --no-fuse overrides it
+    recipe.write_text(recipe.read_text() + "  fuse: true\n")
+    r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "fused", "--recipe", recipe)
+    assert r.exit_code == 0, r.output
+    assert smarttrim_cli.load(tmp_path / "fused").trim_config.fuse and "dropped tokens fused" in r.output
+    r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "unfused", "--recipe", recipe, "--no-fuse")
+    assert r.exit_code == 0, r.output
+    assert not smarttrim_cli.load(tmp_path / "unfused").trim_config.fuse
 
 
 @pytest.mark.parametrize("content,needle", [

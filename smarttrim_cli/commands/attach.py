@@ -29,6 +29,9 @@ def attach(
     head_layers: Optional[str] = typer.Option(None, "--head-layers", help="Head trimmer layers per stream, "
                                               "same syntax; 'text=' turns a stream off."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Default keep threshold (0-1), default 0.5."),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Merge the tokens each trimmer drops into one "
+                                        "token weighted by its size in later attention (default: the recipe's "
+                                        "`trim: fuse`, else off)."),
     task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa or retrieval; checked "
                                        "against config.json (needed only when it names no architecture)."),
     answers: Optional[Path] = typer.Option(None, "--answers", help="Answer names as a JSON list or one per line. "
@@ -44,7 +47,7 @@ def attach(
         res = run_attach(checkpoint, output, tokenizer, image_size, recipe,
                          parse_layer_spec(token_layers, "--token-layers") if token_layers else None,
                          parse_layer_spec(head_layers, "--head-layers") if head_layers else None, threshold,
-                         task=task, answers=answers)
+                         task=task, answers=answers, fuse=fuse)
     s = res.summary
     t = Table(title=f"smarttrim attach: {checkpoint.name}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -56,7 +59,8 @@ def attach(
     t.add_row("resolution", res_note)
     t.add_row("tokens per stream", f"image {s['image_tokens']} · text ≤ {s['text_tokens']}")
     fmt = lambda d: "; ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
-    t.add_row("token trimmers", f"{s['n_token_trimmers']}: {fmt(s['token_trimmers'])}")
+    t.add_row("token trimmers", f"{s['n_token_trimmers']}: {fmt(s['token_trimmers'])}"
+              + ("; dropped tokens fused" if s.get("fuse") else ""))
     t.add_row("head trimmers", f"{s['n_head_trimmers']}: {fmt(s['head_trimmers'])} (co-attention: self + cross)")
     t.add_row("parameters added", f"{s['params_added']:,} ({s['params_added_pct']:.2f}% of {s['params_backbone']:,})")
     t.add_row("full model, one input", f"{s['full_gmacs']:.2f} GMACs (fvcore convention; text of {s['text_tokens']} tokens)")
