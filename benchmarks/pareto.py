@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data,  # noqa: E402
-                                prepare, train_trimmed, trim_overrides)
+from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
+                                recipe_fuse, train_trimmed, trim_overrides, with_trimmers)
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
@@ -135,41 +135,11 @@ def parse_args(argv=None):
     ap.add_argument("--token-layers", default=None, metavar="SPEC",
                     help='token-trimmer placement for SmartTrim and evit-ft instead of the base model\'s, e.g. '
                     '"vision=0,2" (streams not named keep theirs): a copy of the base with the trimmers re-placed')
-    ap.add_argument("--fuse", action="store_true", help="SmartTrim merges the tokens each trimmer drops into one "
-                    "(TrimConfig.fuse, trim/fusion.py): a copy of the base with fusion on")
+    ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="SmartTrim (and evit-ft) merge the tokens each trimmer drops into one (TrimConfig.fuse, "
+                    "trim/fusion.py), from a copy of the base with fusion on (default: the recipe's `trim: fuse`)")
     ap.add_argument("--fresh", action="store_true")
     return ap.parse_args(argv)
-
-
-def replaced_base(p: Prepared, spec: str | None, fuse: bool = False) -> Prepared:
-    """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``spec`` (None:
-    where they are) and token fusion on or off (same backbone weights; fresh trimmers, as attach makes
-    them). Cached as ``<root>/base-<spec>[-fuse]``."""
-    import dataclasses
-
-    from smarttrim_cli import load
-    from smarttrim_cli.attach import trim_config_for
-    from smarttrim_cli.model_dir import save_model_dir
-    from smarttrim_cli.trim.config import parse_layer_spec
-
-    layers = parse_layer_spec(spec) if spec else {}
-    tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + (["fuse"] if fuse else []))
-    name = f"base-{tag}"
-    out = p.root / name
-    if not (out / "config.json").is_file() or (out / "config.json").stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
-        m = load(p.base_dir, mode="full")
-        torch.manual_seed(0)
-        t = trim_config_for(m, token_layers=layers)
-        t.fuse = fuse
-        m.attach_trimmers(t)
-        cfg = m.smarttrim_config
-        save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
-                       provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
-                                   "replaced_token_layers": spec, "fuse": fuse},
-                       extra={"preprocess": cfg.get("preprocess") or {}})
-        _say(f"base with token trimmers at {spec or 'the same layers'}{' and fusion' if fuse else ''}: {out}")
-    return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers,
-                                                             **({"fuse": True} if fuse else {})})
 
 
 def smarttrim_threshold(m, cal, target: float) -> float:
@@ -219,8 +189,9 @@ def run(args) -> dict:
     s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
                      fresh=args.fresh)
     p0 = p = prepare(s, console=None, say=_say)
-    if args.token_layers or args.fuse:  # the control does not trim: it keeps p0, the original base
-        p = replaced_base(p, args.token_layers, args.fuse)
+    fuse = recipe_fuse(p.recipe) if args.fuse is None else args.fuse
+    if args.token_layers or fuse:  # the control does not trim: it keeps p0, the original base
+        p = with_trimmers(p, args.token_layers, fuse, say=_say)
     place = "" if p is p0 else "-" + p.base_name.removeprefix("base-")
     steps = args.steps
     timings = {"prepare_s": time.time() - t0}

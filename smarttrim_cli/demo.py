@@ -301,6 +301,48 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings)
 
 
+def recipe_fuse(recipe) -> bool:
+    """The recipe's ``trim: fuse`` (token fusion, trim/fusion.py); False when it says nothing."""
+    from .recipes import load_recipe
+
+    return bool((load_recipe(recipe).get("trim") or {}).get("fuse", False))
+
+
+def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print) -> Prepared:
+    """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``token_layers``
+    (a spec such as "vision=0,2"; None: where they are) and token fusion on or off: same backbone weights,
+    fresh trimmers as attach makes them (the base was trained without trimming, so they are untrained in
+    either case). Cached as ``<root>/base-<layers>[_fuse]``; the fine-tunes' cache keys carry both."""
+    import dataclasses
+
+    import torch
+
+    from . import load
+    from .attach import trim_config_for
+    from .model_dir import save_model_dir
+    from .trim.config import parse_layer_spec
+
+    layers = parse_layer_spec(token_layers) if token_layers else {}
+    tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + (["fuse"] if fuse else []))
+    if not tag:
+        return p
+    name = f"base-{tag}"
+    out = p.root / name
+    cfg_file = out / "config.json"
+    if not cfg_file.is_file() or cfg_file.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+        m = load(p.base_dir, mode="full")
+        torch.manual_seed(0)
+        m.attach_trimmers(trim_config_for(m, token_layers=layers, fuse=fuse))
+        cfg = m.smarttrim_config
+        save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
+                       provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
+                                   "replaced_token_layers": token_layers, "fuse": fuse},
+                       extra={"preprocess": cfg.get("preprocess") or {}})
+        say(f"base with token trimmers at {token_layers or 'the same layers'}{' and fusion' if fuse else ''}: {out}")
+    return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers,
+                                                             **({"fuse": True} if fuse else {})})
+
+
 def trim_overrides(p: Prepared, target_ratio: float, extra: dict | None = None) -> dict:
     """finetune overrides of a SmartTrim run on the demo's data at ``target_ratio``."""
     return {**p.common, **p.budget["trim"], "trim": True, "target_ratio": target_ratio, **(extra or {})}
@@ -329,6 +371,8 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
     t0 = time.time()
     p = prepare(s, console, say)
+    if recipe_fuse(p.recipe):  # the recipe fuses dropped tokens: SmartTrim starts from a fused copy of the base
+        p = with_trimmers(p, fuse=True, say=say)
     root, budget, timings = p.root, p.budget, p.timings
 
     # 4: SmartTrim fine-tune
