@@ -93,6 +93,10 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
         assert (out / png).read_bytes()[:8] == PNG, png
     for stage in ("init", "base", "trimmed"):
         assert (out / f".{stage}.done.json").is_file()
+    # recipes/scenes.yaml fuses dropped tokens: SmartTrim was fine-tuned from a fused copy of the base
+    import smarttrim_cli
+    assert smarttrim_cli.load(out / "trimmed").trim_config.fuse and smarttrim_cli.load(out / "base-fuse").trim_config.fuse
+    assert not smarttrim_cli.load(out / "base").trim_config.fuse
 
     # a second run regenerates and retrains nothing: it goes straight to profiling
     class Reached(Exception):
