@@ -229,13 +229,13 @@ def test_pareto_quick_end_to_end(tmp_path):
     # the control (which does not trim) is the one already trained, not retrained (--no-control evaluates it)
     r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--dataset", "scenes", "--quick",
                          "--ratios", "0.6", "--baselines", "evit", "--threads", "1", "--token-layers", "vision=0",
-                         "--fuse", "--no-control", "--evit-set", "distill_weight=0", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
+                         "--fuse", "--no-control", "--evit-set", "distill_temperature=2", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
                         timeout=900)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     res2 = json.loads((tmp_path / "placed" / "pareto_scenes_quick.json").read_text())
     assert res2["runs"]["control"]["dir"] == res["runs"]["control"]["dir"]
     assert res2["control"]["accuracy"] == res["control"]["accuracy"]
-    for key, tail in (("smarttrim@0.6", "-vision0_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_weight0")):
+    for key, tail in (("smarttrim@0.6", "-vision0_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_temperature2")):
         d = Path(res2["runs"][key]["dir"])
         assert d.name.endswith(tail) and d != Path(res["runs"][key]["dir"])
         cfg = json.loads((d / "config.json").read_text())
@@ -245,7 +245,7 @@ def test_pareto_quick_end_to_end(tmp_path):
     assert json.loads((Path(res["runs"]["smarttrim@0.6"]["dir"]) / "config.json").read_text())["trim"][
         "token_layers"]["vision"] != [0]
     evit_cfg = json.loads((Path(res2["runs"]["evit-ft@0.6"]["dir"]) / "finetune_summary.json").read_text())["config"]
-    assert evit_cfg["distill_weight"] == 0 and json.loads((Path(res2["runs"]["smarttrim@0.6"]["dir"]) /
-                                                           "finetune_summary.json").read_text())["config"][
-        "distill_weight"] == 1
+    assert evit_cfg["distill_temperature"] == 2 and json.loads((Path(res2["runs"]["smarttrim@0.6"]["dir"]) /
+                                                                "finetune_summary.json").read_text())["config"][
+        "distill_temperature"] == 1
     assert res2["full"]["accuracy"] == res["full"]["accuracy"]

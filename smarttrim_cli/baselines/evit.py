@@ -77,16 +77,18 @@ class EViT(RatioBaseline):
     name = "evit"
     kind = "token"
 
-    def __init__(self, keep_ratio: float = 0.5, layers=None, guide: str = "cls", fuse: bool = False):
+    def __init__(self, keep_ratio: float = 0.5, layers=None, guide: str = "cls", fuse: bool = False,
+                 merge: bool = False):
         super().__init__(keep_ratio, layers)
         if guide not in GUIDES:
             raise SmartTrimError(f"evit: guide must be one of {', '.join(GUIDES)}, got {guide!r}")
         self.guide, self.fuse = guide, bool(fuse)
+        self.merge = bool(merge)  # the learned trimmers' token fusion (TokenPolicy), not EViT's own ``fuse``
         if fuse:
             self.name = "evit-fusion"
 
     def params(self) -> dict:
-        return {**super().params(), "guide": self.guide, "fuse": self.fuse}
+        return {**super().params(), "guide": self.guide, "fuse": self.fuse, "merge": self.merge}
 
     def policy(self, model):
-        return EViTPolicy(token_positions(model, self.layers), self.keep_ratio, self.guide, self.fuse)
+        return EViTPolicy(token_positions(model, self.layers), self.keep_ratio, self.guide, self.fuse, self.merge)

@@ -53,16 +53,13 @@ class EViTFinetuned(EViT):
     kind = "token"
 
     def __init__(self, keep_ratio: float = 0.5, layers=None, guide: str = "cls", model_dir=None, merge: bool = False):
-        super().__init__(keep_ratio, layers, guide, fuse=False)
+        # merge: trained with the model's token fusion (TrimConfig.fuse)
+        super().__init__(keep_ratio, layers, guide, fuse=False, merge=merge)
         self.name = "evit-finetuned"
         self.model_dir = None if model_dir is None else str(model_dir)
-        self.merge = bool(merge)  # trained with the model's token fusion (TrimConfig.fuse)
 
     def params(self) -> dict:
-        return {**super().params(), "model_dir": self.model_dir, "merge": self.merge}
-
-    def policy(self, model):
-        return EViTPolicy(token_positions(model, self.layers), self.keep_ratio, self.guide, merge=self.merge)
+        return {**super().params(), "model_dir": self.model_dir}
 
     @classmethod
     def from_dir(cls, model_dir) -> "EViTFinetuned":
@@ -75,8 +72,10 @@ class EViTFinetuned(EViT):
 
 
 def keep_ratio_for(model, batches, target_macs_ratio: float, tol: float = 0.01) -> float:
-    """The EViT keep ratio whose mean GMACs ratio over ``batches`` is ``target_macs_ratio`` (bisection)."""
-    bl = EViT().calibrate(model, list(batches), target_macs_ratio, tol=tol, strict=False)
+    """The EViT keep ratio whose mean GMACs ratio over ``batches`` is ``target_macs_ratio`` (bisection), with
+    the token fusion ``finetune_evit`` will train with when the model fuses (the fused tokens cost too)."""
+    bl = EViT(merge=bool(getattr(model.trim_config, "fuse", False)))
+    bl.calibrate(model, list(batches), target_macs_ratio, tol=tol, strict=False)
     return bl.keep_ratio
 
 
