@@ -257,7 +257,7 @@ def run(args) -> dict:
             stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
-                     "self-distillation")
+                     "SmartTrim's objective")
                 res = finetune_evit(p.base_dir, p.root / name, keep, recipe=p.recipe, overrides=ov, progress=False)
                 stg.finish(res.summary)
             evit_dirs[r] = p.root / name

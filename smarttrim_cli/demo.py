@@ -360,7 +360,7 @@ def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", conso
     st = _Stage(p.root, name, key, p.settings.fresh)
     base = p.base_stage.stamp
     if not st.done() or not base.is_file() or st.stamp.stat().st_mtime < base.stat().st_mtime:
-        say(f"[3/7] SmartTrim fine-tune: self-distillation, curriculum to {target_ratio:.2f} of the full GMACs")
+        say(f"[3/7] SmartTrim fine-tune ({p.recipe}): curriculum to {target_ratio:.2f} of the full GMACs")
         res = finetune(p.base_dir, p.root / name, recipe=p.recipe, overrides=trim_overrides(p, target_ratio, extra),
                        console=console)
         st.finish(res.summary)
