@@ -318,9 +318,8 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     import torch
 
     from . import load
-    from .attach import trim_config_for
     from .model_dir import save_model_dir
-    from .trim.config import parse_layer_spec
+    from .trim.config import TrimConfig, parse_layer_spec
 
     layers = parse_layer_spec(token_layers) if token_layers else {}
     tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + (["fuse"] if fuse else []))
@@ -332,7 +331,10 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     if not cfg_file.is_file() or cfg_file.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
         m = load(p.base_dir, mode="full")
         torch.manual_seed(0)
-        m.attach_trimmers(trim_config_for(m, token_layers=layers, fuse=fuse))
+        t = TrimConfig.from_dict(m.trim_config.to_dict())  # the base's placement; named streams replaced
+        t.token_layers.update(layers)
+        t.fuse = fuse
+        m.attach_trimmers(t)
         cfg = m.smarttrim_config
         save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
                        provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},

@@ -44,6 +44,13 @@ class Stream:
     def count(self):
         return count(self.policy if self.policy is not None else self.pad)
 
+    def kept_positions(self, keep=None) -> torch.Tensor:
+        """Hard mode: the (B, n_orig) kept mask over the stream's original positions, for reports and overlays:
+        of the live slots, or of ``keep`` (B, n) over the current slots (before a gather)."""
+        kept = self.pad if keep is None else keep.to(self.pad.dtype) * self.pad
+        return torch.zeros(self.pad.shape[0], self.n_orig, dtype=self.pad.dtype,
+                           device=self.pad.device).scatter(1, self.pos, kept)
+
     def drop_padding(self):
         """Hard mode: remove padding tokens before any compute is spent on them."""
         self._gather(self.pad > 0)
@@ -94,7 +101,7 @@ class TrimmableModel(nn.Module):
         ctx.add(LayerCost(key, "token_trimmer", tr.cost_dims(), n=count(alive), n_full=s.n_full))
         forced = ctx.forced.get(key) if ctx.forced else None
         # fusion: the decisions recorded (and forced) are the trimmer's, before the dropped tokens are merged
-        fuse = bool(getattr(self.trim_config, "fuse", False))
+        fuse = self.trim_config.fuse
         if ctx.mode == "soft":
             if forced is not None:
                 m = forced.to(s.x.dtype)
@@ -105,10 +112,7 @@ class TrimmableModel(nn.Module):
             before = alive.sum(1).clamp_min(1.0)
             kept = s.policy * _cls_kept(m * s.pad)
             ctx.decisions[key] = kept.detach()
-            if fuse:
-                self._fuse(s, alive, kept, logits)
-            else:
-                s.policy = kept
+            self._soft_keep(s, alive, kept, logits, fuse)
             ctx.keep_fraction[key] = s.policy.sum(1) / before
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
         else:
@@ -119,23 +123,26 @@ class TrimmableModel(nn.Module):
             else:
                 keep = above_threshold(logits, ctx.threshold)
             keep = _cls_kept(keep & (s.pad > 0))
-            if ctx.record:  # kept mask over the stream's original positions, for reports and overlays
-                ctx.decisions[key] = torch.zeros(s.pad.shape[0], s.n_orig, dtype=s.pad.dtype,
-                                                 device=s.pad.device).scatter(1, s.pos, keep.to(s.pad.dtype))
+            if ctx.record:
+                ctx.decisions[key] = s.kept_positions(keep)
             if fuse:
                 keep = self._fuse(s, s.pad, keep.to(s.x.dtype), logits) > 0.5
             s._gather(keep)
 
     @staticmethod
     def _fuse(s: Stream, alive, kept, logits):
-        """Merge the tokens this trimmer dropped into one (trim/fusion.py); soft: sets ``s.policy``. -> kept."""
+        """Merge the tokens this trimmer dropped into one (trim/fusion.py). -> kept, the merged slot included."""
         if s.size is None:
             s.size = torch.ones_like(alive)
         s.x, s.size, kept = fuse_dropped(s.x, s.size, alive, kept, logits)
         s.key_bias = size_bias(s.size, s.x.dtype)
-        if s.policy is not None:
-            s.policy = kept
         return kept
+
+    @classmethod
+    def _soft_keep(cls, s: Stream, alive, kept, score, fuse: bool):
+        """Soft mode: the stream's policy becomes ``kept``, with the dropped tokens merged first if ``fuse``
+        (shared by the learned trimmers and the fixed-ratio rules of baselines/)."""
+        s.policy = cls._fuse(s, alive, kept, score) if fuse else kept
 
     @staticmethod
     def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:

@@ -132,9 +132,7 @@ def record_tokens(s, ctx, key, keep=None) -> None:
     """The kept mask over the stream's original positions (hard mode), as the learned trimmer records it:
     of the gathered stream, or ``keep`` (B, n) over the stream's current slots (before a gather)."""
     if ctx.record:
-        kept = s.pad if keep is None else keep.to(s.pad.dtype) * s.pad
-        ctx.decisions[key] = torch.zeros(s.pad.shape[0], s.n_orig, dtype=s.pad.dtype,
-                                         device=s.pad.device).scatter(1, s.pos, kept)
+        ctx.decisions[key] = s.kept_positions(keep)
 
 
 class Policy:
@@ -181,10 +179,7 @@ class TokenPolicy(Policy):
             m = torch.cat([torch.ones_like(s.pad[:, :1]), (keep.to(s.x.dtype) * s.pad)[:, 1:]], dim=1)
             kept = s.policy * m
             ctx.decisions[key] = kept.detach()  # with merge, as for the learned trimmers: before the fusion
-            if self.merge:
-                model._fuse(s, alive, kept, score)
-            else:
-                s.policy = kept
+            model._soft_keep(s, alive, kept, score, self.merge)
             return
         score = self.score(model, name, s, s.pad, c, ctx, key)
         keep = keep_topk(score, s.pad, self.keep_ratio)

@@ -30,7 +30,6 @@ ratio on the starting model (``keep_ratio_for``).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -131,7 +130,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     from ..train import distributed as D
     from ..train.config import build_config
     from ..train.loop import (Collate, IndexedDataset, _check_batch, _to, open_data, param_groups,
-                              plot_history)
+                              plot_history, teacher_model)
     from ..train.losses import distill_loss, feature_loss, task_loss
 
     if not 0.0 <= float(keep_ratio) <= 1.0:
@@ -179,9 +178,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
         opt, lambda s: cur.lr_factor(s, total, cfg.warmup, cfg.end_lr_factor, cfg.decay_power))
     params = [p for g in groups for p in g["params"]]
     feats: list = []
-    # the teacher as SmartTrim's objective has it (train/loop.py Objective): the current weights, or a frozen
-    # copy of the starting ones
-    tmodel = copy.deepcopy(model).eval().requires_grad_(False) if cfg.teacher == "start" else model
+    tmodel = teacher_model(model, cfg)  # as SmartTrim's objective has it
     if cfg.feature_weight > 0:
         for mod in ((tmodel, model) if tmodel is not model else (model,)):
             mod.head().register_forward_pre_hook(lambda mod, args: feats.append(args[0]))

@@ -133,6 +133,12 @@ def itm_batch(batch: dict, neg: torch.Tensor) -> dict:
 
 
 # ----- the objective --------------------------------------------------------------------------------
+def teacher_model(model, cfg: TrainConfig):
+    """The distillation teacher's weights: ``model`` itself (teacher "self": its full-capacity pass) or a
+    frozen copy of it as it is now, in eval mode (teacher "start"; build it before training moves the weights)."""
+    return copy.deepcopy(model).eval().requires_grad_(False) if cfg.teacher == "start" else model
+
+
 class Objective(nn.Module):
     """forward(batch tensors) -> (loss, parts). Runs the full-capacity teacher under no_grad and the
     trimmed student in soft mode (every trimmer is used in every soft forward, so DDP needs no
@@ -145,10 +151,8 @@ class Objective(nn.Module):
         self._feats: list = []
         # teacher "start": a frozen copy of the weights training starts from (made before a resume loads the
         # checkpoint's), in eval mode; kept out of the module tree so that neither DDP nor the optimizer sees it
-        self._teacher = ()
-        if cfg.trim and cfg.teacher == "start" and cfg.distill_weight + cfg.feature_weight > 0:
-            t = copy.deepcopy(model).eval().requires_grad_(False)
-            self._teacher = (t,)
+        t = teacher_model(model, cfg) if cfg.trim and cfg.distill_weight + cfg.feature_weight > 0 else model
+        self._teacher = () if t is model else (t,)
         if cfg.trim and cfg.feature_weight > 0:
             for mod in (*self._teacher, model):  # teacher first: _feats[0] is the teacher's, [-1] the student's
                 mod.head().register_forward_pre_hook(lambda mod, args: self._feats.append(args[0]))
