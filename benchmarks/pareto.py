@@ -2,7 +2,8 @@
 
     python benchmarks/pareto.py --dataset easyvqa|scenes [--quick] [--ratios 0.5,0.33,0.2] [--steps N]
                                 [--limit N] [--threads N] [--out benchmarks/results] [--no-evit-ft] [--fresh]
-                                [--set KEY=VALUE] [--fuse] [--token-layers SPEC] [--train-only] ...
+                                [--set KEY=VALUE] [--fuse] [--token-layers SPEC] [--head-layers SPEC]
+                                [--train-only] ...
 
 What runs (every model starts from the same base model, every method is evaluated by the same code on
 the same validation inputs: profiling/compare.py):
@@ -135,6 +136,9 @@ def parse_args(argv=None):
     ap.add_argument("--token-layers", default=None, metavar="SPEC",
                     help='token-trimmer placement for SmartTrim and evit-ft instead of the base model\'s, e.g. '
                     '"vision=0,2" (streams not named keep theirs): a copy of the base with the trimmers re-placed')
+    ap.add_argument("--head-layers", default=None, metavar="SPEC",
+                    help='head-trimmer placement for SmartTrim instead of the base model\'s, e.g. "xtext= ximage=" '
+                    '(an empty list turns a stream\'s head trimmers off; the fine-tuned EViT trims no heads)')
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                     help="SmartTrim (and evit-ft) merge the tokens each trimmer drops into one (TrimConfig.fuse, "
                     "trim/fusion.py), from a copy of the base with fusion on (default: the recipe's `trim: fuse`)")
@@ -192,7 +196,11 @@ def run(args) -> dict:
     fuse = recipe_fuse(p.recipe) if args.fuse is None else args.fuse
     if args.token_layers or fuse:  # the control does not trim: it keeps p0, the original base
         p = with_trimmers(p, args.token_layers, fuse, say=_say)
+    pe = p  # evit-ft trims no heads: head placement does not change (or retrain) it
+    if args.head_layers:
+        p = with_trimmers(p0, args.token_layers, fuse, say=_say, head_layers=args.head_layers)
     place = "" if p is p0 else "-" + p.base_name.removeprefix("base-")
+    place_e = "" if pe is p0 else "-" + pe.base_name.removeprefix("base-")
     steps = args.steps
     timings = {"prepare_s": time.time() - t0}
     runs = {}
@@ -234,7 +242,7 @@ def run(args) -> dict:
         timings[f"smarttrim@{r:g}_s"] = time.time() - t
 
     # evaluation data and the base model
-    base = load(p.base_dir, mode="hard")
+    base = load(pe.base_dir, mode="hard")  # the full model; evit-ft calibrates its keep ratio on it
     limit = args.limit or p.budget["trim"]["val_limit"]
     ev, cal = eval_data(p, base, limit, args.calib_inputs, args.batch_size)
     ev.set_full_gmacs(base)
@@ -249,19 +257,19 @@ def run(args) -> dict:
             t = time.time()
             keep = keep_ratio_for(base, cal, r)
             # schedule and objective settings: trimming settings (cost_weight, floor_weight, ...) do not apply to a fixed ratio
-            ov = trim_overrides(p, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY or k in OBJECTIVE},
+            ov = trim_overrides(pe, r, {**{k: v for k, v in extra.items() if k not in TRIM_ONLY or k in OBJECTIVE},
                                        **({"max_steps": steps} if steps else {}), **evit_extra})
             named = {**{k: v for k, v in extra.items() if k in OBJECTIVE}, **evit_extra}
-            name = f"evit-ft-r{r:g}{place}" + (f"-{steps}" if steps else "") + (
+            name = f"evit-ft-r{r:g}{place_e}" + (f"-{steps}" if steps else "") + (
                 "-" + "-".join(f"{k}{v}" for k, v in named.items()) if named else "")
-            stg = _Stage(p.root, name, {**p.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
-            if not stg.done() or stg.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+            stg = _Stage(pe.root, name, {**pe.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
+            if not stg.done() or stg.stamp.stat().st_mtime < pe.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
                      "SmartTrim's objective")
-                res = finetune_evit(p.base_dir, p.root / name, keep, recipe=p.recipe, overrides=ov, progress=False)
+                res = finetune_evit(pe.base_dir, pe.root / name, keep, recipe=pe.recipe, overrides=ov, progress=False)
                 stg.finish(res.summary)
-            evit_dirs[r] = p.root / name
-            runs[f"evit-ft@{r:g}"] = {"dir": str(p.root / name), "summary": _brief(stg.result())}
+            evit_dirs[r] = pe.root / name
+            runs[f"evit-ft@{r:g}"] = {"dir": str(pe.root / name), "summary": _brief(stg.result())}
             timings[f"evit-ft@{r:g}_s"] = time.time() - t
 
     if args.train_only:

@@ -8,7 +8,7 @@ Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains in
     python benchmarks/trim_diagnostics.py scores --dataset easyvqa [--run trimmed --ref evit-ft-r0.33]
         the same validation inputs pareto.py evaluates: RUN at threshold 0.5; RUN with a fixed per-input keep
         share on its own trimmer scores (0.3-0.45); RUN's and REF's backbones under training-free EViT (+fusion)
-        calibrated to 0.33
+        calibrated to 0.33 (and, on a fused model, EViT with the same size-weighted fusion)
     python benchmarks/trim_diagnostics.py token-only --dataset easyvqa --target 0.33
         a SmartTrim fine-tune from the base with its head trimmers removed (token trimmers only), the demo's
         --long settings; writes <folder>/tokonly-r<target> and prints its final and calibrated validation
@@ -67,9 +67,10 @@ def scores(p, run: str, ref: str, limit: int):
         show(ev.evaluate(f"{run}, own scores, keep share {k}",
                          lambda b, k=k: m.run(b, mode="hard", record=True, keep_ratio=k)))
     for name, model in ((run, m), (ref, load(p.root / ref, mode="hard"))):
-        for rule in ("evit", "evit-fusion"):
-            a = get_baseline(rule).calibrate(model, cal, 0.33, tol=0.02, strict=False).apply(model)
-            show(ev.evaluate(f"{name} backbone + {rule}", lambda b, a=a: a.run(b, record=True)))
+        rules = [("evit", {}), ("evit-fusion", {})] + ([("evit", {"merge": True})] if model.trim_config.fuse else [])
+        for rule, kw in rules:  # merge: the size-weighted token fusion the model was trained with (trim/fusion.py)
+            a = get_baseline(rule, **kw).calibrate(model, cal, 0.33, tol=0.02, strict=False).apply(model)
+            show(ev.evaluate(f"{name} backbone + {rule}{' (merge)' if kw else ''}", lambda b, a=a: a.run(b, record=True)))
 
 
 def token_only(p, target: float):

@@ -308,11 +308,13 @@ def recipe_fuse(recipe) -> bool:
     return bool((load_recipe(recipe).get("trim") or {}).get("fuse", False))
 
 
-def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print) -> Prepared:
+def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print,
+                  head_layers: str | None = None) -> Prepared:
     """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``token_layers``
-    (a spec such as "vision=0,2"; None: where they are) and token fusion on or off: same backbone weights,
-    fresh trimmers as attach makes them (the base was trained without trimming, so they are untrained in
-    either case). Cached as ``<root>/base-<layers>[_fuse]``; the fine-tunes' cache keys carry both."""
+    (a spec such as "vision=0,2"; None: where they are), the head trimmers at ``head_layers`` ("xtext=" turns a
+    stream's off) and token fusion on or off: same backbone weights, fresh trimmers as attach makes them (the
+    base was trained without trimming, so they are untrained in either case). Cached as
+    ``<root>/base-<layers>[_h<head layers>|_noheads][_fuse]``; the fine-tunes' cache keys carry all three."""
     import dataclasses
 
     import torch
@@ -322,7 +324,12 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     from .trim.config import TrimConfig, parse_layer_spec
 
     layers = parse_layer_spec(token_layers) if token_layers else {}
-    tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + (["fuse"] if fuse else []))
+    heads = parse_layer_spec(head_layers, "--head-layers") if head_layers else {}
+    base_heads = json.loads((p.base_dir / "config.json").read_text())["trim"].get("head_layers") or {}
+    head_tag = ["noheads"] if heads and not any({**base_heads, **heads}.values()) else [
+        f"h{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(heads.items())]
+    tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + head_tag
+                   + (["fuse"] if fuse else []))
     if not tag:
         return p
     name = f"base-{tag}"
@@ -333,15 +340,21 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
         torch.manual_seed(0)
         t = TrimConfig.from_dict(m.trim_config.to_dict())  # the base's placement; named streams replaced
         t.token_layers.update(layers)
+        t.head_layers.update(heads)
+        t.token_layers = {k: v for k, v in t.token_layers.items() if v}
+        t.head_layers = {k: v for k, v in t.head_layers.items() if v}
         t.fuse = fuse
         m.attach_trimmers(t)
         cfg = m.smarttrim_config
         save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
                        provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
-                                   "replaced_token_layers": token_layers, "fuse": fuse},
+                                   "replaced_token_layers": token_layers, "replaced_head_layers": head_layers,
+                                   "fuse": fuse},
                        extra={"preprocess": cfg.get("preprocess") or {}})
-        say(f"base with token trimmers at {token_layers or 'the same layers'}{' and fusion' if fuse else ''}: {out}")
+        say(f"base with token trimmers at {token_layers or 'the same layers'}"
+            f"{f', head trimmers at {head_layers}' if head_layers else ''}{' and fusion' if fuse else ''}: {out}")
     return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers,
+                                                             **({"head_layers": heads} if heads else {}),
                                                              **({"fuse": True} if fuse else {})})
 
 

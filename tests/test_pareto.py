@@ -225,21 +225,22 @@ def test_pareto_quick_end_to_end(tmp_path):
     assert "Command: `python benchmarks/pareto.py --dataset scenes --quick" in md and "SmartTrim @0.6" in md
 
     # --token-layers/--fuse: SmartTrim and evit-ft start from a copy of the base with the token trimmers re-placed
-    # and token fusion on;
+    # and token fusion on; --head-layers re-places SmartTrim's head trimmers only (evit-ft trims no heads);
     # the control (which does not trim) is the one already trained, not retrained (--no-control evaluates it)
     r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--dataset", "scenes", "--quick",
                          "--ratios", "0.6", "--baselines", "evit", "--threads", "1", "--token-layers", "vision=0",
-                         "--fuse", "--no-control", "--evit-set", "distill_temperature=2", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
+                         "--head-layers", "xtext=", "--fuse", "--no-control", "--evit-set", "distill_temperature=2", "--out", str(tmp_path / "placed")], capture_output=True, text=True, env=env,
                         timeout=900)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     res2 = json.loads((tmp_path / "placed" / "pareto_scenes_quick.json").read_text())
     assert res2["runs"]["control"]["dir"] == res["runs"]["control"]["dir"]
     assert res2["control"]["accuracy"] == res["control"]["accuracy"]
-    for key, tail in (("smarttrim@0.6", "-vision0_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_temperature2")):
+    for key, tail in (("smarttrim@0.6", "-vision0_hxtext-_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_temperature2")):
         d = Path(res2["runs"][key]["dir"])
-        assert d.name.endswith(tail) and d != Path(res["runs"][key]["dir"])
+        assert d.name.endswith(tail) and d != Path(res["runs"][key]["dir"]), d.name
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["trim"]["token_layers"]["vision"] == [0] and cfg["trim"]["fuse"] is True
+        assert ("xtext" in cfg["trim"]["head_layers"]) == key.startswith("evit")
         if key.startswith("evit"):  # the fixed-ratio baseline trains and runs with the same token fusion
             assert cfg["evit_finetuned"]["merge"] is True
     assert json.loads((Path(res["runs"]["smarttrim@0.6"]["dir"]) / "config.json").read_text())["trim"][
