@@ -9,6 +9,10 @@ Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains in
         the same validation inputs pareto.py evaluates: RUN at threshold 0.5; RUN with a fixed per-input keep
         share on its own trimmer scores (0.3-0.45); RUN's and REF's backbones under training-free EViT (+fusion)
         calibrated to 0.33 (and, on a fused model, EViT with the same size-weighted fusion)
+    python benchmarks/trim_diagnostics.py coverage --dataset scenes --run RUN [--ref EVIT_FT_RUN]
+        scenes only: the share of the drawn objects whose centre patch is among the image tokens kept after
+        the last image-stream trimmer (RUN at its saved threshold; REF, a fine-tuned EViT folder, at its keep
+        ratio), by number of objects and question kind, on the same validation inputs
     python benchmarks/trim_diagnostics.py token-only --dataset easyvqa --target 0.33
         a SmartTrim fine-tune from the base with its head trimmers removed (token trimmers only), the demo's
         --long settings; writes <folder>/tokonly-r<target> and prints its final and calibrated validation
@@ -73,6 +77,51 @@ def scores(p, run: str, ref: str, limit: int):
             show(ev.evaluate(f"{name} backbone + {rule}{' (merge)' if kw else ''}", lambda b, a=a: a.run(b, record=True)))
 
 
+def coverage(p, run: str, ref: str | None, limit: int):
+    from collections import defaultdict
+
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned
+
+    base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, base, limit, 8, 64)
+    grid = base.config.image_size // base.config.patch_size
+    patch = base.config.patch_size
+    scenes = json.loads((Path(p.common["data_dir"]) / f"scenes_{p.val_split.removesuffix('2014')}.json").read_text())
+    by_q = {}
+    for sc in scenes["scenes"]:
+        centres = [int(o["center"][1] // patch) * grid + int(o["center"][0] // patch) for o in sc["objects"]]
+        for q in sc["questions"]:
+            by_q[q["question_id"]] = (centres, q["kind"])
+    models = [(run, load(p.root / run, mode="hard"), None)]
+    if ref:
+        bl = EViTFinetuned.from_dir(p.root / ref)
+        models.append((ref, load(p.root / ref, mode="hard"), bl))
+    for name, m, bl in models:
+        runner = bl.apply(m) if bl is not None else None
+        by_n, by_kind, i = defaultdict(list), defaultdict(list), 0
+        for b in ev.batches:
+            _, ctx = runner.run(b, record=True) if runner is not None else m.run(b, mode="hard", record=True)
+            B = len(b["target"])
+            for j in range(B):
+                centres, kind = by_q[ev.ids[i + j]]
+                row = _last_image_mask(ctx.decisions, j)
+                share = sum(float(row[c]) for c in centres) / len(centres)
+                by_n[len(centres)].append(share)
+                by_kind[kind].append(share)
+            i += B
+        mean = lambda v: round(100 * sum(v) / len(v), 1)  # noqa: E731
+        print(f"{name}: object centres kept (%) by objects", {k: mean(v) for k, v in sorted(by_n.items())})
+        print(f"{name}: object centres kept (%) by kind", {k: mean(v) for k, v in sorted(by_kind.items())})
+
+
+def _last_image_mask(decisions: dict, j: int):
+    """Input j's kept mask over the patch grid after the last image-stream token trimmer (forward order)."""
+    from smarttrim_cli.profiling.overlays import image_panels
+
+    panels = image_panels({k: v[j:j + 1] for k, v in decisions.items() if k.startswith("tok:")})
+    return panels[-1][1]
+
+
 def token_only(p, target: float):
     from smarttrim_cli.backbones import build
     from smarttrim_cli.model_dir import save_model_dir
@@ -94,10 +143,11 @@ def token_only(p, target: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("decisions", "scores", "token-only"))
+    ap.add_argument("what", choices=("decisions", "scores", "coverage", "token-only"))
     ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
     ap.add_argument("--run", default="trimmed", help="model folder inside the demo folder")
-    ap.add_argument("--ref", default="evit-ft-r0.33", help="scores: the reference model folder")
+    ap.add_argument("--ref", default=None, help="scores, coverage: the fine-tuned EViT model folder to compare "
+                    "(scores: default evit-ft-r0.33)")
     ap.add_argument("--limit", type=int, default=1000, help="scores: validation inputs")
     ap.add_argument("--target", type=float, default=0.33, help="token-only: target ratio")
     ap.add_argument("--threads", type=int, default=1)
@@ -107,7 +157,9 @@ def main(argv=None):
     if a.what == "decisions":
         decisions(p, a.run)
     elif a.what == "scores":
-        scores(p, a.run, a.ref, a.limit)
+        scores(p, a.run, a.ref or "evit-ft-r0.33", a.limit)
+    elif a.what == "coverage":
+        coverage(p, a.run, a.ref, a.limit)
     else:
         token_only(p, a.target)
 
