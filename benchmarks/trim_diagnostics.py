@@ -9,6 +9,9 @@ Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains in
         the same validation inputs pareto.py evaluates: RUN at threshold 0.5; RUN with a fixed per-input keep
         share on its own trimmer scores (0.3-0.45); RUN's and REF's backbones under training-free EViT (+fusion)
         calibrated to 0.33 (and, on a fused model, EViT with the same size-weighted fusion)
+    python benchmarks/trim_diagnostics.py floor --dataset scenes --run RUN [--run RUN2 ...]
+        the lowest mean GMACs ratio RUN's trimmer placement can reach: every trimmer at threshold 1 - 1e-6, so it
+        drops every token and head it may (the first 256 validation inputs); below it no threshold goes
     python benchmarks/trim_diagnostics.py coverage --dataset scenes --run RUN [--ref EVIT_FT_RUN]
         scenes only: the share of the drawn objects whose centre patch is among the image tokens kept after
         the last image-stream trimmer (RUN at its saved threshold; REF, a fine-tuned EViT folder, at its keep
@@ -77,6 +80,21 @@ def scores(p, run: str, ref: str, limit: int):
             show(ev.evaluate(f"{name} backbone + {rule}{' (merge)' if kw else ''}", lambda b, a=a: a.run(b, record=True)))
 
 
+def floor(p, runs: list[str]):
+    from smarttrim_cli.train.loop import lowest_ratio
+    from smarttrim_cli.trim.cost import macs_ratio
+
+    base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, base, 256, 8, 64)
+    for run in runs:
+        m = load(p.root / run, mode="hard")
+        at_half = torch.cat([macs_ratio(m.run(b, mode="hard", threshold=0.5, record=True)[1].records)
+                             for b in ev.batches]).mean().item()
+        lowest = sum(lowest_ratio(m, b) * len(b["target"]) for b in ev.batches) / len(ev)
+        print(f"{run}: GMACs ratio {at_half:.3f} at threshold 0.5, {lowest:.3f} with every droppable token and head "
+              f"dropped (placement {m.trim_config.token_layers})")
+
+
 def coverage(p, run: str, ref: str | None, limit: int):
     from collections import defaultdict
 
@@ -143,9 +161,10 @@ def token_only(p, target: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("decisions", "scores", "coverage", "token-only"))
+    ap.add_argument("what", choices=("decisions", "floor", "scores", "coverage", "token-only"))
     ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
-    ap.add_argument("--run", default="trimmed", help="model folder inside the demo folder")
+    ap.add_argument("--run", action="append", default=None,
+                    help="model folder inside the demo folder (default: trimmed; floor: repeat for several)")
     ap.add_argument("--ref", default=None, help="scores, coverage: the fine-tuned EViT model folder to compare "
                     "(scores: default evit-ft-r0.33)")
     ap.add_argument("--limit", type=int, default=1000, help="scores: validation inputs")
@@ -154,6 +173,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     p = prepare(DemoSettings(dataset=a.dataset, long=True), say=lambda m: None)
+    runs = a.run or ["trimmed"]
+    if a.what == "floor":
+        return floor(p, runs)
+    a.run = runs[0]
     if a.what == "decisions":
         decisions(p, a.run)
     elif a.what == "scores":

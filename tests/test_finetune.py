@@ -56,6 +56,7 @@ def test_loss_falls_and_ratio_follows_curriculum(tmp_path):
     else:
         assert cal["threshold"] > 0.5 and cal["ratio_mean"] <= 0.5, cal
     assert cal["ratio_std"] > 0.01, cal
+    assert res.summary["unreachable_target"] is None  # 0.5 is above what this placement can reach
     # starting model evaluated at full capacity; the selected model is one at the target
     assert res.summary["base"]["ratio_mean"] == 1.0
     assert res.summary["best"] is not None and res.summary["best"]["ratio_mean"] <= 0.55
@@ -74,6 +75,34 @@ def test_loss_falls_and_ratio_follows_curriculum(tmp_path):
     best = load_file(str(res.state_dir / "best.safetensors"))
     written = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(best[k], written[k]) for k in best)
+
+
+def test_target_below_the_placements_floor_is_reported(tmp_path):
+    """A target under the lowest ratio the trimmer placement reaches (every droppable token and head dropped)
+    cannot be trained to: finetune says so before training, in the log and the summary."""
+    import smarttrim_cli
+    from smarttrim_cli.train.loop import finetune, lowest_ratio
+
+    data = write_vqa(tmp_path / "vqa", n_train=16, n_val=8)
+    model = model_for(tmp_path, "vqa")
+    res = finetune(model, tmp_path / "out", overrides=dict(TINY, data_dir=str(data), batch_size=8, max_steps=1,
+                                                         target_ratio=0.01), recipe=False, progress=False)
+    u = res.summary["unreachable_target"]
+    assert u is not None and u["target"] == 0.01 and 0.01 < u["lowest_ratio"] < 1.0
+    assert [r for r in res.history if r["event"] == "unreachable_target"] == [u]
+    # it is the floor: at that threshold every trimmer keeps only [CLS], and no threshold goes lower
+    m = smarttrim_cli.load(model, mode="hard")
+    from smarttrim_cli.data import open_dataset
+    from smarttrim_cli.profiling.compare import EvalSet
+    ds = open_dataset("vqa", data, "val2014", m.config.image_size, label2id={a: i for i, a in enumerate(m.labels)})
+    batch = EvalSet.build(m, ds, limit=8, batch_size=8).batches[0]
+    low = lowest_ratio(m, batch)
+    _, ctx = m.run(batch, mode="hard", record=True, threshold=1 - 1e-6)
+    assert all(int(v.sum(1).max()) == 1 for k, v in ctx.decisions.items() if k.startswith("tok:"))
+    from smarttrim_cli.trim.cost import macs_ratio
+
+    _, ctx_half = m.run(batch, mode="hard", record=True, threshold=0.5)
+    assert low <= float(macs_ratio(ctx_half.records).mean()) + 1e-9
 
 
 class _Kill(Exception):

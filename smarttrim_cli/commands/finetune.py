@@ -106,6 +106,10 @@ def finetune(
     t.add_row("written to", f"{res.output} (training.png, finetune_log.jsonl, finetune_summary.json)")
     t.add_row("training state", str(res.state_dir))
     console.print(t)
+    if s.get("unreachable_target"):
+        u = s["unreachable_target"]
+        console.print(f"[yellow]warning:[/] the target ratio {u['target']} is below {u['lowest_ratio']:.3f}, the lowest "
+                      "this trimmer placement reaches: place a token trimmer earlier (attach --token-layers)")
     if s["mode"] == "smarttrim" and s["best"] is None:
         console.print("[yellow]warning:[/] no epoch reached the target FLOPs ratio at the trained threshold; the "
                       "last weights were written" + (" with a calibrated threshold" if cal else "")

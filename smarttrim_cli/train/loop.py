@@ -291,6 +291,19 @@ def evaluate(model, loader, info: D.DistInfo, trimmed: bool, amp_ctx, threshold=
             "ratio_min": float(r.min()), "ratio_max": float(r.max()), "gmacs_mean": float(g.mean()) / 1e9}
 
 
+def lowest_ratio(model, batch) -> float:
+    """The lowest mean GMACs ratio the model's trimmer placement reaches on ``batch``: every trimmer at a threshold
+    just under 1 drops every token and head it may ([CLS] and one head per block stay), so no threshold and no
+    training goes below it. What runs before the first token trimmer sets it (a METER-style model whose first
+    image trimmer sits after ViT block 1 spends about a quarter of its GMACs there)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        _, ctx = model.run(batch, mode="hard", record=True, threshold=1 - 1e-6)
+    model.train(was)
+    return float(macs_ratio(ctx.records).mean())
+
+
 def calibrate_threshold(model, loader, info: D.DistInfo, target: float, amp_ctx, tolerance: float = 0.0,
                         iters: int = 10):
     """The keep threshold inference runs at: the trained one (``model.threshold``, where the Gumbel
@@ -641,6 +654,18 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         return res
 
     try:
+        first = next(iter(val_loader), None) if step == 0 and cfg.trim else None
+        if first is not None:
+            first = _to(_check_batch(first), dev)
+            if "image_id" in first:  # retrieval: the pairs evaluate() runs
+                first = itm_batch(first, itm_negatives(first["image_id"]))
+            floor_r = lowest_ratio(model, first)
+            if cfg.target_ratio < floor_r:
+                record({"event": "unreachable_target", "step": 0, "target": cfg.target_ratio, "lowest_ratio": floor_r})
+                bar.note(f"[yellow]warning:[/] target ratio {cfg.target_ratio} is below {floor_r:.3f}, the lowest GMACs "
+                         "ratio this trimmer placement reaches with every droppable token and head dropped: training "
+                         "will stop short of it; place a token trimmer earlier (attach --token-layers, e.g. "
+                         '"vision=0,2")')
         if step == 0 and cfg.eval_before:
             res = evaluate(model, val_loader, info, False, amp_ctx)
             record({"event": "val_full", "step": 0, "epoch": -1, **res})
@@ -758,6 +783,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         "train_inputs": len(train_ds), "val_inputs": len(val_ds), "skipped": skipped,
         "world_size": info.world, "steps": total, "steps_per_epoch": spe, "resumed_from_step": resumed_from,
         "target_ratio": cfg.target_ratio if cfg.trim else 1.0, "selected": selected,
+        "unreachable_target": next((r for r in history if r.get("event") == "unreachable_target"), None),
         "best": best, "final": final, "base": base, "calibrated": calibrated,
         "seconds_per_step": (sum(steady) / len(steady)) if steady else None,
         "compute_seconds_per_step": (sum(steady_c) / len(steady_c)) if steady_c else None,
