@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
-                                recipe_fuse, train_trimmed, trim_overrides, with_trimmers)
+                                recipe_fuse, recipe_fuse_mode, train_trimmed, trim_overrides, with_trimmers)
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
@@ -142,6 +142,9 @@ def parse_args(argv=None):
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                     help="SmartTrim (and evit-ft) merge the tokens each trimmer drops into one (TrimConfig.fuse, "
                     "trim/fusion.py), from a copy of the base with fusion on (default: the recipe's `trim: fuse`)")
+    ap.add_argument("--fuse-mode", choices=("single", "nearest"), default=None,
+                    help="with fusion: merge the dropped tokens into one (single) or each into the closest kept token "
+                    "or that one (nearest) (default: the recipe's `trim: fuse_mode`, else single)")
     ap.add_argument("--fresh", action="store_true")
     return ap.parse_args(argv)
 
@@ -194,11 +197,12 @@ def run(args) -> dict:
                      fresh=args.fresh)
     p0 = p = prepare(s, console=None, say=_say)
     fuse = recipe_fuse(p.recipe) if args.fuse is None else args.fuse
+    fuse_mode = recipe_fuse_mode(p.recipe) if args.fuse_mode is None else args.fuse_mode
     if args.token_layers or fuse:  # the control does not trim: it keeps p0, the original base
-        p = with_trimmers(p, args.token_layers, fuse, say=_say)
+        p = with_trimmers(p, args.token_layers, fuse, say=_say, fuse_mode=fuse_mode)
     pe = p  # evit-ft trims no heads: head placement does not change (or retrain) it
     if args.head_layers:
-        p = with_trimmers(p0, args.token_layers, fuse, say=_say, head_layers=args.head_layers)
+        p = with_trimmers(p0, args.token_layers, fuse, say=_say, head_layers=args.head_layers, fuse_mode=fuse_mode)
     place = "" if p is p0 else "-" + p.base_name.removeprefix("base-")
     place_e = "" if pe is p0 else "-" + pe.base_name.removeprefix("base-")
     steps = args.steps

@@ -62,7 +62,8 @@ def resolve_tokenizer(ckpt: Path, tokenizer_dir, family: str, name: str, vocab_s
     return tok
 
 
-def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, threshold=None, fuse=None) -> TrimConfig:
+def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, threshold=None, fuse=None,
+                    fuse_mode=None) -> TrimConfig:
     from .backbones import family
 
     cfg = family(model.family).default_trim_config(model.config)
@@ -74,7 +75,7 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
             cfg.token_layers = {k: list(v or []) for k, v in t["token_layers"].items()}
         if "head_layers" in t:
             cfg.head_layers = {k: list(v or []) for k, v in t["head_layers"].items()}
-        for k in ("threshold", "reduction", "init_keep", "fuse"):
+        for k in ("threshold", "reduction", "init_keep", "fuse", "fuse_mode"):
             if k in t:
                 setattr(cfg, k, t[k])
         source = r["_path"]
@@ -88,6 +89,8 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
         cfg.threshold = threshold
     if fuse is not None:
         cfg.fuse = bool(fuse)
+    if fuse_mode is not None:
+        cfg.fuse_mode = fuse_mode
     cfg = TrimConfig.from_dict(cfg.to_dict())
     cfg.validate(model.stream_layers(), source)
     return cfg
@@ -124,6 +127,7 @@ def summary(model) -> dict:
         "n_token_trimmers": len(model.token_trimmers), "n_head_trimmers": len(model.head_trimmers),
         "params_backbone": n_backbone, "params_added": n_added, "params_added_pct": 100.0 * n_added / n_backbone,
         "full_gmacs": full_macs(model) / 1e9, "threshold": t.threshold, "fuse": bool(t.fuse),
+        "fuse_mode": t.fuse_mode,
     }
 
 
@@ -155,7 +159,8 @@ def read_labels(path, num_labels: int) -> list[str]:
 
 
 def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
-           head_layers=None, threshold=None, task=None, answers=None, fuse=None) -> AttachResult:
+           head_layers=None, threshold=None, task=None, answers=None, fuse=None,
+           fuse_mode=None) -> AttachResult:
     """``answers``: for METER, the label names lining up with its classifier (the file carries none);
     for BLIP VQA, the answer list to rank."""
     from .backbones import meter
@@ -165,12 +170,12 @@ def attach(ckpt, out_dir=None, tokenizer=None, image_size=None, recipe=None, tok
         raise SmartTrimError(f"{ckpt}: no such file")
     if ckpt.is_dir():
         return attach_hf_dir(ckpt, out_dir, tokenizer, image_size, recipe, token_layers, head_layers, threshold,
-                             task, answers, fuse)
+                             task, answers, fuse, fuse_mode)
     if task is not None and task != "auto":
         raise SmartTrimError(f"{ckpt}: --task applies to Hugging Face directories; a METER checkpoint's task "
                              "is read from its head")
     model, info = meter.from_checkpoint(ckpt, image_size=image_size)
-    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse))
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse, fuse_mode))
     c = model.config
     tok = resolve_tokenizer(ckpt, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
     label_list = read_labels(answers, c.num_labels) if answers is not None else None
@@ -217,7 +222,8 @@ def detect_hf_architecture(path: Path, hf: dict, task=None) -> str:
 
 
 def attach_hf_dir(path: Path, out_dir=None, tokenizer=None, image_size=None, recipe=None, token_layers=None,
-                  head_layers=None, threshold=None, task=None, answers=None, fuse=None) -> AttachResult:
+                  head_layers=None, threshold=None, task=None, answers=None, fuse=None,
+                  fuse_mode=None) -> AttachResult:
     import hashlib
 
     from .backbones import family
@@ -241,7 +247,7 @@ def attach_hf_dir(path: Path, out_dir=None, tokenizer=None, image_size=None, rec
         if answers is not None:
             raise SmartTrimError(f"{path}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
         model, info = fam.from_hf_dir(path, image_size=image_size, hf_config=hf)
-    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse))
+    model.attach_trimmers(trim_config_for(model, recipe, token_layers, head_layers, threshold, fuse, fuse_mode))
     c = model.config
     files = weight_files(path)
     digest = sha256(files[0]) if len(files) == 1 else \

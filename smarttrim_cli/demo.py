@@ -308,13 +308,21 @@ def recipe_fuse(recipe) -> bool:
     return bool((load_recipe(recipe).get("trim") or {}).get("fuse", False))
 
 
+def recipe_fuse_mode(recipe) -> str:
+    """The recipe's ``trim: fuse_mode`` ("single" when it says nothing)."""
+    from .recipes import load_recipe
+
+    return str((load_recipe(recipe).get("trim") or {}).get("fuse_mode", "single"))
+
+
 def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print,
-                  head_layers: str | None = None) -> Prepared:
+                  head_layers: str | None = None, fuse_mode: str = "single") -> Prepared:
     """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``token_layers``
     (a spec such as "vision=0,2"; None: where they are), the head trimmers at ``head_layers`` ("xtext=" turns a
-    stream's off) and token fusion on or off: same backbone weights, fresh trimmers as attach makes them (the
+    stream's off) and token fusion on or off (``fuse_mode``: TrimConfig's): same backbone weights, fresh trimmers as attach makes them (the
     base was trained without trimming, so they are untrained in either case). Cached as
-    ``<root>/base-<layers>[_h<head layers>|_noheads][_fuse]``; the fine-tunes' cache keys carry all three."""
+    ``<root>/base-<layers>[_h<head layers>|_noheads][_fuse|_fusenearest]``; the fine-tunes' cache keys carry
+    them all."""
     import dataclasses
 
     import torch
@@ -328,8 +336,9 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     base_heads = json.loads((p.base_dir / "config.json").read_text())["trim"].get("head_layers") or {}
     head_tag = ["noheads"] if heads and not any({**base_heads, **heads}.values()) else [
         f"h{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(heads.items())]
+    fuse_tag = ("fuse" + ("" if fuse_mode == "single" else fuse_mode)) if fuse else ""
     tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + head_tag
-                   + (["fuse"] if fuse else []))
+                   + ([fuse_tag] if fuse else []))
     if not tag:
         return p
     name = f"base-{tag}"
@@ -344,18 +353,22 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
         t.token_layers = {k: v for k, v in t.token_layers.items() if v}
         t.head_layers = {k: v for k, v in t.head_layers.items() if v}
         t.fuse = fuse
+        t.fuse_mode = fuse_mode if fuse else "single"
+        t.validate(m.stream_layers(), "with_trimmers")
         m.attach_trimmers(t)
         cfg = m.smarttrim_config
         save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
                        provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
                                    "replaced_token_layers": token_layers, "replaced_head_layers": head_layers,
-                                   "fuse": fuse},
+                                   "fuse": fuse, **({"fuse_mode": fuse_mode} if fuse else {})},
                        extra={"preprocess": cfg.get("preprocess") or {}})
         say(f"base with token trimmers at {token_layers or 'the same layers'}"
             f"{f', head trimmers at {head_layers}' if head_layers else ''}{' and fusion' if fuse else ''}: {out}")
     return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers,
                                                              **({"head_layers": heads} if heads else {}),
-                                                             **({"fuse": True} if fuse else {})})
+                                                             **({"fuse": True} if fuse else {}),
+                                                             **({"fuse_mode": fuse_mode} if fuse and fuse_mode != "single"
+                                                                else {})})
 
 
 def trim_overrides(p: Prepared, target_ratio: float, extra: dict | None = None) -> dict:

@@ -67,6 +67,14 @@ def test_attach_options_and_recipe(tmp_path):
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "unfused", "--recipe", recipe, "--no-fuse")
     assert r.exit_code == 0, r.output
     assert not smarttrim_cli.load(tmp_path / "unfused").trim_config.fuse
+    # the fusion rule: single unless the recipe or --fuse-mode says nearest; an unknown one is a one-line error
+    assert smarttrim_cli.load(tmp_path / "fused").trim_config.fuse_mode == "single"
+    r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "nearest", "--recipe", recipe, "--fuse-mode", "nearest")
+    assert r.exit_code == 0, r.output
+    assert smarttrim_cli.load(tmp_path / "nearest").trim_config.fuse_mode == "nearest" and "(nearest)" in r.output
+    r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "bad", "--recipe", recipe, "--fuse-mode", "closest")
+    assert r.exit_code != 0 and "fuse_mode must be one of single, nearest" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -15,7 +15,9 @@ def trimmed(task, init_keep=0.0, seed=0, fuse=False):
     m = tiny_model(task, seed)
     t = default_trim_config(m.config)
     t.init_keep = init_keep  # ~half the tokens and heads dropped at threshold 0.5
-    t.fuse = fuse
+    t.fuse = bool(fuse)
+    if fuse == "nearest":
+        t.fuse_mode = "nearest"
     m.attach_trimmers(t)
     torch.manual_seed(seed + 7)
     for p in m.trimmer_parameters():  # random trimmers with varied decisions per instance
@@ -36,7 +38,7 @@ def test_hard_keep_all_equals_full(task):
     assert ctx.decisions and all(v.all() for k, v in ctx.decisions.items() if k.startswith("head:"))
 
 
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [False, True, "nearest"])
 @pytest.mark.parametrize("task", TASKS)
 def test_hard_equals_soft_given_same_decisions(task, fuse):
     m = trimmed(task, fuse=fuse)
@@ -53,7 +55,7 @@ def test_hard_equals_soft_given_same_decisions(task, fuse):
     assert torch.allclose(total_macs(sctx.records).double(), total_macs(hctx.records).double(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [False, True, "nearest"])
 def test_soft_eval_decides_like_hard(fuse):
     """Without forcing, soft mode in eval takes the same threshold decisions as hard mode."""
     m = trimmed("vqa", fuse=fuse)
@@ -64,7 +66,7 @@ def test_soft_eval_decides_like_hard(fuse):
     assert torch.allclose(soft, hard, atol=1e-4)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [False, True, "nearest"])
 def test_soft_mode_is_differentiable_in_trimmers(fuse):
     m = trimmed("vqa", fuse=fuse).train()
     b = batch(m)
@@ -86,7 +88,7 @@ class _Hard(torch.nn.Module):
         return self.m(px, ids, mask, ctx=self.m.make_context(mode=self.mode))
 
 
-@pytest.mark.parametrize("mode,fuse", [("full", False), ("hard", False), ("hard", True)])
+@pytest.mark.parametrize("mode,fuse", [("full", False), ("hard", False), ("hard", True), ("hard", "nearest")])
 @pytest.mark.parametrize("task", ["vqa", "snli"])
 def test_cost_model_equals_fvcore(task, mode, fuse):
     m = trimmed(task, fuse=fuse)
@@ -120,7 +122,7 @@ def test_fusion_with_identical_tokens_is_exact():
     with fusion changes nothing, in every layer kind (self- and cross-attention), while without fusion the
     same drops do."""
     outs = {}
-    for fuse in (False, True):
+    for fuse in (False, True, "nearest"):
         m = trimmed("vqa", fuse=fuse)
         with torch.no_grad():  # no positions: every patch of a uniform image is the same token in every layer
             m.vit_model.visual.positional_embedding[1:] = m.vit_model.visual.positional_embedding[1]
@@ -140,6 +142,7 @@ def test_fusion_with_identical_tokens_is_exact():
             soft, _ = m.run(b, mode="soft", forced=forced)
         outs[fuse] = ((hard - full).abs().max().item(), (soft - full).abs().max().item())
     assert outs[True][0] < 1e-4 and outs[True][1] < 1e-4, outs
+    assert outs["nearest"][0] < 1e-4 and outs["nearest"][1] < 1e-4, outs
     assert outs[False][0] > 1e-3, outs  # without fusion the same drops change the output
 
 
@@ -157,4 +160,28 @@ def test_fused_token_carries_the_dropped_size():
     assert torch.allclose(x2[0, 3], (2 * x[0, 1] + 3 * x[0, 3]) / 5) and torch.equal(x2[0, :3], x[0, :3])
     # nothing dropped: nothing changes
     x3, size3, kept3 = fuse_dropped(x, size, alive, alive.clone(), logits)
+    assert torch.equal(x3, x) and torch.equal(size3, size) and torch.equal(kept3, alive)
+
+
+def test_nearest_fusion_joins_fragments_to_their_token_and_background_to_the_catch_all():
+    from smarttrim_cli.trim.fusion import fuse_nearest
+
+    red, blue, grey = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 1.0])
+    cls = torch.tensor([1.0, 1.0, 1.0])
+    # slots: [CLS], red (kept), red fragment, blue (kept), grey, grey, blue fragment, dead padding slot
+    x = torch.stack([cls, red, 0.9 * red + 0.1 * grey, blue, grey, grey * 1.1, blue + 0.2 * grey, red]).unsqueeze(0)
+    size = torch.ones(1, 8)
+    alive = torch.tensor([[1.0, 1, 1, 1, 1, 1, 1, 0]])
+    kept = torch.tensor([[1.0, 1, 0, 1, 0, 0, 0, 0]])
+    logits = torch.tensor([[9.0, 5, -1, 5, 0.5, -2, -3, 0]])
+    x2, size2, kept2, macs = fuse_nearest(x, size, alive, kept, logits)
+    # the red fragment joins red, the blue one joins blue, the two grey tokens become the catch-all at slot 4
+    # (the dropped token scored highest); [CLS] absorbs nothing and the dead slot stays dead
+    assert kept2.tolist() == [[1.0, 1, 0, 1, 1, 0, 0, 0]]
+    assert size2[0, [0, 1, 3, 4]].tolist() == [1.0, 2.0, 2.0, 2.0]
+    assert torch.allclose(x2[0, 1], (x[0, 1] + x[0, 2]) / 2) and torch.allclose(x2[0, 3], (x[0, 3] + x[0, 6]) / 2)
+    assert torch.allclose(x2[0, 4], (x[0, 4] + x[0, 5]) / 2) and torch.equal(x2[0, 0], x[0, 0])
+    assert macs.item() == 2 * 7 * 7 * 3
+    # nothing dropped: nothing changes
+    x3, size3, kept3, _ = fuse_nearest(x, size, alive, alive.clone(), logits)
     assert torch.equal(x3, x) and torch.equal(size3, size) and torch.equal(kept3, alive)

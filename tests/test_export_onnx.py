@@ -135,10 +135,13 @@ def test_legacy_export_equals_torch_hard_mode(model_dir, legacy_onnx):
     _check_graph_matches_torch(legacy_onnx.path, m)
 
 
-def test_export_with_token_fusion_equals_torch(tmp_path_factory, tmp_path):
-    """Token fusion (merge + log-size attention bias) stays dynamic in the graph and matches PyTorch."""
+@pytest.mark.parametrize("fuse_mode", ["single", "nearest"])
+def test_export_with_token_fusion_equals_torch(tmp_path_factory, tmp_path, fuse_mode):
+    """Token fusion (merge + log-size attention bias) stays dynamic in the graph and matches PyTorch, for both
+    merge rules (one catch-all token; each dropped token into the closest kept one)."""
     m = smarttrim_cli.load(module_model_dir(tmp_path_factory, "fused", fuse=True))
     assert m.trim_config.fuse
+    m.trim_config.fuse_mode = fuse_mode
     res = export_onnx(m, tmp_path / "fused.onnx", exporter="legacy")
     rep = _check_graph_matches_torch(res.path, m)
     # fusion changed the function: the same weights without it give other logits on the same inputs

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import pad_to_additive
 from ..trim.context import LayerCost, TrimContext, count
-from ..trim.fusion import fuse_dropped, size_bias
+from ..trim.fusion import fuse_dropped, fuse_nearest, size_bias
 from ..trim.gather import gather_rows, kept_order
 from ..trim.gumbel import above_threshold, st_keep
 
@@ -112,7 +112,7 @@ class TrimmableModel(nn.Module):
             before = alive.sum(1).clamp_min(1.0)
             kept = s.policy * _cls_kept(m * s.pad)
             ctx.decisions[key] = kept.detach()
-            self._soft_keep(s, alive, kept, logits, fuse)
+            self._soft_keep(s, alive, kept, logits, fuse, ctx, key)
             ctx.keep_fraction[key] = s.policy.sum(1) / before
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
         else:
@@ -126,23 +126,27 @@ class TrimmableModel(nn.Module):
             if ctx.record:
                 ctx.decisions[key] = s.kept_positions(keep)
             if fuse:
-                keep = self._fuse(s, s.pad, keep.to(s.x.dtype), logits) > 0.5
+                keep = self._fuse(s, s.pad, keep.to(s.x.dtype), logits, ctx, key) > 0.5
             s._gather(keep)
 
-    @staticmethod
-    def _fuse(s: Stream, alive, kept, logits):
-        """Merge the tokens this trimmer dropped into one (trim/fusion.py). -> kept, the merged slot included."""
+    def _fuse(self, s: Stream, alive, kept, logits, ctx: TrimContext | None = None, key: str = ""):
+        """Merge the tokens this trimmer dropped (trim/fusion.py, by ``trim_config.fuse_mode``). -> kept, the
+        merged slot included. The nearest-token rule's similarities are recorded as overhead in ``ctx``."""
         if s.size is None:
             s.size = torch.ones_like(alive)
-        s.x, s.size, kept = fuse_dropped(s.x, s.size, alive, kept, logits)
+        if self.trim_config.fuse_mode == "nearest":
+            s.x, s.size, kept, macs = fuse_nearest(s.x, s.size, alive, kept, logits)
+            if ctx is not None:
+                ctx.add(LayerCost(f"{key}/fuse", "const", {"macs": 1}, n=macs, n_full=torch.zeros_like(macs)))
+        else:
+            s.x, s.size, kept = fuse_dropped(s.x, s.size, alive, kept, logits)
         s.key_bias = size_bias(s.size, s.x.dtype)
         return kept
 
-    @classmethod
-    def _soft_keep(cls, s: Stream, alive, kept, score, fuse: bool):
+    def _soft_keep(self, s: Stream, alive, kept, score, fuse: bool, ctx: TrimContext | None = None, key: str = ""):
         """Soft mode: the stream's policy becomes ``kept``, with the dropped tokens merged first if ``fuse``
         (shared by the learned trimmers and the fixed-ratio rules of baselines/)."""
-        s.policy = cls._fuse(s, alive, kept, score) if fuse else kept
+        s.policy = self._fuse(s, alive, kept, score, ctx, key) if fuse else kept
 
     @staticmethod
     def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:

@@ -179,13 +179,13 @@ class TokenPolicy(Policy):
             m = torch.cat([torch.ones_like(s.pad[:, :1]), (keep.to(s.x.dtype) * s.pad)[:, 1:]], dim=1)
             kept = s.policy * m
             ctx.decisions[key] = kept.detach()  # with merge, as for the learned trimmers: before the fusion
-            model._soft_keep(s, alive, kept, score, self.merge)
+            model._soft_keep(s, alive, kept, score, self.merge, ctx, key)
             return
         score = self.score(model, name, s, s.pad, c, ctx, key)
         keep = keep_topk(score, s.pad, self.keep_ratio)
         if self.merge:
             record_tokens(s, ctx, key, keep)
-            keep = model._fuse(s, s.pad, keep.to(s.x.dtype) * s.pad, score) > 0.5
+            keep = model._fuse(s, s.pad, keep.to(s.x.dtype) * s.pad, score, ctx, key) > 0.5
             s._gather(keep)
             return
         keep = self.fuse(model, name, s, keep, score, ctx)

@@ -32,6 +32,10 @@ def attach(
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Merge the tokens each trimmer drops into one "
                                         "token weighted by its size in later attention (default: the recipe's "
                                         "`trim: fuse`, else off)."),
+    fuse_mode: Optional[str] = typer.Option(None, "--fuse-mode", help="With --fuse: 'single' merges the dropped "
+                                            "tokens into one; 'nearest' merges each into the kept token closest to "
+                                            "it, or into that one (default: the recipe's `trim: fuse_mode`, else "
+                                            "single)."),
     task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa or retrieval; checked "
                                        "against config.json (needed only when it names no architecture)."),
     answers: Optional[Path] = typer.Option(None, "--answers", help="Answer names as a JSON list or one per line. "
@@ -47,7 +51,7 @@ def attach(
         res = run_attach(checkpoint, output, tokenizer, image_size, recipe,
                          parse_layer_spec(token_layers, "--token-layers") if token_layers else None,
                          parse_layer_spec(head_layers, "--head-layers") if head_layers else None, threshold,
-                         task=task, answers=answers, fuse=fuse)
+                         task=task, answers=answers, fuse=fuse, fuse_mode=fuse_mode)
     s = res.summary
     t = Table(title=f"smarttrim attach: {checkpoint.name}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -60,7 +64,7 @@ def attach(
     t.add_row("tokens per stream", f"image {s['image_tokens']} · text ≤ {s['text_tokens']}")
     fmt = lambda d: "; ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
     t.add_row("token trimmers", f"{s['n_token_trimmers']}: {fmt(s['token_trimmers'])}"
-              + ("; dropped tokens fused" if s.get("fuse") else ""))
+              + (f"; dropped tokens fused ({s.get('fuse_mode', 'single')})" if s.get("fuse") else ""))
     t.add_row("head trimmers", f"{s['n_head_trimmers']}: {fmt(s['head_trimmers'])} (co-attention: self + cross)")
     t.add_row("parameters added", f"{s['params_added']:,} ({s['params_added_pct']:.2f}% of {s['params_backbone']:,})")
     t.add_row("full model, one input", f"{s['full_gmacs']:.2f} GMACs (fvcore convention; text of {s['text_tokens']} tokens)")

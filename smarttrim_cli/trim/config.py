@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import SmartTrimError
 
 STREAMS = ("text", "vision", "xtext", "ximage")
+FUSE_MODES = ("single", "nearest")
 
 
 @dataclass
@@ -24,13 +25,17 @@ class TrimConfig:
     # log(size) (ToMe's proportional attention): softmax denominators, and with them what attention can
     # count, stay close to the untrimmed model's (trim/fusion.py)
     fuse: bool = False
+    # with fuse: "single" merges every dropped token into one; "nearest" merges each into the kept token (or that
+    # one catch-all token) whose state is closest, so object fragments join their object (trim/fusion.py)
+    fuse_mode: str = "single"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrimConfig":
-        known = {k: d[k] for k in ("token_layers", "head_layers", "threshold", "reduction", "init_keep", "fuse") if k in d}
+        known = {k: d[k] for k in ("token_layers", "head_layers", "threshold", "reduction", "init_keep", "fuse",
+                                      "fuse_mode") if k in d}
         cfg = cls(**known)
         cfg.token_layers = {k: [int(i) for i in v] for k, v in cfg.token_layers.items()}
         cfg.head_layers = {k: [int(i) for i in v] for k, v in cfg.head_layers.items()}
@@ -46,6 +51,8 @@ class TrimConfig:
                 if bad:
                     raise SmartTrimError(f"{source}: {kind} trimmer layer(s) {bad} out of range for stream "
                                          f"{stream!r} (0..{n_layers[stream] - 1})")
+        if self.fuse_mode not in FUSE_MODES:
+            raise SmartTrimError(f"{source}: fuse_mode must be one of {', '.join(FUSE_MODES)}, got {self.fuse_mode!r}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise SmartTrimError(f"{source}: threshold must be in (0, 1), got {self.threshold}")
 
