@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
-                                recipe_fuse, recipe_fuse_mode, train_trimmed, trim_overrides, with_trimmers)
+                                recipe_fuse, recipe_fuse_mode, recipe_token_layers, train_trimmed, trim_overrides, with_trimmers)
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
@@ -135,7 +135,8 @@ def parse_args(argv=None):
                     "--set seed=...) differ from this run's")
     ap.add_argument("--token-layers", default=None, metavar="SPEC",
                     help='token-trimmer placement for SmartTrim and evit-ft instead of the base model\'s, e.g. '
-                    '"vision=0,2" (streams not named keep theirs): a copy of the base with the trimmers re-placed')
+                    '"vision=0,2" (streams not named keep theirs): a copy of the base with the trimmers re-placed '
+                    "(default: the recipe's `trim: token_layers`, if any)")
     ap.add_argument("--head-layers", default=None, metavar="SPEC",
                     help='head-trimmer placement for SmartTrim instead of the base model\'s, e.g. "xtext= ximage=" '
                     '(an empty list turns a stream\'s head trimmers off; the fine-tuned EViT trims no heads)')
@@ -198,6 +199,8 @@ def run(args) -> dict:
     p0 = p = prepare(s, console=None, say=_say)
     fuse = recipe_fuse(p.recipe) if args.fuse is None else args.fuse
     fuse_mode = recipe_fuse_mode(p.recipe) if args.fuse_mode is None else args.fuse_mode
+    if args.token_layers is None:
+        args.token_layers = recipe_token_layers(p.recipe)
     if args.token_layers or fuse:  # the control does not trim: it keeps p0, the original base
         p = with_trimmers(p, args.token_layers, fuse, say=_say, fuse_mode=fuse_mode)
     pe = p  # evit-ft trims no heads: head placement does not change (or retrain) it

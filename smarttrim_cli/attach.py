@@ -71,10 +71,11 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
     if recipe:
         r = load_recipe(recipe)
         t = r.get("trim") or {}
+        # streams the recipe names replace the backbone's defaults; the others keep them (as --token-layers)
         if "token_layers" in t:
-            cfg.token_layers = {k: list(v or []) for k, v in t["token_layers"].items()}
+            cfg.token_layers.update({k: list(v or []) for k, v in t["token_layers"].items()})
         if "head_layers" in t:
-            cfg.head_layers = {k: list(v or []) for k, v in t["head_layers"].items()}
+            cfg.head_layers.update({k: list(v or []) for k, v in t["head_layers"].items()})
         for k in ("threshold", "reduction", "init_keep", "fuse", "fuse_mode"):
             if k in t:
                 setattr(cfg, k, t[k])

@@ -43,7 +43,8 @@ MODEL_SIZES = {
 MODEL_SIZES["long"] = MODEL_SIZES["normal"]  # --long: same model, longer training
 # scenes: 128 px / patch 16 = 65 image tokens, like easy-VQA's 64 px / patch 8 (quick: 64 px, 17 tokens)
 SCENES_MODEL_SIZES = {"normal": dict(MODEL_SIZES["normal"], image_size=128, patch_size=16),
-                      "quick": dict(MODEL_SIZES["quick"], image_size=64, patch_size=16)}
+                      # 4 vision layers, as the normal model: recipes/scenes.yaml places image trimmers at 0 and 2
+                      "quick": dict(MODEL_SIZES["quick"], image_size=64, patch_size=16, vision_layers=4)}
 SCENES_MODEL_SIZES["long"] = SCENES_MODEL_SIZES["normal"]
 # generate_scenes arguments (seed comes from --seed)
 SCENES_DATA = {"normal": dict(n_train=5000, n_val=500, image_size=128, min_objects=1, max_objects=6,
@@ -315,6 +316,15 @@ def recipe_fuse_mode(recipe) -> str:
     return str((load_recipe(recipe).get("trim") or {}).get("fuse_mode", "single"))
 
 
+def recipe_token_layers(recipe) -> str | None:
+    """The recipe's ``trim: token_layers`` as a layer spec ("vision=0,2"; streams it does not name keep the
+    base's placement), or None when it places none."""
+    from .recipes import load_recipe
+
+    t = (load_recipe(recipe).get("trim") or {}).get("token_layers") or {}
+    return " ".join(f"{k}={','.join(str(int(i)) for i in (v or []))}" for k, v in sorted(t.items())) or None
+
+
 def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print,
                   head_layers: str | None = None, fuse_mode: str = "single") -> Prepared:
     """``p`` whose fine-tunes start from a copy of the base model with the token trimmers at ``token_layers``
@@ -337,7 +347,7 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     head_tag = ["noheads"] if heads and not any({**base_heads, **heads}.values()) else [
         f"h{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(heads.items())]
     fuse_tag = ("fuse" + ("" if fuse_mode == "single" else fuse_mode)) if fuse else ""
-    tag = "_".join([f"{k}{'.'.join(map(str, v))}" for k, v in sorted(layers.items())] + head_tag
+    tag = "_".join([f"{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(layers.items())] + head_tag
                    + ([fuse_tag] if fuse else []))
     if not tag:
         return p
@@ -399,8 +409,9 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
     t0 = time.time()
     p = prepare(s, console, say)
-    if recipe_fuse(p.recipe):  # the recipe fuses dropped tokens: SmartTrim starts from a fused copy of the base
-        p = with_trimmers(p, fuse=True, say=say)
+    layers, fuse = recipe_token_layers(p.recipe), recipe_fuse(p.recipe)
+    if layers or fuse:  # the recipe places or fuses: SmartTrim starts from a copy of the base with its trimmers
+        p = with_trimmers(p, layers, fuse, say=say, fuse_mode=recipe_fuse_mode(p.recipe))
     root, budget, timings = p.root, p.budget, p.timings
 
     # 4: SmartTrim fine-tune

@@ -67,6 +67,16 @@ def test_attach_options_and_recipe(tmp_path):
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "unfused", "--recipe", recipe, "--no-fuse")
     assert r.exit_code == 0, r.output
     assert not smarttrim_cli.load(tmp_path / "unfused").trim_config.fuse
+    # streams a recipe does not name keep the backbone's default placement
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("trim:\n  token_layers: {vision: [0]}\n")
+    r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "partial", "--recipe", partial)
+    assert r.exit_code == 0, r.output
+    assert _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "plain").exit_code == 0
+    dflt = smarttrim_cli.load(tmp_path / "plain").trim_config.token_layers
+    got = json.loads((tmp_path / "partial" / "config.json").read_text())["trim"]["token_layers"]
+    assert got["vision"] == [0] and {k: v for k, v in got.items() if k != "vision"} == {
+        k: v for k, v in dflt.items() if k != "vision"} and dflt["vision"] != [0]
     # the fusion rule: single unless the recipe or --fuse-mode says nearest; an unknown one is a one-line error
     assert smarttrim_cli.load(tmp_path / "fused").trim_config.fuse_mode == "single"
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "nearest", "--recipe", recipe, "--fuse-mode", "nearest")

@@ -235,7 +235,7 @@ def test_pareto_quick_end_to_end(tmp_path):
     res2 = json.loads((tmp_path / "placed" / "pareto_scenes_quick.json").read_text())
     assert res2["runs"]["control"]["dir"] == res["runs"]["control"]["dir"]
     assert res2["control"]["accuracy"] == res["control"]["accuracy"]
-    for key, tail in (("smarttrim@0.6", "-vision0_hxtext-_fuse"), ("evit-ft@0.6", "-vision0_fuse-distill_temperature2")):
+    for key, tail in (("smarttrim@0.6", "-vision0_hxtext-_fusenearest"), ("evit-ft@0.6", "-vision0_fusenearest-distill_temperature2")):
         d = Path(res2["runs"][key]["dir"])
         assert d.name.endswith(tail) and d != Path(res["runs"][key]["dir"]), d.name
         cfg = json.loads((d / "config.json").read_text())

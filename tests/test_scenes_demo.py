@@ -93,10 +93,15 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
         assert (out / png).read_bytes()[:8] == PNG, png
     for stage in ("init", "base", "trimmed"):
         assert (out / f".{stage}.done.json").is_file()
-    # recipes/scenes.yaml fuses dropped tokens: SmartTrim was fine-tuned from a fused copy of the base
+    # recipes/scenes.yaml places the image trimmers before ViT blocks 0 and 2 and fuses dropped tokens by the
+    # nearest rule: SmartTrim was fine-tuned from a copy of the base with those trimmers
     import smarttrim_cli
-    assert smarttrim_cli.load(out / "trimmed").trim_config.fuse and smarttrim_cli.load(out / "base-fuse").trim_config.fuse
-    assert not smarttrim_cli.load(out / "base").trim_config.fuse
+    for name in ("trimmed", "base-vision0.2_fusenearest"):
+        t = smarttrim_cli.load(out / name).trim_config
+        assert t.fuse and t.fuse_mode == "nearest" and t.token_layers["vision"] == [0, 2], name
+        assert t.token_layers["ximage"] == smarttrim_cli.load(out / "base").trim_config.token_layers["ximage"]
+    t = smarttrim_cli.load(out / "base").trim_config
+    assert not t.fuse and t.token_layers["vision"] != [0, 2]
 
     # a second run regenerates and retrains nothing: it goes straight to profiling
     class Reached(Exception):
