@@ -16,6 +16,9 @@ Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains in
         scenes only: the share of the drawn objects whose centre patch is among the image tokens kept after
         the last image-stream trimmer (RUN at its saved threshold; REF, a fine-tuned EViT folder, at its keep
         ratio), by number of objects and question kind, on the same validation inputs
+    python benchmarks/trim_diagnostics.py counting --dataset scenes --run RUN [--run RUN2 ...]
+        scenes only: on the "how many objects" questions, predicted minus true count (histogram) of the base model
+        at full capacity and of each RUN (a SmartTrim folder) at its saved threshold: over- or under-counting
     python benchmarks/trim_diagnostics.py token-only --dataset easyvqa --target 0.33
         a SmartTrim fine-tune from the base with its head trimmers removed (token trimmers only), the demo's
         --long settings; writes <folder>/tokonly-r<target> and prints its final and calibrated validation
@@ -95,6 +98,28 @@ def floor(p, runs: list[str]):
               f"dropped (placement {m.trim_config.token_layers})")
 
 
+def counting(p, runs: list[str], limit: int):
+    from collections import Counter
+
+    base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, base, limit, 8, 64)
+    scenes = json.loads((Path(p.common["data_dir"]) / f"scenes_{p.val_split.removesuffix('2014')}.json").read_text())
+    truth = {q["question_id"]: q["answer"] for sc in scenes["scenes"] for q in sc["questions"] if q["kind"] == "count_all"}
+    for run in ["base"] + runs:
+        m = base if run == "base" else load(p.root / run, mode="hard")
+        diff, i = Counter(), 0
+        for b in ev.batches:
+            pred = m.run(b, mode="full" if run == "base" else "hard")[0].argmax(-1).tolist()
+            for j, k in enumerate(pred):
+                ans = truth.get(ev.ids[i + j])
+                if ans is not None:
+                    label = m.labels[k]
+                    diff[int(label) - int(ans) if label.isdigit() else "not a number"] += 1
+            i += len(pred)
+        print(f"{run}: predicted - true count on {sum(diff.values())} count-all questions",
+              dict(sorted(diff.items(), key=lambda kv: str(kv[0]))))
+
+
 def coverage(p, run: str, ref: str | None, limit: int):
     from collections import defaultdict
 
@@ -161,13 +186,14 @@ def token_only(p, target: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("decisions", "floor", "scores", "coverage", "token-only"))
+    ap.add_argument("what", choices=("decisions", "floor", "scores", "coverage", "counting", "token-only"))
     ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
     ap.add_argument("--run", action="append", default=None,
                     help="model folder inside the demo folder (default: trimmed; floor: repeat for several)")
     ap.add_argument("--ref", default=None, help="scores, coverage: the fine-tuned EViT model folder to compare "
                     "(scores: default evit-ft-r0.33)")
-    ap.add_argument("--limit", type=int, default=1000, help="scores: validation inputs")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="scores, coverage, counting: validation inputs (default 1000 for scores, else 1500)")
     ap.add_argument("--target", type=float, default=0.33, help="token-only: target ratio")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -176,13 +202,15 @@ def main(argv=None):
     runs = a.run or ["trimmed"]
     if a.what == "floor":
         return floor(p, runs)
+    if a.what == "counting":
+        return counting(p, runs, a.limit or 1500)
     a.run = runs[0]
     if a.what == "decisions":
         decisions(p, a.run)
     elif a.what == "scores":
-        scores(p, a.run, a.ref or "evit-ft-r0.33", a.limit)
+        scores(p, a.run, a.ref or "evit-ft-r0.33", a.limit or 1000)
     elif a.what == "coverage":
-        coverage(p, a.run, a.ref, a.limit)
+        coverage(p, a.run, a.ref, a.limit or 1500)
     else:
         token_only(p, a.target)
 
