@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
-                                recipe_fuse, recipe_fuse_mode, recipe_token_layers, train_trimmed, trim_overrides, with_trimmers)
+                                recipe_trim, train_trimmed, trim_overrides, with_trimmers)
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
@@ -197,10 +197,11 @@ def run(args) -> dict:
     s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
                      fresh=args.fresh)
     p0 = p = prepare(s, console=None, say=_say)
-    fuse = recipe_fuse(p.recipe) if args.fuse is None else args.fuse
-    fuse_mode = recipe_fuse_mode(p.recipe) if args.fuse_mode is None else args.fuse_mode
+    r_layers, r_fuse, r_mode = recipe_trim(p.recipe)
+    fuse = r_fuse if args.fuse is None else args.fuse
+    fuse_mode = r_mode if args.fuse_mode is None else args.fuse_mode
     if args.token_layers is None:
-        args.token_layers = recipe_token_layers(p.recipe)
+        args.token_layers = r_layers
     if args.token_layers or fuse:  # the control does not trim: it keeps p0, the original base
         p = with_trimmers(p, args.token_layers, fuse, say=_say, fuse_mode=fuse_mode)
     pe = p  # evit-ft trims no heads: head placement does not change (or retrain) it

@@ -103,7 +103,7 @@ def counting(p, runs: list[str], limit: int):
 
     base = load(p.base_dir, mode="hard")
     ev, _ = eval_data(p, base, limit, 8, 64)
-    scenes = json.loads((Path(p.common["data_dir"]) / f"scenes_{p.val_split.removesuffix('2014')}.json").read_text())
+    scenes = _scenes(p)
     truth = {q["question_id"]: q["answer"] for sc in scenes["scenes"] for q in sc["questions"] if q["kind"] == "count_all"}
     for run in ["base"] + runs:
         m = base if run == "base" else load(p.root / run, mode="hard")
@@ -124,12 +124,13 @@ def coverage(p, run: str, ref: str | None, limit: int):
     from collections import defaultdict
 
     from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned
+    from smarttrim_cli.profiling.objects import last_image_keep
 
     base = load(p.base_dir, mode="hard")
     ev, _ = eval_data(p, base, limit, 8, 64)
     grid = base.config.image_size // base.config.patch_size
     patch = base.config.patch_size
-    scenes = json.loads((Path(p.common["data_dir"]) / f"scenes_{p.val_split.removesuffix('2014')}.json").read_text())
+    scenes = _scenes(p)
     by_q = {}
     for sc in scenes["scenes"]:
         centres = [int(o["center"][1] // patch) * grid + int(o["center"][0] // patch) for o in sc["objects"]]
@@ -147,7 +148,7 @@ def coverage(p, run: str, ref: str | None, limit: int):
             B = len(b["target"])
             for j in range(B):
                 centres, kind = by_q[ev.ids[i + j]]
-                row = _last_image_mask(ctx.decisions, j)
+                row = last_image_keep({k: v[j:j + 1] for k, v in ctx.decisions.items()})
                 share = sum(float(row[c]) for c in centres) / len(centres)
                 by_n[len(centres)].append(share)
                 by_kind[kind].append(share)
@@ -157,12 +158,14 @@ def coverage(p, run: str, ref: str | None, limit: int):
         print(f"{name}: object centres kept (%) by kind", {k: mean(v) for k, v in sorted(by_kind.items())})
 
 
-def _last_image_mask(decisions: dict, j: int):
-    """Input j's kept mask over the patch grid after the last image-stream token trimmer (forward order)."""
-    from smarttrim_cli.profiling.overlays import image_panels
+def _scenes(p) -> dict:
+    """The generator's description of the validation scenes (objects, questions and their kinds)."""
+    from smarttrim_cli.profiling.objects import scenes_file
 
-    panels = image_panels({k: v[j:j + 1] for k, v in decisions.items() if k.startswith("tok:")})
-    return panels[-1][1]
+    path = scenes_file(p.common["data_dir"], p.val_split)
+    if path is None:
+        raise SystemExit(f"no scenes_<split>.json in {p.common['data_dir']}: this diagnostic needs --dataset scenes")
+    return json.loads(path.read_text())
 
 
 def token_only(p, target: float):

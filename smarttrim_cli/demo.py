@@ -302,27 +302,15 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings)
 
 
-def recipe_fuse(recipe) -> bool:
-    """The recipe's ``trim: fuse`` (token fusion, trim/fusion.py); False when it says nothing."""
+def recipe_trim(recipe) -> tuple[str | None, bool, str]:
+    """The recipe's ``trim:`` settings a fine-tune's starting copy takes (``with_trimmers``): (token_layers as a
+    layer spec such as "vision=0,2", None when it places none; fuse; fuse_mode, "single" when it says nothing)."""
     from .recipes import load_recipe
 
-    return bool((load_recipe(recipe).get("trim") or {}).get("fuse", False))
-
-
-def recipe_fuse_mode(recipe) -> str:
-    """The recipe's ``trim: fuse_mode`` ("single" when it says nothing)."""
-    from .recipes import load_recipe
-
-    return str((load_recipe(recipe).get("trim") or {}).get("fuse_mode", "single"))
-
-
-def recipe_token_layers(recipe) -> str | None:
-    """The recipe's ``trim: token_layers`` as a layer spec ("vision=0,2"; streams it does not name keep the
-    base's placement), or None when it places none."""
-    from .recipes import load_recipe
-
-    t = (load_recipe(recipe).get("trim") or {}).get("token_layers") or {}
-    return " ".join(f"{k}={','.join(str(int(i)) for i in (v or []))}" for k, v in sorted(t.items())) or None
+    t = load_recipe(recipe).get("trim") or {}
+    spec = " ".join(f"{k}={','.join(str(int(i)) for i in (v or []))}"
+                    for k, v in sorted((t.get("token_layers") or {}).items()))
+    return spec or None, bool(t.get("fuse", False)), str(t.get("fuse_mode", "single"))
 
 
 def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = False, say=print,
@@ -409,9 +397,9 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
     t0 = time.time()
     p = prepare(s, console, say)
-    layers, fuse = recipe_token_layers(p.recipe), recipe_fuse(p.recipe)
+    layers, fuse, fuse_mode = recipe_trim(p.recipe)
     if layers or fuse:  # the recipe places or fuses: SmartTrim starts from a copy of the base with its trimmers
-        p = with_trimmers(p, layers, fuse, say=say, fuse_mode=recipe_fuse_mode(p.recipe))
+        p = with_trimmers(p, layers, fuse, say=say, fuse_mode=fuse_mode)
     root, budget, timings = p.root, p.budget, p.timings
 
     # 4: SmartTrim fine-tune

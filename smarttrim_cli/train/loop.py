@@ -263,6 +263,15 @@ def param_groups(model, cfg: TrainConfig):
 
 # ----- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
+def _eval_batch(batch, device):
+    """A validation batch as evaluation runs it: on ``device``; retrieval: the positives and one fixed negative
+    each (ITM)."""
+    batch = _to(_check_batch(batch), device)
+    if "image_id" in batch:
+        batch = itm_batch(batch, itm_negatives(batch["image_id"]))
+    return batch
+
+
 def evaluate(model, loader, info: D.DistInfo, trimmed: bool, amp_ctx, threshold=None) -> dict:
     """Task score and per-input FLOPs ratio (hard mode: what inference runs, at ``threshold`` or the
     model's) over this rank's shard, gathered over ranks."""
@@ -270,9 +279,7 @@ def evaluate(model, loader, info: D.DistInfo, trimmed: bool, amp_ctx, threshold=
     model.eval()
     scores, ratios, macs = [], [], []
     for batch in loader:
-        batch = _to(_check_batch(batch), info.device)
-        if "image_id" in batch:  # retrieval: ITM accuracy on the positives and one fixed negative each
-            batch = itm_batch(batch, itm_negatives(batch["image_id"]))
+        batch = _eval_batch(batch, info.device)
         with amp_ctx():
             logits, ctx = model.run(batch, mode="hard" if trimmed else "full", record=True, threshold=threshold)
         scores += score(logits.float(), batch["target"]).tolist()
@@ -656,10 +663,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
     try:
         first = next(iter(val_loader), None) if step == 0 and cfg.trim else None
         if first is not None:
-            first = _to(_check_batch(first), dev)
-            if "image_id" in first:  # retrieval: the pairs evaluate() runs
-                first = itm_batch(first, itm_negatives(first["image_id"]))
-            floor_r = lowest_ratio(model, first)
+            floor_r = lowest_ratio(model, _eval_batch(first, dev))
             if cfg.target_ratio < floor_r:
                 record({"event": "unreachable_target", "step": 0, "target": cfg.target_ratio, "lowest_ratio": floor_r})
                 bar.note(f"[yellow]warning:[/] target ratio {cfg.target_ratio} is below {floor_r:.3f}, the lowest GMACs "

@@ -37,19 +37,23 @@ def fuse_dropped(x: torch.Tensor, size: torch.Tensor, alive: torch.Tensor, kept:
     trimmer's keep logits, which pick the host among the dropped tokens. A row that dropped nothing is
     unchanged.
     """
-    dropped = alive - kept                                   # 1 where this trimmer dropped a live token
-    w = dropped * size
-    total = w.sum(1)                                         # (B,) original tokens merged
-    fused = (w.unsqueeze(-1) * x).sum(1) / total.clamp_min(1.0).unsqueeze(-1)
-    n = x.shape[1]
-    score = logits.float().masked_fill(dropped.detach() <= 0.5, float("-inf"))
-    pick = score.argmax(1)
-    host = (torch.arange(n, device=x.device).unsqueeze(0) == pick.unsqueeze(1)) & (total.detach() > 0.5).unsqueeze(1)
-    hostf = host.to(x.dtype)
+    host, fused, total = _catch_all(x, size, alive - kept, logits)
     x = torch.where(host.unsqueeze(-1), fused.unsqueeze(1).to(x.dtype), x)
     size = torch.where(host, total.unsqueeze(1).to(size.dtype), size)
-    kept = kept + hostf * (1 - kept.detach())               # the host's slot is live again (value 1)
+    kept = kept + host.to(x.dtype) * (1 - kept.detach())   # the host's slot is live again (value 1)
     return x, size, kept
+
+
+def _catch_all(x, size, dropped, logits):
+    """-> (host (B, n) bool: the dropped slot the trimmer scored highest, none where nothing was dropped;
+    fused (B, d): the size-weighted mean of the dropped tokens; total (B,): original tokens dropped)."""
+    w = dropped * size
+    total = w.sum(1)
+    fused = (w.unsqueeze(-1) * x).sum(1) / total.clamp_min(1.0).unsqueeze(-1)
+    score = logits.float().masked_fill(dropped.detach() <= 0.5, float("-inf"))
+    ar = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    host = (ar == score.argmax(1).unsqueeze(1)) & (total.detach() > 0.5).unsqueeze(1)
+    return host, fused, total
 
 
 def size_bias(size: torch.Tensor, dtype) -> torch.Tensor:
@@ -66,14 +70,10 @@ def fuse_nearest(x: torch.Tensor, size: torch.Tensor, alive: torch.Tensor, kept:
     identical tokens. Same arguments as ``fuse_dropped``; ``macs`` (B,) is the per-input cost of the
     similarities and means (the untrimmed model does none of it).
     """
-    B, n, d = x.shape
+    n, d = x.shape[1], x.shape[2]
     dropped = alive - kept
-    w = dropped * size
-    total = w.sum(1)
-    catch = (w.unsqueeze(-1) * x).sum(1) / total.clamp_min(1.0).unsqueeze(-1)       # (B, d)
+    host, catch, _ = _catch_all(x, size, dropped, logits)
     ar = torch.arange(n, device=x.device).unsqueeze(0)
-    score = logits.float().masked_fill(dropped.detach() <= 0.5, float("-inf"))
-    host = (ar == score.argmax(1).unsqueeze(1)) & (total.detach() > 0.5).unsqueeze(1)  # (B, n) catch-all slot
     cand_x = torch.where(host.unsqueeze(-1), catch.unsqueeze(1).to(x.dtype), x)
     cand = ((kept.detach() > 0.5) & (ar > 0)) | host
     xn = torch.nn.functional.normalize(x.detach().float(), dim=-1)
@@ -81,7 +81,7 @@ def fuse_nearest(x: torch.Tensor, size: torch.Tensor, alive: torch.Tensor, kept:
     sim = torch.matmul(xn, cn.transpose(1, 2)).masked_fill(~cand.unsqueeze(1), float("-inf"))   # (B, n, n)
     to = (sim.argmax(-1).unsqueeze(-1) == ar.unsqueeze(1)).to(x.dtype)              # (B, n, n) one-hot rows
     eye = torch.eye(n, device=x.device, dtype=x.dtype).unsqueeze(0)
-    wts = to * w.unsqueeze(-1) + eye * (kept * size).unsqueeze(-1)                 # row j: where token j goes
+    wts = to * (dropped * size).unsqueeze(-1) + eye * (kept * size).unsqueeze(-1)  # row j: where token j goes
     new_size = wts.sum(1)                                                           # (B, n)
     merged = torch.matmul(wts.transpose(1, 2), x) / new_size.clamp_min(1e-6).unsqueeze(-1)
     live = new_size.detach() > 0.5
