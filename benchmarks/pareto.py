@@ -50,17 +50,13 @@ if str(ROOT) not in sys.path:
 
 from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
                                 recipe_trim, train_trimmed, trim_overrides, with_trimmers)
+from smarttrim_cli.train.config import TRIM_ONLY, run_settings  # noqa: E402
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
 CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attention rules
-# TrainConfig fields a --no-trim run does not read: left out of the control's cache key, and --set keys among
-# them go to the SmartTrim runs only (the rest, schedule and optimizer, also to the control and evit-ft)
-TRIM_ONLY = {"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end", "tau_frac",
-             "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature", "teacher",
-             "feature_weight", "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight", "tolerance",
-             "calibrate", "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"}
-# ... of which the fine-tuned EViT shares these with SmartTrim (the same objective: issue 9)
+# --set keys in TRIM_ONLY (train/config.py) go to the SmartTrim runs only (the rest, schedule and optimizer, also to
+# the control and evit-ft), of which the fine-tuned EViT shares these with SmartTrim (the same objective: issue 9)
 OBJECTIVE = {"distill_weight", "distill_temperature", "teacher", "feature_weight"}
 
 
@@ -217,9 +213,8 @@ def run(args) -> dict:
     t = time.time()
     ctl_over = control_overrides(p0, steps, {k: v for k, v in extra.items() if k not in TRIM_ONLY})
     ctl_name = "control" + (f"-{steps}" if steps else "")
-    # keyed on the settings a no-trim run reads, so that a new trimming setting does not retrain it
-    st = _Stage(p0.root, ctl_name, {**p0.base_key, "control": {k: v for k, v in ctl_over.items() if k not in TRIM_ONLY}},
-                args.fresh)
+    # keyed on the settings a no-trim run reads (recipe and overrides), so that a new trimming setting does not retrain it
+    st = _Stage(p0.root, ctl_name, {**p0.base_key, "control": run_settings(p0.recipe, ctl_over)}, args.fresh)
     if args.no_control and not args.train_only and not st.stamp.is_file():
         raise SystemExit(f"--no-control: no trained control in {p0.root / ctl_name} to evaluate (run once without it)")
     if args.no_control:  # train-only: another process trains it; evaluation: the one on disk, whatever its settings
@@ -270,7 +265,8 @@ def run(args) -> dict:
             named = {**{k: v for k, v in extra.items() if k in OBJECTIVE}, **evit_extra}
             name = f"evit-ft-r{r:g}{place_e}" + (f"-{steps}" if steps else "") + (
                 "-" + "-".join(f"{k}{v}" for k, v in named.items()) if named else "")
-            stg = _Stage(pe.root, name, {**pe.base_key, "evit_ft": ov, "keep_ratio": round(keep, 6)}, args.fresh)
+            stg = _Stage(pe.root, name, {**pe.base_key, "evit_ft": run_settings(pe.recipe, ov), "keep_ratio": round(keep, 6)},
+                         args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < pe.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
                      "SmartTrim's objective")

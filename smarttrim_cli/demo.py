@@ -284,6 +284,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
         st_init.finish({"labels": len(labels), "vocab": n_vocab})
     timings["init"] = time.time() - t
 
+    from .train.config import run_settings
     from .train.loop import finetune
 
     reader = "easyvqa" if s.dataset == "easyvqa" else "vqa"
@@ -292,11 +293,13 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     recipe = RECIPES[s.dataset]
     # 3: the base model, trained without trimmers
     t = time.time()
-    st_base = _Stage(root, "base", {**base_key, **budget["base"]}, s.fresh or not st_init.stamp.is_file())
+    base_over = {**common, **budget["base"], "trim": False}
+    # the resolved settings are in the key, so that an edited recipe retrains instead of reusing a stale model
+    st_base = _Stage(root, "base", {**base_key, **budget["base"], "train": run_settings(recipe, base_over)},
+                     s.fresh or not st_init.stamp.is_file())
     if not st_base.done():
         say("[2/7] training the base model (finetune --no-trim): the 'existing VLM'")
-        res = finetune(root / "init", root / "base", recipe=recipe,
-                       overrides={**common, **budget["base"], "trim": False}, console=console)
+        res = finetune(root / "init", root / "base", recipe=recipe, overrides=base_over, console=console)
         st_base.finish(res.summary)
     timings["base"] = time.time() - t
     return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings)
@@ -378,17 +381,18 @@ def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", conso
                   extra: dict | None = None) -> _Stage:
     """Stage 4: SmartTrim fine-tune of the base model at ``target_ratio`` into ``<root>/<name>`` (cached;
     retrained when the base model is newer). ``extra``: more finetune overrides (part of the cache key)."""
+    from .train.config import run_settings
     from .train.loop import finetune
 
-    key = {**p.base_key, **p.budget["trim"], "target": target_ratio}
+    over = trim_overrides(p, target_ratio, extra)
+    key = {**p.base_key, **p.budget["trim"], "target": target_ratio, "train": run_settings(p.recipe, over)}
     if extra:
         key["extra"] = dict(extra)
     st = _Stage(p.root, name, key, p.settings.fresh)
     base = p.base_stage.stamp
     if not st.done() or not base.is_file() or st.stamp.stat().st_mtime < base.stat().st_mtime:
         say(f"[3/7] SmartTrim fine-tune ({p.recipe}): curriculum to {target_ratio:.2f} of the full GMACs")
-        res = finetune(p.base_dir, p.root / name, recipe=p.recipe, overrides=trim_overrides(p, target_ratio, extra),
-                       console=console)
+        res = finetune(p.base_dir, p.root / name, recipe=p.recipe, overrides=over, console=console)
         st.finish(res.summary)
     return st
 

@@ -47,6 +47,26 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     with pytest.raises(Reached):
         run_demo(DemoSettings(quick=True, out_dir=str(out)), say=lambda m: None)
 
+    # an edited recipe (a newer smarttrim's, say) retrains what it changes: a trimming setting retrains the
+    # SmartTrim fine-tune, not the base model
+    from smarttrim_cli.recipes import RECIPE_DIR
+
+    text = (RECIPE_DIR / "easyvqa.yaml").read_text()
+    assert "  cost_weight: 20.0" in text
+    edited = tmp_path / "easyvqa.yaml"
+    edited.write_text(text.replace("  cost_weight: 20.0", "  cost_weight: 21.0"))
+    monkeypatch.setattr("smarttrim_cli.demo.RECIPES", {"easyvqa": str(edited)})
+    trained = []
+
+    def record(model_dir, output, **k):
+        trained.append(Path(output).name)
+        raise Reached
+
+    monkeypatch.setattr("smarttrim_cli.train.loop.finetune", record)
+    with pytest.raises(Reached):
+        run_demo(DemoSettings(quick=True, out_dir=str(out)), say=lambda m: None)
+    assert trained == ["trimmed"]
+
 
 def test_demo_bad_arguments(tmp_path):
     r = runner.invoke(app, ["demo", "--quick", "--dataset", "coco", "-o", str(tmp_path / "d")])

@@ -166,6 +166,23 @@ def default_recipe(dataset: str | None, task: str, family: str = "meter"):
     return None
 
 
+# TrainConfig fields a --no-trim run does not read (benchmarks/pareto.py routes --set keys by it)
+TRIM_ONLY = frozenset({"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end",
+                       "tau_frac", "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature",
+                       "teacher", "feature_weight", "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight",
+                       "tolerance", "calibrate", "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"})
+# ... and fields that change how a run is logged, not what it learns
+BOOKKEEPING = frozenset({"workers", "save_every", "log_every"})
+
+
+def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:
+    """The settings a run with ``recipe`` and ``overrides`` trains with (build_config's), less bookkeeping and,
+    for a --no-trim run, less what it does not read: a cache key that changes when the recipe file does."""
+    cfg, _ = build_config(recipe, overrides, **kw)
+    drop = BOOKKEEPING | (frozenset() if cfg.trim else TRIM_ONLY)
+    return {k: v for k, v in cfg.to_dict().items() if k not in drop}
+
+
 def build_config(recipe=None, overrides: dict | None = None, task: str = "vqa", family: str = "meter",
                  dataset: str | None = None) -> tuple[TrainConfig, dict | None]:
     """-> (config, recipe dict or None). ``overrides`` are command-line values (None = not given)."""
