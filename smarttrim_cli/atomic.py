@@ -10,6 +10,22 @@ from pathlib import Path
 from .errors import SmartTrimError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(tmp: Path, target: Path, default: int):
+    """mkstemp/mkdtemp create 0600/0700 entries: a model written by one user (a CI job) could then not be read by
+    another (the server). Give the new entry the mode an overwritten target had, else what open()/mkdir would."""
+    try:
+        mode = target.stat().st_mode & 0o7777 if target.exists() else default & ~_umask()
+        tmp.chmod(mode)
+    except OSError:
+        pass  # a file system without modes: keep what it made
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
@@ -24,6 +40,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
     tmp = Path(tmp)
     try:
         yield tmp
+        _publish_mode(tmp, target, 0o666)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -42,6 +59,7 @@ def atomic_dir(target: str | os.PathLike):
         raise SmartTrimError(f"{target}: cannot write here ({e.strerror or e})") from None
     try:
         yield tmp
+        _publish_mode(tmp, target, 0o777)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
