@@ -19,6 +19,10 @@ Works on the `smarttrim demo --long` folders that benchmarks/pareto.py trains in
     python benchmarks/trim_diagnostics.py counting --dataset scenes --run RUN [--run RUN2 ...]
         scenes only: on the "how many objects" questions, predicted minus true count (histogram) of the base model
         at full capacity and of each RUN (a SmartTrim folder) at its saved threshold: over- or under-counting
+    python benchmarks/trim_diagnostics.py thresholds --dataset scenes --run RUN --thresholds 0.5,0.47,0.4
+        accuracy and mean GMACs ratio of RUN at each keep threshold on the validation inputs pareto.py evaluates:
+        what lowering the threshold (spending more of the budget) buys; the thresholds are picked by hand on
+        these same inputs, so an upper bound, not a calibrated setting
     python benchmarks/trim_diagnostics.py token-only --dataset easyvqa --target 0.33
         a SmartTrim fine-tune from the base with its head trimmers removed (token trimmers only), the demo's
         --long settings; writes <folder>/tokonly-r<target> and prints its final and calibrated validation
@@ -120,6 +124,18 @@ def counting(p, runs: list[str], limit: int):
               dict(sorted(diff.items(), key=lambda kv: str(kv[0]))))
 
 
+def thresholds(p, run: str, values: list[float], limit: int):
+    base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, base, limit, 8, 64)
+    ev.set_full_gmacs(base)
+    m = load(p.root / run, mode="hard")
+    for t in values:
+        m.threshold = m.trim_config.threshold = t
+        r = ev.evaluate(run, lambda b: m.run(b, mode="hard", record=True))
+        print(f"{run}: threshold {t:g}: accuracy {r['accuracy']:.2f}% at {r['gmacs_ratio']:.3f} of the full GMACs "
+              f"({len(ev)} inputs)")
+
+
 def coverage(p, run: str, ref: str | None, limit: int):
     from collections import defaultdict
 
@@ -189,14 +205,16 @@ def token_only(p, target: float):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("decisions", "floor", "scores", "coverage", "counting", "token-only"))
+    ap.add_argument("what", choices=("decisions", "floor", "scores", "coverage", "counting", "thresholds",
+                                           "token-only"))
     ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
     ap.add_argument("--run", action="append", default=None,
                     help="model folder inside the demo folder (default: trimmed; floor: repeat for several)")
     ap.add_argument("--ref", default=None, help="scores, coverage: the fine-tuned EViT model folder to compare "
                     "(scores: default evit-ft-r0.33)")
     ap.add_argument("--limit", type=int, default=None,
-                    help="scores, coverage, counting: validation inputs (default 1000 for scores, else 1500)")
+                    help="scores, coverage, counting, thresholds: validation inputs (default 1000 for scores, else 1500)")
+    ap.add_argument("--thresholds", default="0.5", help="thresholds: comma-separated keep thresholds")
     ap.add_argument("--target", type=float, default=0.33, help="token-only: target ratio")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -212,6 +230,8 @@ def main(argv=None):
         decisions(p, a.run)
     elif a.what == "scores":
         scores(p, a.run, a.ref or "evit-ft-r0.33", a.limit or 1000)
+    elif a.what == "thresholds":
+        thresholds(p, a.run, [float(x) for x in a.thresholds.split(",") if x.strip()], a.limit or 1500)
     elif a.what == "coverage":
         coverage(p, a.run, a.ref, a.limit or 1500)
     else:
