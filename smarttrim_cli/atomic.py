@@ -11,7 +11,15 @@ from .errors import SmartTrimError
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # read, not set-and-restore where the OS lets us: setting it would briefly give other threads umask 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
