@@ -295,7 +295,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     t = time.time()
     base_over = {**common, **budget["base"], "trim": False}
     # the resolved settings are in the key, so that an edited recipe retrains instead of reusing a stale model
-    st_base = _Stage(root, "base", {**base_key, **budget["base"], "train": run_settings(recipe, base_over)},
+    st_base = _Stage(root, "base", {**base_key, "train": run_settings(recipe, base_over)},
                      s.fresh or not st_init.stamp.is_file())
     if not st_base.done():
         say("[2/7] training the base model (finetune --no-trim): the 'existing VLM'")
@@ -337,9 +337,8 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     base_heads = json.loads((p.base_dir / "config.json").read_text())["trim"].get("head_layers") or {}
     head_tag = ["noheads"] if heads and not any({**base_heads, **heads}.values()) else [
         f"h{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(heads.items())]
-    fuse_tag = ("fuse" + ("" if fuse_mode == "single" else fuse_mode)) if fuse else ""
-    tag = "_".join([f"{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(layers.items())] + head_tag
-                   + ([fuse_tag] if fuse else []))
+    fuse_tag = ["fuse" + ("" if fuse_mode == "single" else fuse_mode)] if fuse else []
+    tag = "_".join([f"{k}{'.'.join(map(str, v)) or '-'}" for k, v in sorted(layers.items())] + head_tag + fuse_tag)
     if not tag:
         return p
     name = f"base-{tag}"
@@ -385,10 +384,8 @@ def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", conso
     from .train.loop import finetune
 
     over = trim_overrides(p, target_ratio, extra)
-    key = {**p.base_key, **p.budget["trim"], "target": target_ratio, "train": run_settings(p.recipe, over)}
-    if extra:
-        key["extra"] = dict(extra)
-    st = _Stage(p.root, name, key, p.settings.fresh)
+    # the resolved settings hold the budget, the target and ``extra`` too
+    st = _Stage(p.root, name, {**p.base_key, "train": run_settings(p.recipe, over)}, p.settings.fresh)
     base = p.base_stage.stamp
     if not st.done() or not base.is_file() or st.stamp.stat().st_mtime < base.stat().st_mtime:
         say(f"[3/7] SmartTrim fine-tune ({p.recipe}): curriculum to {target_ratio:.2f} of the full GMACs")
