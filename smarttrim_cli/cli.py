@@ -22,7 +22,7 @@ app = typer.Typer(name="smarttrim", no_args_is_help=True, add_completion=False, 
 console = Console()
 err_console = Console(stderr=True)
 
-COMMANDS = ("attach", "finetune", "profile", "export", "demo")
+COMMANDS = ("attach", "finetune", "profile", "compare", "export", "demo")
 
 
 def user_errors(fn):

@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import SmartTrimError
+# the demo's training-free baselines are those `smarttrim compare` runs by default, evaluated by its code
+from .profiling.compare import DEFAULT_BASELINES as DEMO_BASELINES
+from .profiling.compare import evaluate_baselines  # noqa: F401  (imported from here by older callers)
 
 # A small METER: CLIP-style ViT + BERT-style text tower + co-attention layers, sized for 2 CPU cores.
 MODEL_SIZES = {
@@ -86,8 +89,6 @@ SCENES_BUDGETS["long"] = dict(SCENES_BUDGETS["normal"],
                               trim={"epochs": 2, "limit": 15000, "val_limit": 1500, "batch_size": 64})
 DATASETS = ("easyvqa", "vqa", "scenes")
 RECIPES = {"easyvqa": "easyvqa.yaml", "vqa": "easyvqa.yaml", "scenes": "scenes.yaml"}
-# training-free baselines of the demo (baselines/): the inference rules that need no training run
-DEMO_BASELINES = ("random", "evit", "evit-fusion", "tome", "static-heads", "downsample")
 
 
 @dataclass
@@ -519,43 +520,20 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
 # ----- baselines ---------------------------------------------------------------------------------------
 def eval_data(p: Prepared, model, limit: int, calib_inputs: int, batch_size: int):
     """(evaluation set of the first ``limit`` validation inputs — the profiled ones —, calibration batches:
-    the next ``calib_inputs`` inputs, or the first ones when the split is too small)."""
+    the next ``calib_inputs`` inputs, or the first ones when the split is too small: benchmarks/pareto.py's rule)."""
     from .data import open_dataset
-    from .profiling.compare import EvalSet
+    from .profiling.compare import split_inputs
 
     label2id = {a: i for i, a in enumerate(model.labels)}
     ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, model.config.image_size, label2id=label2id)
-    ev = EvalSet.build(model, ds, limit=limit, batch_size=batch_size)
-    start = limit if len(ds) >= limit + calib_inputs else 0
-    cal = EvalSet.build(model, ds, limit=calib_inputs, batch_size=batch_size, start=start)
+    ev, cal = split_inputs(model, ds, limit, calib_inputs, batch_size, overlap_ok=True)
     return ev, cal.batches
 
 
-def evaluate_baselines(base, ev, calib_batches, target_ratio: float, names=DEMO_BASELINES, tol: float = 0.02,
-                       console=None) -> list[dict]:
-    """Each training-free baseline calibrated on ``calib_batches`` to ``target_ratio`` of the base model's
-    mean GMACs, then evaluated on ``ev`` (profiling/compare.py rows, with the calibration record)."""
-    from .baselines import get_baseline
-
-    ev.set_full_gmacs(base)
-    rows = []
-    for name in names:
-        bl = get_baseline(name).calibrate(base, calib_batches, target_ratio, tol=tol, strict=False)
-        applied = bl.apply(base)
-        info = {"family": name, "target_ratio": target_ratio, "calibration": bl.calibration, "params": bl.params()}
-        if name == "downsample":
-            info["image_tokens"] = int(applied.model.config.n_patches + 1)
-        rows.append(ev.evaluate(name, lambda b, a=applied: a.run(b, record=True), **info))
-        if console is not None:
-            r = rows[-1]
-            console.print(f"  {name}: {r['accuracy']:.2f}% at {r['gmacs_mean']:.4g} GMACs "
-                          f"(ratio {r['gmacs_ratio']:.3f}, target {target_ratio:.3f})", highlight=False)
-    return rows
-
-
 def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) -> list[dict]:
-    """Stage 6: full, SmartTrim (the trimmed model) and the training-free baselines on the profiled inputs;
-    writes baselines.json, baselines.png and (scenes) baselines_objects.png. -> the rows."""
+    """Stage 6: full, SmartTrim (the trimmed model) and the training-free baselines on the profiled inputs
+    (profiling/compare.py compare_models, as `smarttrim compare`); writes baselines.json, baselines.png and
+    (scenes) baselines_objects.png. -> the rows."""
     from . import load
     from .atomic import atomic_path
     from .profiling import compare, objects
@@ -565,11 +543,12 @@ def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) ->
     base = load(root / "base", mode="hard")
     trimmed = load(root / "trimmed", mode="hard")
     ev, cal = eval_data(p, base, limit, b["calib_inputs"], b["batch_size"])
-    ev.set_full_gmacs(base)
-    full = ev.evaluate("full (base)", lambda x: base.run(x, mode="full", record=True), family="full")
-    st = ev.evaluate("smarttrim", lambda x: trimmed.run(x, mode="hard", record=True), family="smarttrim",
-                     target_ratio=p.settings.target_ratio, threshold=float(trimmed.threshold))
-    rows = [st] + evaluate_baselines(base, ev, cal, target_ratio, console=console)
+    res = compare.compare_models(trimmed, base, ev, cal, target=target_ratio, full_name="full (base)",
+                                 smarttrim_info={"target_ratio": p.settings.target_ratio}, console=console)
+    full, rows = res["full"], [res["smarttrim"]] + res["baselines"]
+    for r in [full] + rows:  # summary rows; the per-input scores are `smarttrim compare`'s
+        r.pop("per_input", None)
+        r.pop("paired", None)
     out = {"dataset": p.settings.dataset, "n_inputs": len(ev), "target_ratio": target_ratio,
            "note": "baselines act on the base model (training-free), calibrated to the trimmed model's measured "
                    "mean GMACs ratio on separate validation inputs; SmartTrim is the fine-tuned trimmed model",

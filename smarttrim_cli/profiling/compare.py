@@ -10,8 +10,13 @@ trimming methods), per-input score (VQA score, 0-1), per-input MACs from the cos
 fvcore's convention: equal to fvcore's count of the hard forward, tested), image tokens alive after the
 last image-stream token decision, and the scene's object count when the folder has ``scenes_<split>.json``.
 Batches are collated once (text padded to the batch's longest); the cost model counts each input's real
-tokens, so the costs equal batch-1 costs. Used by ``smarttrim demo`` (baselines stage) and
-``benchmarks/pareto.py``.
+tokens, so the costs equal batch-1 costs.
+
+One comparison for every caller: ``split_inputs`` (evaluated inputs and calibration inputs held apart),
+``evaluate_baselines`` (each training-free baseline calibrated to a cost, then evaluated) and
+``compare_models`` (reference, SmartTrim and the baselines on the same inputs, paired) serve
+``smarttrim compare`` (profiling/compare_runner.py) and the demo's baselines stage; ``EvalSet`` and the
+charts also ``benchmarks/pareto.py``.
 """
 from __future__ import annotations
 
@@ -22,8 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import SmartTrimError
 from ..trim.cost import total_macs
 from . import objects as obj
+
+# the training-free baselines compared by default (baselines/): inference rules that need no training run
+DEFAULT_BASELINES = ("random", "evit", "evit-fusion", "tome", "static-heads", "downsample")
 
 _IMAGE_TOKENS = re.compile(r"^tok:(vision|ximage)_(\d+)$")
 
@@ -50,6 +59,7 @@ class EvalSet:
     scenes_source: str | None = None
     full_gmacs: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
+    indices: list = field(default_factory=list)  # positions in the dataset
 
     @classmethod
     def build(cls, model, ds, limit: int | None = None, batch_size: int = 32, start: int = 0) -> "EvalSet":
@@ -69,7 +79,7 @@ class EvalSet:
         objs = [index.objects(q) if index is not None else None for q in ids]
         kinds = [index.kind(q) if index is not None else None for q in ids]
         return cls(batches, ids, objs, int(model.config.n_patches + 1),
-                   str(index.path) if index is not None else None, kinds=kinds)
+                   str(index.path) if index is not None else None, kinds=kinds, indices=list(range(start, start + n)))
 
     def __len__(self):
         return len(self.ids)
@@ -83,8 +93,14 @@ class EvalSet:
                     self.full_gmacs += (total_macs(ctx.records).double() / 1e9).reshape(-1).tolist()
         return self.full_gmacs
 
-    def evaluate(self, name: str, run, **info) -> dict:
-        """Run every batch through ``run(batch) -> (logits, ctx)`` (ctx with cost records) and summarise."""
+    def to(self, device) -> "EvalSet":
+        """Move the collated batches to ``device`` (in place); returns self."""
+        self.batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in self.batches]
+        return self
+
+    def evaluate(self, name: str, run, per_input: bool = False, **info) -> dict:
+        """Run every batch through ``run(batch) -> (logits, ctx)`` (ctx with cost records) and summarise.
+        ``per_input``: the row also holds ``per_input`` = {score, gmacs} lists in input order (paired tests)."""
         from ..train.losses import score
 
         scores, macs, toks = [], [], []
@@ -99,8 +115,102 @@ class EvalSet:
         s = torch.cat(scores).double().numpy()
         g = (torch.cat(macs) / 1e9).numpy()
         t = torch.cat(toks).double().numpy()
-        return summarize(name, s, g, t, self.objects, self.full_gmacs or None, self.n_image_tokens,
-                         kinds=self.kinds, **info)
+        row = summarize(name, s, g, t, self.objects, self.full_gmacs or None, self.n_image_tokens,
+                        kinds=self.kinds, **info)
+        if per_input:
+            row["per_input"] = {"score": s.tolist(), "gmacs": g.tolist()}
+        return row
+
+
+def split_inputs(model, ds, limit: int | None, calib_limit: int, batch_size: int,
+                 overlap_ok: bool = False) -> tuple[EvalSet, EvalSet]:
+    """(evaluation set: the first ``limit`` inputs of ``ds`` — the ones ``profile --limit`` reads —, calibration
+    set: the next ``calib_limit``). Held apart: when the split ends first the calibration set is shorter, and
+    an error when nothing is left for it. ``overlap_ok`` keeps the benchmarks' older rule (calibrate on the
+    first inputs when the split is too small), under which their published numbers were measured."""
+    n = len(ds) if limit is None else min(len(ds), int(limit))
+    start, m = n, min(int(calib_limit), len(ds) - n)
+    if m < int(calib_limit) and overlap_ok:
+        start, m = 0, min(int(calib_limit), len(ds))
+    if m < 1:
+        raise SmartTrimError(f"--limit {limit} takes all {len(ds)} inputs of the split: none is left to calibrate "
+                             "the baselines on (--calib-limit); lower --limit")
+    ev = EvalSet.build(model, ds, limit=n, batch_size=batch_size)
+    cal = EvalSet.build(model, ds, limit=m, batch_size=batch_size, start=start)
+    return ev, cal
+
+
+def paired(a, b) -> dict:
+    """Paired difference a - b of per-input scores (0-1, same inputs in the same order), in points:
+    {margin, margin_se (standard error of the mean difference), wins, losses, ties, n}."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = d.size
+    return {"margin": float(d.mean()) * 100 if n else None,
+            "margin_se": float(d.std(ddof=1) / math.sqrt(n)) * 100 if n > 1 else None,
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()), "n": int(n)}
+
+
+def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASELINES, tol: float = 0.02,
+                       console=None, per_input: bool = False, advance=None) -> list[dict]:
+    """Each training-free baseline calibrated on ``calib_batches`` to ``target_ratio`` (one ratio or a list) of
+    the base model's mean GMACs, then evaluated on ``ev`` (rows with the calibration record). ``advance()`` is
+    called after each row (a progress bar)."""
+    from ..baselines import get_baseline
+
+    ev.set_full_gmacs(base)
+    rows = []
+    for r in ([target_ratio] if isinstance(target_ratio, (int, float)) else list(target_ratio)):
+        for name in names:
+            bl = get_baseline(name).calibrate(base, calib_batches, r, tol=tol, strict=False)
+            applied = bl.apply(base)
+            info = {"family": name, "target_ratio": r, "calibration": bl.calibration, "params": bl.params()}
+            if name == "downsample":
+                info["image_tokens"] = int(applied.model.config.n_patches + 1)
+            rows.append(ev.evaluate(name, lambda b, a=applied: a.run(b, record=True), per_input=per_input, **info))
+            if console is not None:
+                row = rows[-1]
+                console.print(f"  {name}: {row['accuracy']:.2f}% at {row['gmacs_mean']:.4g} GMACs "
+                              f"(ratio {row['gmacs_ratio']:.3f}, target {r:.3f})", highlight=False)
+            if advance is not None:
+                advance()
+    return rows
+
+
+def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: float | None = None,
+                   thresholds=(), ratios=(), names=DEFAULT_BASELINES, target: float | None = None,
+                   tol: float = 0.02, full_name: str = "full (reference)", smarttrim_info: dict | None = None,
+                   console=None, advance=None) -> dict:
+    """The reference ``base`` at full capacity, SmartTrim (``trimmed`` in hard mode at ``threshold``, default its
+    own, and at each of ``thresholds``) and the training-free baselines acting on ``base``, every method on
+    the inputs of ``ev``. The baselines are calibrated on ``calib_batches`` to ``target`` (default SmartTrim's
+    measured mean GMACs ratio on ``ev``: matched cost) and to each of ``ratios``. Each row keeps its per-input
+    scores; each baseline row gets ``paired``: SmartTrim minus the baseline on the same inputs.
+    -> {target_ratio, full, smarttrim, sweep, baselines}."""
+    thr = float(trimmed.threshold if threshold is None else threshold)
+    ev.set_full_gmacs(base)
+
+    def step():
+        if advance is not None:
+            advance()
+
+    full = ev.evaluate(full_name, lambda b: base.run(b, mode="full", record=True), per_input=True, family="full")
+    step()
+    st = ev.evaluate("smarttrim", lambda b: trimmed.run(b, mode="hard", threshold=thr, record=True), per_input=True,
+                     family="smarttrim", threshold=thr, **(smarttrim_info or {}))
+    step()
+    sweep = []
+    for t in sorted({round(float(x), 6) for x in thresholds} - {round(thr, 6)}):
+        sweep.append(ev.evaluate(f"smarttrim t={t:g}", lambda b, t=t: trimmed.run(b, mode="hard", threshold=t,
+                                                                                  record=True),
+                                 per_input=True, family="smarttrim", threshold=t))
+        step()
+    target = float(st["gmacs_ratio"] if target is None else target)
+    targets = [target] + [float(r) for r in sorted(set(ratios), reverse=True) if abs(float(r) - target) > 1e-9]
+    rows = evaluate_baselines(base, ev, calib_batches, targets, names, tol=tol, console=console, per_input=True,
+                              advance=advance)
+    for r in rows:
+        r["paired"] = paired(st["per_input"]["score"], r["per_input"]["score"])
+    return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows}
 
 
 def _q(a, p):
@@ -163,7 +273,8 @@ def markdown_table(rows: list[dict], reference: dict | None = None, control: dic
     return "\n".join(lines)
 
 
-def pareto_chart(path, rows: list[dict], full: dict, title: str = "", control: dict | None = None):
+def pareto_chart(path, rows: list[dict], full: dict, title: str = "", control: dict | None = None,
+                 ylabel: str = "accuracy (VQA score, %)"):
     """Accuracy against mean GMACs: one marker/colour per method family, points of a family joined in
     cost order; the full model (and the equal-steps control) as stars."""
     from .objects import _plt, _save
@@ -185,7 +296,7 @@ def pareto_chart(path, rows: list[dict], full: dict, title: str = "", control: d
         ax.scatter([control["gmacs_mean"]], [control["accuracy"]], marker="*", s=220, color="#c44e52", zorder=5,
                    label=f"{control['name']} ({control['accuracy']:.1f})")
     ax.set_xlabel("mean GMACs per input (cost model, fvcore convention: 1 multiply-add = 1)")
-    ax.set_ylabel("accuracy (VQA score, %)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "Accuracy against mean GMACs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)

@@ -186,9 +186,10 @@ def get_path(report: dict, path: str):
     return cur
 
 
-def missing_fields(report: dict) -> list[str]:
+def missing_fields(report: dict, fields: dict | None = None) -> list[str]:
+    """Documented paths of ``fields`` (default: this report's FIELDS) absent from ``report``."""
     out = []
-    for p in FIELDS:
+    for p in FIELDS if fields is None else fields:
         try:
             get_path(report, p)
         except (KeyError, TypeError):
@@ -196,10 +197,10 @@ def missing_fields(report: dict) -> list[str]:
     return out
 
 
-def schema_markdown() -> str:
-    """The README table of report.json fields."""
+def schema_markdown(fields: dict | None = None) -> str:
+    """The README table of report.json fields (``fields``: another report's FIELDS)."""
     lines = ["| field | meaning |", "|---|---|"]
-    lines += [f"| `{k}` | {v.replace('|', '/')} |" for k, v in FIELDS.items()]
+    lines += [f"| `{k}` | {v.replace('|', '/')} |" for k, v in (FIELDS if fields is None else fields).items()]
     return "\n".join(lines)
 
 

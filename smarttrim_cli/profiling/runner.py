@@ -145,16 +145,19 @@ def default_out_dir() -> Path:
     return workspace() / "profile"
 
 
-def parse_sweep(text: str | None) -> list[float]:
+def parse_sweep(text: str | None, option: str = "--sweep", what: str = "threshold",
+                positive: bool = False) -> list[float]:
+    """Comma-separated numbers in [0, 1] ((0, 1] when ``positive``); ``option`` and ``what`` name them in the
+    one-line errors."""
     if not text:
         return []
     try:
         vals = [float(x) for x in str(text).replace(" ", ",").split(",") if x.strip()]
     except ValueError:
-        raise SmartTrimError(f"--sweep: expected comma-separated thresholds like 0.3,0.5,0.7, got {text!r}") from None
+        raise SmartTrimError(f"{option}: expected comma-separated {what}s like 0.3,0.5,0.7, got {text!r}") from None
     for v in vals:
-        if not 0.0 <= v <= 1.0:
-            raise SmartTrimError(f"--sweep: threshold {v:g} is outside [0, 1]")
+        if not 0.0 <= v <= 1.0 or (positive and v == 0):
+            raise SmartTrimError(f"{option}: {what} {v:g} is outside {'(0' if positive else '[0'}, 1]")
     return vals
 
 
