@@ -154,7 +154,7 @@ def render(report: dict, console) -> None:
     for col, just in (("method", "left"), ("target", "right"), (f"{report['metric']} (%)", "right"),
                       ("SmartTrim − method (paired)", "right"), ("mean GMACs", "right"), ("ratio", "right"),
                       ("matched", "center")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just, no_wrap=col == "method")
     for r in report["methods"]:
         p = r.get("paired")
         t.add_row(r["name"], _f(r.get("target_ratio"), "{:.3f}"), f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
