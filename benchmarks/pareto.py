@@ -169,7 +169,6 @@ def _say(msg):
 
 def run(args) -> dict:
     from smarttrim_cli import load
-    from smarttrim_cli.baselines import get_baseline
     from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit, keep_ratio_for
     from smarttrim_cli.profiling import compare, objects
     from smarttrim_cli.profiling.latency import machine_info
@@ -290,20 +289,10 @@ def run(args) -> dict:
                                     keep_ratio=bl.keep_ratio, trained_keep_ratio=trained_keep,
                                     calibration=bl.calibration))
             _print_row(rows[-1], full, control)
-    heads = None
-    for name in [n for n in args.baselines.split(",") if n]:
-        for r in ratios:
-            kw = {"importance": heads} if (name == "static-heads" and heads is not None) else {}
-            bl = (cls_mass_baseline() if name == "evit-mass" else get_baseline(name, **kw))
-            bl.calibrate(base, cal, r, tol=0.02, strict=False)
-            if name == "static-heads":
-                heads = bl.importance
-            a = bl.apply(base)
-            info = {"family": name, "target_ratio": r, "calibration": bl.calibration, "params": bl.params()}
-            if name == "downsample":
-                info["image_tokens"] = int(a.model.config.n_patches + 1)
-            rows.append(ev.evaluate(f"{bl.name} @{r:g}", lambda b, a=a: a.run(b, record=True), **info))
-            _print_row(rows[-1], full, control)
+    # the training-free baselines: the evaluation `smarttrim compare` and the demo run (profiling/compare.py)
+    rows += compare.evaluate_baselines(base, ev, cal, ratios, [n for n in args.baselines.split(",") if n], tol=0.02,
+                                       label="{name} @{ratio:g}", factories={"evit-mass": cls_mass_baseline},
+                                       on_row=lambda row: _print_row(row, full, control))
     timings["evaluate_s"] = time.time() - t
 
     verdict = goals(args.dataset, ratios, rows, full, control)

@@ -151,63 +151,70 @@ def paired(a, b) -> dict:
 
 
 def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASELINES, tol: float = 0.02,
-                       console=None, per_input: bool = False, advance=None) -> list[dict]:
+                       console=None, per_input: bool = False, on_row=None, label: str = "{name}",
+                       factories: dict | None = None) -> list[dict]:
     """Each training-free baseline calibrated on ``calib_batches`` to ``target_ratio`` (one ratio or a list) of
-    the base model's mean GMACs, then evaluated on ``ev`` (rows with the calibration record). ``advance()`` is
-    called after each row (a progress bar)."""
+    the base model's mean GMACs, then evaluated on ``ev``: rows with the calibration record, baseline by
+    baseline and, within one, ratio by ratio. ``label``: the row name, formatted with ``name`` (the baseline's)
+    and ``ratio``; ``factories``: {name: () -> Baseline} for rules outside the registry (benchmarks' analysis
+    rules); ``on_row(row)`` is called after each row (progress, printing)."""
     from ..baselines import get_baseline
 
     ev.set_full_gmacs(base)
+    targets = [target_ratio] if isinstance(target_ratio, (int, float)) else list(target_ratio)
     rows = []
-    for r in ([target_ratio] if isinstance(target_ratio, (int, float)) else list(target_ratio)):
-        for name in names:
-            bl = get_baseline(name).calibrate(base, calib_batches, r, tol=tol, strict=False)
+    for name in names:
+        for r in targets:
+            bl = (factories or {}).get(name, lambda n=name: get_baseline(n))()
+            bl.calibrate(base, calib_batches, r, tol=tol, strict=False)
             applied = bl.apply(base)
             info = {"family": name, "target_ratio": r, "calibration": bl.calibration, "params": bl.params()}
             if name == "downsample":
                 info["image_tokens"] = int(applied.model.config.n_patches + 1)
-            rows.append(ev.evaluate(name, lambda b, a=applied: a.run(b, record=True), per_input=per_input, **info))
+            rows.append(ev.evaluate(label.format(name=bl.name, ratio=r), lambda b, a=applied: a.run(b, record=True),
+                                    per_input=per_input, **info))
             if console is not None:
                 row = rows[-1]
-                console.print(f"  {name}: {row['accuracy']:.2f}% at {row['gmacs_mean']:.4g} GMACs "
+                console.print(f"  {row['name']}: {row['accuracy']:.2f}% at {row['gmacs_mean']:.4g} GMACs "
                               f"(ratio {row['gmacs_ratio']:.3f}, target {r:.3f})", highlight=False)
-            if advance is not None:
-                advance()
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
 def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: float | None = None,
                    thresholds=(), ratios=(), names=DEFAULT_BASELINES, target: float | None = None,
                    tol: float = 0.02, full_name: str = "full (reference)", smarttrim_info: dict | None = None,
-                   console=None, advance=None) -> dict:
+                   console=None, on_row=None) -> dict:
     """The reference ``base`` at full capacity, SmartTrim (``trimmed`` in hard mode at ``threshold``, default its
     own, and at each of ``thresholds``) and the training-free baselines acting on ``base``, every method on
     the inputs of ``ev``. The baselines are calibrated on ``calib_batches`` to ``target`` (default SmartTrim's
     measured mean GMACs ratio on ``ev``: matched cost) and to each of ``ratios``. Each row keeps its per-input
-    scores; each baseline row gets ``paired``: SmartTrim minus the baseline on the same inputs.
+    scores; each baseline row gets ``paired``: SmartTrim minus the baseline on the same inputs. ``on_row(row)``
+    is called after each row.
     -> {target_ratio, full, smarttrim, sweep, baselines}."""
     thr = float(trimmed.threshold if threshold is None else threshold)
     ev.set_full_gmacs(base)
 
-    def step():
-        if advance is not None:
-            advance()
+    def step(row):
+        if on_row is not None:
+            on_row(row)
 
     full = ev.evaluate(full_name, lambda b: base.run(b, mode="full", record=True), per_input=True, family="full")
-    step()
+    step(full)
     st = ev.evaluate("smarttrim", lambda b: trimmed.run(b, mode="hard", threshold=thr, record=True), per_input=True,
                      family="smarttrim", threshold=thr, **(smarttrim_info or {}))
-    step()
+    step(st)
     sweep = []
     for t in sorted({round(float(x), 6) for x in thresholds} - {round(thr, 6)}):
         sweep.append(ev.evaluate(f"smarttrim t={t:g}", lambda b, t=t: trimmed.run(b, mode="hard", threshold=t,
                                                                                   record=True),
                                  per_input=True, family="smarttrim", threshold=t))
-        step()
+        step(sweep[-1])
     target = float(st["gmacs_ratio"] if target is None else target)
     targets = [target] + [float(r) for r in sorted(set(ratios), reverse=True) if abs(float(r) - target) > 1e-9]
     rows = evaluate_baselines(base, ev, calib_batches, targets, names, tol=tol, console=console, per_input=True,
-                              advance=advance)
+                              on_row=on_row)
     for r in rows:
         r["paired"] = paired(st["per_input"]["score"], r["per_input"]["score"])
     return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows}

@@ -156,7 +156,8 @@ def _run(s: CompareSettings, console) -> CompareResult:
     with _progress(console) as prog, torch.no_grad():
         tid = prog.add_task(f"compare on {len(ev)} inputs", total=steps)
         res = cmp.compare_models(model, base, ev, cal.batches, threshold=thr, thresholds=s.thresholds,
-                                 ratios=s.ratios, names=s.baselines, tol=s.tol, advance=lambda: prog.advance(tid))
+                                 ratios=s.ratios, names=s.baselines, tol=s.tol,
+                                 on_row=lambda row: prog.advance(tid))
     report = _assemble(s, model, ref, name, split, ds, ev, cal, res, device, threads)
     out_dir = Path(s.out_dir) if s.out_dir else default_out_dir()
     files = {"json": str(Path(s.json_path) if s.json_path else out_dir / "compare.json"),
