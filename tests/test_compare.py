@@ -145,3 +145,39 @@ def test_no_input_left_for_calibration_is_an_error(tmp_path):
         split_inputs(m, ds, 10, 8, 4)
     ev, cal = split_inputs(m, ds, 10, 4, 4, overlap_ok=True)  # the benchmarks' older rule
     assert cal.indices == [0, 1, 2, 3]
+
+
+def test_baselines_act_on_the_recorded_reference(tmp_path):
+    """The training-free baselines run on the model the user brought (recorded in config.json), not on the
+    fine-tuned weights: a reference that always answers the most common answer, a trimmed model that never does."""
+    from safetensors.torch import load_file, save_file
+
+    from smarttrim_cli.data import open_dataset
+    from smarttrim_cli.reference import labels_sha256, weights_sha256
+
+    ref, trimmed = easyvqa_model(tmp_path, "ref"), easyvqa_model(tmp_path, "trimmed", seed=1)
+    cfg = json.loads((ref / "config.json").read_text())
+    ds = open_dataset("easyvqa", None, "test", 32, label2id=cfg["labels"], limit=8)
+    answers = [int(ds[i]["target"].argmax()) for i in range(8)]
+    k = max(set(answers), key=answers.count)
+    for d, push in ((ref, 50.0), (trimmed, -50.0)):
+        sd = load_file(str(d / "model.safetensors"))
+        sd["vqa_classifier.3.bias"][k] += push
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    tcfg = json.loads((trimmed / "config.json").read_text())
+    tcfg["reference"] = {"path": str(ref.resolve()), "sha256": weights_sha256(ref), "backbone": cfg["backbone"],
+                         "task": cfg["task"], "labels_sha256": labels_sha256(cfg["labels"])}
+    (trimmed / "config.json").write_text(json.dumps(tcfg))
+
+    res, out = invoke([str(trimmed), "--dataset", "easyvqa", "--limit", "8", "--calib-limit", "8",
+                       "--baselines", "evit,tome", *FAST, "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, out
+    rep = report_at(tmp_path / "c.json")
+    assert rep["reference"]["model_dir"] == str(ref.resolve()) and rep["reference"]["source"] == "recorded"
+    full, st = rep["methods"][0], rep["methods"][1]
+    assert full["accuracy"] == pytest.approx(100 * answers.count(k) / 8) and full["accuracy"] > 0
+    hit = [i for i, a in enumerate(answers) if a == k]
+    assert all(st["per_input"]["score"][i] == 0 for i in hit)  # the trimmed weights never give that answer
+    for m in rep["methods"][2:]:
+        assert m["per_input"]["score"] == full["per_input"]["score"], m["name"]  # the reference's answers
+    assert rep["comparison"]["drop"] == pytest.approx(full["accuracy"] - st["accuracy"]) and rep["comparison"]["drop"] > 0
