@@ -81,15 +81,17 @@ FIELDS: dict[str, str] = {
     "methods[].paired": "baselines: {margin (SmartTrim - this, points, same inputs), margin_se, wins, losses, ties, "
                         "n}: SmartTrim at settings.threshold against this row; else null",
     "methods[].per_input": "{score (0-1), gmacs} per evaluated input, in inputs.evaluated order",
-    "comparison": "SmartTrim against the baselines at matched cost (the rows with target_ratio = target_ratio)",
-    "comparison.best_baseline": "name of the best-scoring matched baseline at target_ratio (null: none matched)",
+    "comparison": "SmartTrim against the baselines at its cost: the rows with target_ratio = target_ratio whose "
+                  "measured ratio is at most target_ratio + settings.match_tol (matched, or cheaper: a coarse grid)",
+    "comparison.best_baseline": "name of the best-scoring of those (null: every baseline spent more)",
     "comparison.best_baseline_accuracy": "its score",
     "comparison.best_baseline_gmacs_ratio": "its measured GMACs ratio",
     "comparison.margin": "SmartTrim's score - best_baseline's, in points (paired over the same inputs); "
                          "--min-margin reads it",
     "comparison.margin_se": "standard error of margin (paired)",
     "comparison.drop": "reference score - SmartTrim's, in points; --max-drop reads it",
-    "comparison.unmatched": "baselines at target_ratio that could not reach it (left out of best_baseline)",
+    "comparison.left_out": "baselines at target_ratio that could not get down to it (more than match_tol above; "
+                           "not counted in best_baseline)",
     "gate": "the CI gate",
     "gate.min_margin": "--min-margin or null",
     "gate.max_drop": "--max-drop or null",
@@ -118,7 +120,7 @@ def evaluate_gate(report: dict, min_margin: float | None, max_drop: float | None
     failures = []
     if min_margin is not None:
         if margin is None:
-            failures.append(f"no baseline reached SmartTrim's cost ({', '.join(c['unmatched']) or 'none run'}), so "
+            failures.append(f"no baseline got down to SmartTrim's cost ({', '.join(c['left_out']) or 'none run'}), so "
                             f"--min-margin {min_margin:g} cannot hold")
         elif margin < min_margin:
             failures.append(f"SmartTrim's margin over the best baseline ({c['best_baseline']}) is {margin:+.2f} pts, "
@@ -168,8 +170,8 @@ def render(report: dict, console) -> None:
         console.print(f"at matched cost: SmartTrim {c['margin']:+.2f} ± {_f(c['margin_se'])} pts against the best "
                       f"baseline ({c['best_baseline']}, {c['best_baseline_accuracy']:.2f}%); drop against the "
                       f"reference {_f(c['drop'], '{:+.2f}')} pts", highlight=False)
-    if c["unmatched"]:
-        console.print(f"not at SmartTrim's cost (left out of the margin): {', '.join(c['unmatched'])}",
+    if c["left_out"]:
+        console.print(f"could not get down to SmartTrim's cost (left out of the margin): {', '.join(c['left_out'])}",
                       highlight=False)
     console.print("written: " + ", ".join(str(v) for v in report["files"].values() if v), highlight=False)
     g = report["gate"]
