@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import SmartTrimError
 # the demo's training-free baselines are those `smarttrim compare` runs by default, evaluated by its code
-from .profiling.compare import DEFAULT_BASELINES as DEMO_BASELINES
+from .profiling.compare import DEFAULT_BASELINES as DEMO_BASELINES  # noqa: F401  (benchmarks import it from here)
 from .profiling.compare import evaluate_baselines  # noqa: F401  (imported from here by older callers)
 
 # A small METER: CLIP-style ViT + BERT-style text tower + co-attention layers, sized for 2 CPU cores.

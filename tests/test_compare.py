@@ -3,7 +3,6 @@ mean GMACs, calibrated on inputs held apart from the evaluated ones, paired, gat
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
