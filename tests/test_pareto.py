@@ -45,16 +45,31 @@ def scene_model(scenes, tmp_path_factory):
 
 
 # ----- objects.py ------------------------------------------------------------------------------------------
-def test_spearman_matches_scipy_with_ties():
-    from scipy.stats import spearmanr
+def _average_ranks(v):
+    """Rank of each value by definition: 1 + the number of smaller values + half the number of equal others
+    (ties get the mean of the positions they share). Independent of the sort-based ranking under test."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.array([1 + (v < a).sum() + ((v == a).sum() - 1) / 2 for a in v])
 
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_spearman_with_ties_matches_hand_computed_values():
     from smarttrim_cli.profiling.objects import direction, spearman
 
+    # By hand: ranks x -> [1, 2.5, 2.5, 4, 5], y -> [2, 1, 5, 3.5, 3.5]; centred products sum to 3.5 and both
+    # sums of squares are 9.5, so rho = 7/19. Without tie averaging (or with the no-ties shortcut formula,
+    # which gives 0.4) the value differs.
+    assert spearman([1, 2, 2, 3, 4], [2, 1, 4, 3, 3]) == pytest.approx(7 / 19, abs=1e-12)
     rng = np.random.default_rng(0)
     x = rng.integers(1, 7, 60)
     y = 3 * x + rng.normal(0, 4, 60).round()
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
-    assert spearman(x, -y) == pytest.approx(-spearmanr(x, y).statistic, abs=1e-12)
+    expected = _pearson(_average_ranks(x), _average_ranks(y))
+    assert spearman(x, y) == pytest.approx(expected, abs=1e-12)
+    assert spearman(x, -y) == pytest.approx(-expected, abs=1e-12)
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
     assert direction(0.5) == "more on crowded images" and direction(-0.5) == "fewer on crowded images"
     assert direction(0.0) == "flat" and direction(None).startswith("flat")
