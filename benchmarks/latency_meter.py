@@ -1,6 +1,6 @@
 """Does a GMAC cut become a wall-clock cut? METER-sized model, CPU, fixed keep ratios of image tokens.
 
-Configuration: METER with random weights at the size of shared/NOTES.md's example: CLIP ViT-B/16 visual
+Configuration: METER with random weights at the size of the released model: CLIP ViT-B/16 visual
 tower (11 blocks) at 288² (325 image tokens), RoBERTa-base text encoder (12 layers), 6 co-attention
 layers per stream, VQA head (3129 answers). One text of ``--text-len`` real tokens (no padding).
 

@@ -1,6 +1,6 @@
 """Is the exported trimmed graph really faster in onnxruntime? METER-sized model, CPU, 2 threads.
 
-Configuration: METER with random weights at the size of shared/NOTES.md's example: CLIP ViT-B/16
+Configuration: METER with random weights at the size of the released model: CLIP ViT-B/16
 visual tower (11 blocks) at 288² (325 image tokens), RoBERTa-base text encoder (12 layers), 6
 co-attention layers per stream, VQA head (3129 answers); ~334M parameters. Trimmers where
 ``default_trim_config`` puts them (image tokens at vision layers 2,4,6,8,10 and cross-modal image
