@@ -345,7 +345,7 @@ def run(args) -> dict:
              f"{_steps_text(out['steps'])} from the same base)")
     out["files"] = {"json": str(outdir / f"{stem}.json"), "png": str(outdir / f"{stem}.png"),
                     "md": str(outdir / f"{stem}.md")}
-    compare.pareto_chart(outdir / f"{stem}.png", rows, full, title=title, control=control)
+    compare.methods_chart(outdir / f"{stem}.png", rows, full, title=title, control=control)
     if any(o is not None for o in ev.objects):
         near = min(ratios, key=lambda r: abs(r - 1 / 3))
         series = {"full": full["by_objects"], **{r_["name"]: r_["by_objects"] for r_ in rows

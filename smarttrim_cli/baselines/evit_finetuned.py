@@ -129,7 +129,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     from ..train import curriculum as cur
     from ..train import distributed as D
     from ..train.config import build_config
-    from ..train.loop import (Collate, IndexedDataset, _check_batch, _to, open_data, param_groups,
+    from ..train.loop import (Collate, IndexedDataset, _check_batch, _to, open_train_val, param_groups,
                               plot_history, teacher_model)
     from ..train.losses import distill_loss, feature_loss, task_loss
 
@@ -146,7 +146,7 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
     cfg, rec = build_config(recipe, {**(overrides or {}), "trim": True}, task=model.config.task,
                             family=model.family, dataset=(overrides or {}).get("dataset"))
     torch.manual_seed(cfg.seed)
-    ds_name, train_ds, val_ds, labels = open_data(model, cfg, rec, False)
+    ds_name, train_ds, val_ds, labels = open_train_val(model, cfg, rec, False)
     multilabel = ds_name in ("vqa", "easyvqa")
     pre = dict(model.smarttrim_config.get("preprocess") or {})
     max_len = int(pre.get("max_text_len") or model.config.max_text_len)

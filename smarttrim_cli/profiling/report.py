@@ -9,10 +9,8 @@ throughput.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..atomic import atomic_path
 from ..errors import ValidationFailed
 
 SCHEMA = "smarttrim-profile"
@@ -186,13 +184,6 @@ def schema_markdown() -> str:
     lines = ["| field | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {v.replace('|', '/')} |" for k, v in FIELDS.items()]
     return "\n".join(lines)
-
-
-def write_json(report: dict, path) -> Path:
-    path = Path(path)
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return path
 
 
 # ----- the gate ----------------------------------------------------------------------------------------

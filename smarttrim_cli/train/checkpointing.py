@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..errors import SmartTrimError
 
 STATE_FORMAT = "smarttrim-train-state"
@@ -83,11 +83,6 @@ def load_best(state_dir: Path) -> dict | None:
 
     p = state_dir / "best.safetensors"
     return load_file(str(p)) if p.is_file() else None
-
-
-def write_json(path: Path, obj):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..data import batch_to_device as _to
 from ..errors import SmartTrimError
 from ..trim.cost import macs_ratio, total_macs
 from . import checkpointing as ck
@@ -85,10 +86,6 @@ def _check_batch(batch):
     if "__error__" in batch:
         raise SmartTrimError(batch["__error__"])
     return batch
-
-
-def _to(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----- image-text matching (retrieval) -------------------------------------------------------------------
@@ -436,7 +433,7 @@ def _amp(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda", enabled=mode == "fp16")
 
 
-def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
+def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
     """-> (dataset name, train set, val set, labels)."""
     from ..data import NLVR2_LABELS, canonical_name, open_dataset
 
@@ -526,7 +523,7 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
         raise SmartTrimError(f"{src}: the model has no trimmers (attach inserts them); use --no-trim for a plain fine-tune")
     # same initial state on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
-    ds_name, train_ds, val_ds, labels = open_data(model, cfg, rec, new_head)
+    ds_name, train_ds, val_ds, labels = open_train_val(model, cfg, rec, new_head)
     multilabel = ds_name in ("vqa", "easyvqa")
     pre = dict(model.smarttrim_config.get("preprocess") or {})
     max_len = int(pre.get("max_text_len") or model.config.max_text_len)
