@@ -12,6 +12,7 @@ from ..trim.context import LayerCost, TrimContext, count
 from ..trim.fusion import fuse_dropped, fuse_nearest, size_bias
 from ..trim.gather import gather_rows, kept_order
 from ..trim.gumbel import above_threshold, st_keep
+from ..trim.topk import keep_topk
 
 
 @dataclass
@@ -106,7 +107,7 @@ class TrimmableModel(nn.Module):
             if forced is not None:
                 m = forced.to(s.x.dtype)
             elif ctx.keep_ratio is not None:
-                m = self._topk_keep(logits, alive, ctx.keep_ratio).to(s.x.dtype)
+                m = keep_topk(logits, alive, ctx.keep_ratio, reserve_cls=False).to(s.x.dtype)
             else:
                 m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
             before = alive.sum(1).clamp_min(1.0)
@@ -119,7 +120,7 @@ class TrimmableModel(nn.Module):
             if forced is not None:
                 keep = forced.to(s.x.device).gather(1, s.pos) > 0.5
             elif ctx.keep_ratio is not None:
-                keep = self._topk_keep(logits, s.pad, ctx.keep_ratio)
+                keep = keep_topk(logits, s.pad, ctx.keep_ratio, reserve_cls=False)
             else:
                 keep = above_threshold(logits, ctx.threshold)
             keep = _cls_kept(keep & (s.pad > 0))
@@ -147,14 +148,6 @@ class TrimmableModel(nn.Module):
         """Soft mode: the stream's policy becomes ``kept``, with the dropped tokens merged first if ``fuse``
         (shared by the learned trimmers and the fixed-ratio rules of baselines/)."""
         s.policy = self._fuse(s, alive, kept, score, ctx, key) if fuse else kept
-
-    @staticmethod
-    def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:
-        """Keep the ceil(ratio * alive) highest-scoring live tokens of each instance (fixed-ratio rule)."""
-        k = torch.ceil(count(alive) * ratio).clamp_min(1)
-        score = logits.masked_fill(alive <= 0, float("-inf"))
-        rank = score.argsort(1, descending=True).argsort(1)
-        return (rank < k.unsqueeze(1)) & (alive > 0)
 
     def head_step(self, name: str, cls_own, cls_other, ctx: TrimContext, key: str | None = None):
         """-> (gate (B,h) or None, kept head indices or None, per-instance kept count or None)."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import SmartTrimError
 from ..trim.context import LayerCost, count
 from ..trim.cost import total_macs
+from ..trim.topk import keep_topk
 
 STREAM_WIDTH = {"vision": "vision_width", "text": "text_hidden", "xtext": "hidden", "ximage": "hidden"}
 STREAM_HEADS = {"vision": "vision_heads", "text": "text_heads", "xtext": "cross_heads", "ximage": "cross_heads"}
@@ -116,16 +117,6 @@ def add_overhead(ctx, name: str, macs) -> None:
     if ctx.record:
         macs = torch.as_tensor(macs, dtype=torch.float32)
         ctx.add(LayerCost(name, "const", {"macs": 1}, n=macs, n_full=torch.zeros_like(macs)))
-
-
-def keep_topk(score: torch.Tensor, alive: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep ceil(ratio * live) of each instance's live tokens (at least 1), highest score first;
-    token 0 ([CLS]) is always among them."""
-    k = torch.ceil(count(alive) * ratio - 1e-6).clamp_min(1)
-    s = score.float().masked_fill(alive <= 0, float("-inf"))
-    s = torch.cat([torch.full_like(s[:, :1], float("inf")), s[:, 1:]], dim=1)
-    rank = s.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    return (rank < k.unsqueeze(1)) & (alive > 0)
 
 
 def record_tokens(s, ctx, key, keep=None) -> None:
