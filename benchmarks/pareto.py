@@ -75,8 +75,8 @@ def cls_mass_baseline():
         def token_step(self, model, name, st, c, ctx, key):
             if name not in self.names or self.keep_ratio >= 1.0:
                 return
-            att = self.score(model, name, st, st.pad, c, ctx, key).float()
-            live = (st.pad > 0).clone()
+            att = self.score(model, name, st, st.valid, c, ctx, key).float()
+            live = (st.valid > 0).clone()
             live[:, 0] = False
             a = att.masked_fill(~live, 0.0)
             a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
@@ -84,7 +84,7 @@ def cls_mass_baseline():
             before = a.gather(1, order).cumsum(1) - a.gather(1, order)  # mass of the tokens ranked above
             keep_sorted = (before < self.keep_ratio) & live.gather(1, order)
             keep = torch.zeros_like(live).scatter(1, order, keep_sorted)
-            keep[:, 0] = st.pad[:, 0] > 0
+            keep[:, 0] = st.valid[:, 0] > 0
             st._gather(keep)
             record_tokens(st, ctx, key)
 

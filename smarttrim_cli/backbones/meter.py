@@ -279,7 +279,7 @@ class MeterModel(TrimmableModel):
             name = f"text_{i}"
             self.token_step(name, text, img_ctx, ctx, prefix + name)
             gate, idx, hc = self.head_step(name, text.x[:, 0], img_ctx, ctx, prefix + name) if img_ctx is not None else (None, None, None)
-            text.x = layer(text.x, text.key_add(), text.policy, gate, idx)
+            text.x = layer(text.x, text.key_add(), text.soft_keep, gate, idx)
             ctx.add(LayerCost(prefix + name, "bert_layer", dt, n=text.count(), n_full=text.n_full, h=hc))
         t_cls = text.x[:, 0]
 
@@ -288,7 +288,7 @@ class MeterModel(TrimmableModel):
             name = f"vision_{i}"
             self.token_step(name, img, t_cls, ctx, prefix + name)
             gate, idx, hc = self.head_step(name, img.x[:, 0], t_cls, ctx, prefix + name)
-            img.x = blk(img.x, img.key_add(), img.policy, gate, idx)
+            img.x = blk(img.x, img.key_add(), img.soft_keep, gate, idx)
             ctx.add(LayerCost(prefix + name, "clip_block", dv, n=img.count(), n_full=img.n_full, h=hc))
 
         img.x = self.cross_modal_image_transform(vis.ln_post(img.x))
@@ -313,8 +313,8 @@ class MeterModel(TrimmableModel):
             gis, iis, his = self.head_step(f"ximage_{i}_self", y0, x0, ctx, f"{prefix}ximage_{i}_self")
             gic, iic, hic = self.head_step(f"ximage_{i}_cross", y0, x0, ctx, f"{prefix}ximage_{i}_cross")
             t_add, i_add = text.key_add(), img.key_add()
-            x1 = tl(text.x, img.x, t_add, text.policy, i_add, img.policy, gts, its, gtc, itc)
-            y1 = il(img.x, text.x, i_add, img.policy, t_add, text.policy, gis, iis, gic, iic)
+            x1 = tl(text.x, img.x, t_add, text.soft_keep, i_add, img.soft_keep, gts, its, gtc, itc)
+            y1 = il(img.x, text.x, i_add, img.soft_keep, t_add, text.soft_keep, gis, iis, gic, iic)
             nt, ni = text.count(), img.count()
             ctx.add(LayerCost(f"{prefix}xtext_{i}", "cross_layer", dx, n=nt, n_full=text.n_full, m=ni,
                               m_full=img.n_full, h=hts, h2=htc))

@@ -164,19 +164,19 @@ class TokenPolicy(Policy):
         if ctx.mode == "soft":
             if not self.soft_ok:
                 raise SmartTrimError(f"{type(self).__name__}: this baseline changes token states; run it in hard mode")
-            alive = s.policy
+            alive = s.soft_keep
             score = self.score(model, name, s, alive, c, ctx, key)
             keep = keep_topk(score, alive, self.keep_ratio)
-            m = torch.cat([torch.ones_like(s.pad[:, :1]), (keep.to(s.x.dtype) * s.pad)[:, 1:]], dim=1)
-            kept = s.policy * m
+            m = torch.cat([torch.ones_like(s.valid[:, :1]), (keep.to(s.x.dtype) * s.valid)[:, 1:]], dim=1)
+            kept = s.soft_keep * m
             ctx.decisions[key] = kept.detach()  # with merge, as for the learned trimmers: before the fusion
             model._soft_keep(s, alive, kept, score, self.merge, ctx, key)
             return
-        score = self.score(model, name, s, s.pad, c, ctx, key)
-        keep = keep_topk(score, s.pad, self.keep_ratio)
+        score = self.score(model, name, s, s.valid, c, ctx, key)
+        keep = keep_topk(score, s.valid, self.keep_ratio)
         if self.merge:
             record_tokens(s, ctx, key, keep)
-            keep = model._fuse(s, s.pad, keep.to(s.x.dtype) * s.pad, score, ctx, key) > 0.5
+            keep = model._fuse(s, s.valid, keep.to(s.x.dtype) * s.valid, score, ctx, key) > 0.5
             s._gather(keep)
             return
         keep = self.fuse(model, name, s, keep, score, ctx)
