@@ -40,9 +40,13 @@ def test_installed_wheel_finds_every_bundled_recipe(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "w"])
     (wheel,) = (tmp_path / "w").glob("smarttrim-*.whl")
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
+    _run([sys.executable, "-m", "venv", "--without-pip", venv])
     py = venv / "bin" / "python"
-    # the system's pip, installing into the venv (a venv's pip would add seconds and nothing else)
+    # The venv sees this environment's packages (torch, pip ...) after its own, also when this environment is
+    # itself a venv (where --system-site-packages would show the base interpreter's instead).
+    purelib = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    outer = [d for d in sys.path if Path(d).name in ("site-packages", "dist-packages") and Path(d).is_dir()]
+    (purelib / "outer-env.pth").write_text("".join(f"{d}\n" for d in outer))
     _run([py, "-m", "pip", "install", "--no-deps", "-q", wheel])
     work = tmp_path / "elsewhere"
     work.mkdir()
