@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmartTrimError
+from ..reference import derived_config, inherited_provenance
 from .common import token_positions
 from .evit import EViT, EViTPolicy
 
@@ -259,10 +260,11 @@ def finetune_evit(model_dir, output, keep_ratio: float, recipe=None, overrides: 
                "seconds_per_step": (sum(steady) / len(steady)) if steady else None,
                "wall_s": time.time() - t_start, "config": cfg.to_dict()}
     model.eval()
-    prov = {k: v for k, v in (model.smarttrim_config.get("provenance") or {}).items() if k != "created"}
-    prov.update({"finetuned_from": str(src.resolve()), "finetune_mode": "evit-finetuned", "finetune_dataset": ds_name})
+    derived = derived_config(src, model.smarttrim_config, "finetune (evit-finetuned)", True, labels)
+    prov = {**inherited_provenance(model.smarttrim_config), "finetuned_from": str(src.resolve()),
+            "finetune_mode": "evit-finetuned", "finetune_dataset": ds_name, **derived["provenance"]}
     out = save_model_dir(model.cpu(), output, tokenizer=model.tokenizer, labels=labels, provenance=prov,
-                         extra={"preprocess": pre, CONFIG_KEY: {"keep_ratio": float(keep_ratio), "layers": names,
+                         extra={"preprocess": pre, "reference": derived["reference"], CONFIG_KEY: {"keep_ratio": float(keep_ratio), "layers": names,
                                                                 "guide": guide, "merge": merge, "steps": total,
                                                                 "selected": selected}})
     ck.write_json(Path(out) / "finetune_summary.json", summary)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..data import batch_to_device as _to
 from ..errors import SmartTrimError
+from ..reference import derived_config, inherited_provenance
 from ..trim.cost import macs_ratio, total_macs
 from . import checkpointing as ck
 from . import curriculum as cur
@@ -507,8 +508,12 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
         model = load(src, mode="soft")
         cfg, rec = build_config(recipe, overrides, task=model.config.task, family=model.family,
                                 dataset=(overrides or {}).get("dataset"))
-        return _run(model, src, cfg, rec, info, Path(output) if output else workspace() / "finetuned",
-                    resume, new_head, progress, console, on_step, save_model_dir)
+        out = Path(output) if output else workspace() / "finetuned"
+        if out.resolve() == src.resolve():
+            # the written model is measured against the one it started from: that one must survive
+            raise SmartTrimError(f"{out}: the output is the model directory being fine-tuned; write the fine-tuned "
+                                 "model elsewhere (-o DIR), so that profile can score it against its starting point")
+        return _run(model, src, cfg, rec, info, out, resume, new_head, progress, console, on_step, save_model_dir)
     finally:
         D.shutdown(info)
 
@@ -793,13 +798,14 @@ def _run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
     out = None
     if info.main:
         pre_out = dict(model.smarttrim_config.get("preprocess") or {})
-        prov = {k: v for k, v in (model.smarttrim_config.get("provenance") or {}).items() if k != "created"}
-        prov.update({"finetuned_from": str(Path(src).resolve()), "finetune_mode": summary["mode"],
-                     "finetune_dataset": ds_name})
+        derived = derived_config(src, model.smarttrim_config, f"finetune ({summary['mode']})", cfg.trim, labels)
+        prov = {**inherited_provenance(model.smarttrim_config), "finetuned_from": str(Path(src).resolve()),
+                "finetune_mode": summary["mode"], "finetune_dataset": ds_name, **derived["provenance"]}
         was_training = model.training
         model.eval()
         out = save_model_dir(model.cpu(), output, tokenizer=model.tokenizer, labels=labels, provenance=prov,
-                             extra={"preprocess": pre_out, "finetune": {k: summary[k] for k in (
+                             extra={"preprocess": pre_out, "reference": derived["reference"],
+                                    "finetune": {k: summary[k] for k in (
                                  "mode", "dataset", "target_ratio", "selected", "best", "final", "base", "calibrated", "steps",
                                  "world_size")}})
         model.to(dev).train(was_training)
