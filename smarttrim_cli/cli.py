@@ -21,6 +21,7 @@ app = typer.Typer(name="smarttrim", no_args_is_help=True, add_completion=False, 
 console = Console()
 err_console = Console(stderr=True)
 
+
 def user_errors(fn):
     """Turn SmartTrimError into one red line on stderr and a non-zero exit, never a traceback."""
     @functools.wraps(fn)
