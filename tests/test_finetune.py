@@ -81,7 +81,8 @@ def test_target_below_the_placements_floor_is_reported(tmp_path):
     """A target under the lowest ratio the trimmer placement reaches (every droppable token and head dropped)
     cannot be trained to: finetune says so before training, in the log and the summary."""
     import smarttrim_cli
-    from smarttrim_cli.train.loop import finetune, lowest_ratio
+    from smarttrim_cli.train.loop import finetune
+    from smarttrim_cli.train.rules import lowest_ratio
 
     data = write_vqa(tmp_path / "vqa", n_train=16, n_val=8)
     model = model_for(tmp_path, "vqa")
@@ -186,7 +187,7 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
 
     from smarttrim_cli.backbones.meter import default_trim_config
     from smarttrim_cli.train.distributed import DistInfo
-    from smarttrim_cli.train.loop import calibrate_threshold, evaluate
+    from smarttrim_cli.train.evaluation import calibrate_threshold, evaluate
 
     m = tiny_model()
     t = default_trim_config(m.config)
@@ -198,7 +199,7 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
         b["target"] = torch.zeros(6, m.config.num_labels)
         batches.append(b)
     info, amp = DistInfo(), contextlib.nullcontext
-    at_trained = evaluate(m, batches, info, True, amp)["ratio_mean"]
+    at_trained = evaluate(m, batches, info, amp, mode="hard")["ratio_mean"]
     assert at_trained > 0.8, at_trained
     # within tolerance (and below the target): unchanged, never lowered to spend more
     thr, res = calibrate_threshold(m, batches, info, at_trained - 0.01, amp, tolerance=0.02)
@@ -209,4 +210,4 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
     target = at_trained - 0.3
     thr, res = calibrate_threshold(m, batches, info, target, amp, tolerance=0.01)
     assert thr > 0.5 and res["ratio_mean"] <= target
-    assert res["ratio_mean"] == pytest.approx(evaluate(m, batches, info, True, amp, thr)["ratio_mean"])
+    assert res["ratio_mean"] == pytest.approx(evaluate(m, batches, info, amp, mode="hard", threshold=thr)["ratio_mean"])
