@@ -53,14 +53,15 @@ class FinetuneResult:
 
 def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = None, resume: bool = False,
              new_head: bool = False, device: str | None = None, progress: bool = True, console=None,
-             on_step=None, rule=None) -> FinetuneResult:
+             on_step=None, rule=None, callbacks=()) -> FinetuneResult:
     """Fine-tune a model directory: SmartTrim self-distillation, plain with ``trim=False``, or under another
     decision ``rule`` (e.g. ``baselines.evit_finetuned.EViTRule(keep_ratio)``: the fixed-ratio EViT; such a rule
     trains with the recipe's trimming settings, ``trim`` on).
 
     ``overrides``: TrainConfig keys from the command line (None values are ignored). ``on_step(step)``
-    is called after every optimizer step (tests use it to interrupt a run). Returns the result on every
-    rank; only rank 0 writes files.
+    is called after every optimizer step (tests use it to interrupt a run); ``callbacks``: more
+    ``callbacks.Callback`` objects, after the built-in ones. Returns the result on every rank; only rank 0
+    writes files.
     """
     from ..model_dir import default_model_dir, load, read_config, workspace
 
@@ -76,7 +77,8 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
         if rule is None:
             rule = LearnedTrimmers() if cfg.trim else NoTrim()
         return run(model, src, cfg, rec, info, Path(output) if output else workspace() / "finetuned", rule,
-                   resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step)
+                   resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step,
+                   callbacks=callbacks)
     finally:
         D.shutdown(info)
 
@@ -101,8 +103,7 @@ class Run:
     sampler: object
     loader_kw: dict
     val_loader: object
-    train_step: TrainStep
-    step_module: object            # train_step, or DDP around it
+    step_module: object            # the TrainStep, or DDP around it
     opt: object
     sched: object
     scaler: object
@@ -133,7 +134,7 @@ class Run:
 
 
 def run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, resume=False,
-        new_head=False, progress=True, console=None, on_step=None) -> FinetuneResult:
+        new_head=False, progress=True, console=None, on_step=None, callbacks=()) -> FinetuneResult:
     r = setup(model, src, cfg, rec, info, output, rule, new_head)
     start(r, resume)
     if info.main:
@@ -142,6 +143,7 @@ def run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path,
             r.callbacks.append(ProgressBar(r.total, r.step, console=console))
     if on_step is not None:
         r.callbacks.append(OnStep(on_step))
+    r.callbacks += list(callbacks)
     try:
         before_training(r)
         train_loader = torch.utils.data.DataLoader(IndexedDataset(r.train_ds), batch_size=r.micro, sampler=r.sampler,
@@ -250,7 +252,7 @@ def setup(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pat
         step_module = step
     return Run(model=model, src=Path(src), cfg=cfg, info=info, output=Path(output), rule=rule, objective=objective,
                ds_name=ds_name, train_ds=train_ds, val_ds=val_ds, labels=labels, micro=micro, spe=spe, total=total,
-               sampler=sampler, loader_kw=loader_kw, val_loader=val_loader, train_step=step, step_module=step_module,
+               sampler=sampler, loader_kw=loader_kw, val_loader=val_loader, step_module=step_module,
                opt=opt, sched=sched, scaler=scaler, amp_ctx=amp_ctx, params=[p for g in groups for p in g["params"]],
                all_reduce=all_reduce, state_dir=ck.state_dir_for(output), t_start=t_start)
 
