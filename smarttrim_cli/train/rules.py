@@ -31,6 +31,9 @@ from .losses import Budget, budget_loss, floor_loss, global_stats
 
 
 class DecisionRule:
+    """The interface the loop calls (module docstring); the defaults are those of a rule that learns nothing and
+    has no threshold to calibrate."""
+
     name = "rule"
     trims = True              # reads the trimming settings (curriculum, distillation); False: --no-trim
     trains_trimmers = False
