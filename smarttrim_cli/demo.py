@@ -330,6 +330,7 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
 
     from . import load
     from .model_dir import save_model_dir
+    from .reference import derived_config, inherited_provenance
     from .trim.config import TrimConfig, parse_layer_spec
 
     layers = parse_layer_spec(token_layers) if token_layers else {}
@@ -357,8 +358,10 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
         t.validate(m.stream_layers(), "with_trimmers")
         m.attach_trimmers(t)
         cfg = m.smarttrim_config
+        # the same backbone weights with fresh trimmers: a full model, its own reference
+        derived = derived_config(p.base_dir, cfg, "demo.with_trimmers", trains_trimming=False)
         save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
-                       provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
+                       provenance={**inherited_provenance(cfg), **derived["provenance"],
                                    "replaced_token_layers": token_layers, "replaced_head_layers": head_layers,
                                    "fuse": fuse, **({"fuse_mode": fuse_mode} if fuse else {})},
                        extra={"preprocess": cfg.get("preprocess") or {}})

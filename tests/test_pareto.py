@@ -178,6 +178,9 @@ def test_evit_rule_finetune_trains_backbone_only_and_records_its_rule(scene_mode
     assert steps[-1]["keep_ratio"] == pytest.approx(0.4)  # the curriculum ends at the fixed ratio
     cfg = read_config(tmp_path / "evit-ft")
     assert cfg["evit_finetuned"]["keep_ratio"] == 0.4 and cfg["provenance"]["finetune_mode"] == "evit-finetuned"
+    # written by the same finish step as SmartTrim's: its lineage, and the model it is measured against
+    assert cfg["provenance"]["made_by"] == "finetune (evit-finetuned)"
+    assert cfg["reference"]["path"] == str(Path(scene_model).resolve())
     before = load_file(str(Path(scene_model) / "model.safetensors"))
     after = load_file(str(tmp_path / "evit-ft" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -76,8 +76,12 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
                                 dataset=(overrides or {}).get("dataset"))
         if rule is None:
             rule = LearnedTrimmers() if cfg.trim else NoTrim()
-        return run(model, src, cfg, rec, info, Path(output) if output else workspace() / "finetuned", rule,
-                   resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step,
+        out = Path(output) if output else workspace() / "finetuned"
+        if out.resolve() == src.resolve():
+            # the written model is measured against the one it started from: that one must survive
+            raise SmartTrimError(f"{out}: the output is the model directory being fine-tuned; write the fine-tuned "
+                                 "model elsewhere (-o DIR), so that profile can score it against its starting point")
+        return run(model, src, cfg, rec, info, out, rule, resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step,
                    callbacks=callbacks)
     finally:
         D.shutdown(info)
@@ -477,11 +481,16 @@ def finish(r: Run) -> FinetuneResult:
     return FinetuneResult(out, r.state_dir, summary, model, history)
 
 
-def provenance(model, src: Path, mode: str, dataset: str) -> dict:
-    """The written model's provenance: the source model's (less its creation time) and this fine-tune's."""
-    prov = {k: v for k, v in (model.smarttrim_config.get("provenance") or {}).items() if k != "created"}
-    prov.update({"finetuned_from": str(Path(src).resolve()), "finetune_mode": mode, "finetune_dataset": dataset})
-    return prov
+def derived_entries(r: Run, mode: str) -> dict:
+    """The written model's ``provenance`` (the source's, this fine-tune's, its lineage) and ``reference`` (the model
+    a trimming rule's result is measured against: reference.py), the same for every rule."""
+    from ..reference import derived_config, inherited_provenance
+
+    src_cfg = r.model.smarttrim_config
+    derived = derived_config(r.src, src_cfg, f"finetune ({mode})", r.rule.trims, r.labels)
+    prov = {**inherited_provenance(src_cfg), "finetuned_from": str(Path(r.src).resolve()), "finetune_mode": mode,
+            "finetune_dataset": r.ds_name, **derived["provenance"]}
+    return {"provenance": prov, "reference": derived["reference"]}
 
 
 def write_model(r: Run, summary: dict) -> Path:
@@ -492,11 +501,13 @@ def write_model(r: Run, summary: dict) -> Path:
     pre_out = dict(model.smarttrim_config.get("preprocess") or {})
     finetune_section = {k: summary[k] for k in ("mode", "dataset", "target_ratio", "selected", "best", "final", "base",
                                                 "calibrated", "steps", "world_size")}
+    derived = derived_entries(r, summary["mode"])
     was_training = model.training
     model.eval()
     out = save_model_dir(model.cpu(), r.output, tokenizer=model.tokenizer, labels=r.labels,
-                         provenance=provenance(model, r.src, summary["mode"], r.ds_name),
-                         extra={"preprocess": pre_out, "finetune": finetune_section, **r.rule.model_sections(summary)})
+                         provenance=derived["provenance"],
+                         extra={"preprocess": pre_out, "reference": derived["reference"], "finetune": finetune_section,
+                                **r.rule.model_sections(summary)})
     model.to(r.info.device).train(was_training)
     ck.write_json(Path(out) / "finetune_summary.json", summary)
     ck.write_jsonl(Path(out) / "finetune_log.jsonl", r.history)
