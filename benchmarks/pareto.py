@@ -174,6 +174,7 @@ def run(args) -> dict:
     from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule, keep_ratio_for
     from smarttrim_cli.profiling import compare, objects
     from smarttrim_cli.profiling.latency import machine_info
+    from smarttrim_cli.train.loop import finetune
     from smarttrim_cli.train.config import parse_sets
 
     t0 = time.time()
