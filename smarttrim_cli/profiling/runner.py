@@ -15,7 +15,6 @@ the numbers with the bounds the user gave.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import re
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_json
-from ..data import batch_to_device as _to
+from ..data import batch_to_device
 from ..devices import resolve_device
 from ..errors import SmartTrimError
 from ..trim.cost import layer_macs
@@ -261,7 +260,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     keep_items = max(n_lat, n_tp, int(s.show))
 
     def one(item):
-        return _to(_unpad(collate([item], model.tokenizer, max_len)), device)
+        return batch_to_device(_unpad(collate([item], model.tokenizer, max_len)), device)
 
     # (1) per input ---------------------------------------------------------------------------------------
     streams = set(model.stream_layers())
@@ -354,7 +353,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     by_cost = sorted(order, key=lambda i: (rows[i]["gmacs_trimmed"], i))
 
     def batches(idx):
-        return [_model_batch(model, _to(collate([cached[i] for i in idx[k:k + B]], model.tokenizer, max_len), device))
+        return [_model_batch(model, batch_to_device(collate([cached[i] for i in idx[k:k + B]], model.tokenizer, max_len), device))
                 for k in range(0, len(idx), B)]
 
     tp_full_b, tp_pad_b, tp_bucket_b = batches(order), None, None
@@ -431,7 +430,7 @@ def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, ma
         text_item = ds[i]
         for c0 in range(0, len(images), B):
             chunk = [dict(img, text=text_item["text"]) for img in images[c0:c0 + B]]
-            b = _model_batch(model, _to(collate(chunk, model.tokenizer, max_len), device))
+            b = _model_batch(model, batch_to_device(collate(chunk, model.tokenizer, max_len), device))
             for k, t in thresholds.items():
                 logits, _ = (ref_model.run(b, mode="full") if t == "reference" else model.run(b, mode="full")
                              if t is None else model.run(b, mode="hard", threshold=t))
