@@ -24,15 +24,14 @@ asserted; the script prints a Markdown table and saves JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from smarttrim_cli.atomic import write_json
 from smarttrim_cli.backbones.blip import BlipConfig, BlipModel
 from smarttrim_cli.backbones.vilt import ViltConfig, ViltModel
 from smarttrim_cli.trim.config import TrimConfig
@@ -134,11 +133,7 @@ def main():
         del m
     out["machine"]["load_avg_end"] = os.getloadavg()
     if a.json:
-        p = Path(a.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, p)
+        p = write_json(a.json, out)
         print(f"\nsaved {p}")
 
 

@@ -1,6 +1,6 @@
 """Does a GMAC cut become a wall-clock cut? METER-sized model, CPU, fixed keep ratios of image tokens.
 
-Configuration: METER with random weights at the size of shared/NOTES.md's example: CLIP ViT-B/16 visual
+Configuration: METER with random weights at the size of the released model: CLIP ViT-B/16 visual
 tower (11 blocks) at 288² (325 image tokens), RoBERTa-base text encoder (12 layers), 6 co-attention
 layers per stream, VQA head (3129 answers). One text of ``--text-len`` real tokens (no padding).
 
@@ -27,15 +27,14 @@ asserted; the script prints and saves JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from smarttrim_cli.atomic import write_json
 from smarttrim_cli.backbones.meter import MeterConfig, MeterModel
 from smarttrim_cli.trim.config import TrimConfig
 from smarttrim_cli.trim.cost import total_macs
@@ -203,11 +202,7 @@ def main():
                      f"{row[f'b{a.batch}_speedup_over_gmac_reduction']:6.2f}")
         print(line)
     if a.json:
-        p = Path(a.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, p)
+        p = write_json(a.json, out)
         print(f"written {p}")
 
 

@@ -1,6 +1,6 @@
 """Is the exported trimmed graph really faster in onnxruntime? METER-sized model, CPU, 2 threads.
 
-Configuration: METER with random weights at the size of shared/NOTES.md's example: CLIP ViT-B/16
+Configuration: METER with random weights at the size of the released model: CLIP ViT-B/16
 visual tower (11 blocks) at 288² (325 image tokens), RoBERTa-base text encoder (12 layers), 6
 co-attention layers per stream, VQA head (3129 answers); ~334M parameters. Trimmers where
 ``default_trim_config`` puts them (image tokens at vision layers 2,4,6,8,10 and cross-modal image
@@ -26,7 +26,6 @@ Nothing is asserted: the script prints and saves JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smarttrim_cli.atomic import write_json
 from smarttrim_cli.backbones.meter import MeterConfig, MeterModel, default_trim_config
 from smarttrim_cli.export.onnx_export import TrimmedGraph, export_onnx, graph_args
 from smarttrim_cli.export.ort_session import feeds_for, make_session
@@ -307,11 +307,7 @@ def main():
               f"{row['cpu_ms_p50']:8.1f} {row['speedup_wall']:7.2f} {row['speedup_over_gmac_reduction_wall']:6.2f} "
               f"{row['int8_wall_ms_p50']:8.1f} {row['int8_extra_speedup_wall']:7.2f}")
     if a.json:
-        p = Path(a.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, p)
+        p = write_json(a.json, out)
         print(f"written {p}")
     if not a.workdir:
         import shutil

@@ -14,9 +14,10 @@ the same validation inputs: profiling/compare.py):
              extra training is not credited to trimming
   smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is chosen on
              the baselines' calibration inputs by finetune's rule (the trained 0.5 unless the mean ratio
-             exceeds the target by over 3% of it, then raised: train/loop.py calibrate_threshold)
+             exceeds the target by over 3% of it, then raised: train/evaluation.py calibrate_threshold)
   evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
-             with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
+             by the same training loop with the same self-distillation objective, settings and steps
+             (train/loop.py under baselines/evit_finetuned.py's EViTRule),
              keep ratio calibrated to each target on the base model; with --fuse it fuses dropped tokens
              exactly as SmartTrim does
   training-free baselines on the base model, each calibrated to each target ratio on separate
@@ -76,8 +77,8 @@ def cls_mass_baseline():
         def token_step(self, model, name, st, c, ctx, key):
             if name not in self.names or self.keep_ratio >= 1.0:
                 return
-            att = self.score(model, name, st, st.pad, c, ctx, key).float()
-            live = (st.pad > 0).clone()
+            att = self.score(model, name, st, st.valid, c, ctx, key).float()
+            live = (st.valid > 0).clone()
             live[:, 0] = False
             a = att.masked_fill(~live, 0.0)
             a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
@@ -85,7 +86,7 @@ def cls_mass_baseline():
             before = a.gather(1, order).cumsum(1) - a.gather(1, order)  # mass of the tokens ranked above
             keep_sorted = (before < self.keep_ratio) & live.gather(1, order)
             keep = torch.zeros_like(live).scatter(1, order, keep_sorted)
-            keep[:, 0] = st.pad[:, 0] > 0
+            keep[:, 0] = st.valid[:, 0] > 0
             st._gather(keep)
             record_tokens(st, ctx, key)
 
@@ -149,13 +150,13 @@ def parse_args(argv=None):
 
 def smarttrim_threshold(m, cal, target: float) -> float:
     """SmartTrim's keep threshold, chosen like every baseline's setting: on the calibration inputs (not the
-    evaluated ones), by finetune's end-of-run rule (train/loop.py calibrate_threshold: the trained threshold
+    evaluated ones), by finetune's end-of-run rule (train/evaluation.py calibrate_threshold: the trained threshold
     0.5 unless the mean ratio exceeds the target by over 3% of it, then raised)."""
     import contextlib
 
     from smarttrim_cli.train.config import TrainConfig
     from smarttrim_cli.train.distributed import DistInfo
-    from smarttrim_cli.train.loop import calibrate_threshold
+    from smarttrim_cli.train.evaluation import calibrate_threshold
 
     m.threshold = m.trim_config.threshold = 0.5
     thr, _ = calibrate_threshold(m, cal, DistInfo(), target, contextlib.nullcontext,
@@ -169,9 +170,10 @@ def _say(msg):
 
 def run(args) -> dict:
     from smarttrim_cli import load
-    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit, keep_ratio_for
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule, keep_ratio_for
     from smarttrim_cli.profiling import compare, objects
     from smarttrim_cli.profiling.latency import machine_info
+    from smarttrim_cli.train.loop import finetune
     from smarttrim_cli.train.config import parse_sets
 
     t0 = time.time()
@@ -252,7 +254,8 @@ def run(args) -> dict:
             if not stg.done() or stg.stamp.stat().st_mtime < pe.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
                      "SmartTrim's objective")
-                res = finetune_evit(pe.base_dir, pe.root / name, keep, recipe=pe.recipe, overrides=ov, progress=False)
+                res = finetune(pe.base_dir, pe.root / name, recipe=pe.recipe, overrides=ov, progress=False,
+                               rule=EViTRule(keep))
                 stg.finish(res.summary)
             evit_dirs[r] = pe.root / name
             runs[f"evit-ft@{r:g}"] = {"dir": str(pe.root / name), "summary": _brief(stg.result())}
@@ -317,7 +320,7 @@ def run(args) -> dict:
              f"{_steps_text(out['steps'])} from the same base)")
     out["files"] = {"json": str(outdir / f"{stem}.json"), "png": str(outdir / f"{stem}.png"),
                     "md": str(outdir / f"{stem}.md")}
-    compare.pareto_chart(outdir / f"{stem}.png", rows, full, title=title, control=control)
+    compare.methods_chart(outdir / f"{stem}.png", rows, full, title=title, control=control)
     if any(o is not None for o in ev.objects):
         near = min(ratios, key=lambda r: abs(r - 1 / 3))
         series = {"full": full["by_objects"], **{r_["name"]: r_["by_objects"] for r_ in rows

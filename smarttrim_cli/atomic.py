@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -78,3 +79,12 @@ def atomic_dir(target: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj, allow_nan: bool = True) -> Path:
+    """``obj`` as indented JSON, written atomically. ``allow_nan=False``: strict JSON (NaN or inf raise
+    ValueError) for files other programs read."""
+    path = Path(path)
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n")
+    return path

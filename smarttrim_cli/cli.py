@@ -3,7 +3,6 @@ parses its options, calls the library and renders the result with rich."""
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 
@@ -21,8 +20,6 @@ app = typer.Typer(name="smarttrim", no_args_is_help=True, add_completion=False, 
                        "(adaptive token and attention-head trimming).")
 console = Console()
 err_console = Console(stderr=True)
-
-COMMANDS = ("attach", "finetune", "profile", "compare", "export", "demo")
 
 
 def user_errors(fn):
@@ -48,12 +45,9 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit(0)
 
 
-for _name in COMMANDS:
-    try:
-        importlib.import_module(f".commands.{_name}", __package__)
-    except ModuleNotFoundError as e:  # a command not yet built; any other missing module is a real error
-        if e.name != f"{__package__}.commands.{_name}":
-            raise
+# Each command module registers itself on ``app`` when imported, so they are imported after ``app`` exists.
+# Imported by name: a missing or renamed module fails at start-up instead of silently dropping its command.
+from .commands import attach, compare, demo, export, finetune, profile  # noqa: E402,F401
 
 
 def main():
@@ -61,4 +55,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m smarttrim_cli.cli`, this file is a second module whose `app` holds no command (they
+    # registered on the package's own): hand over to that one.
+    from smarttrim_cli.cli import main as _package_main
+
+    sys.exit(_package_main())

@@ -555,9 +555,9 @@ def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) ->
            "full": full, "methods": rows, "table": compare.markdown_table([full] + rows, full)}
     with atomic_path(root / "baselines.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2, default=str))
-    compare.pareto_chart(root / "baselines.png", rows, full,
-                         title=f"{p.settings.dataset}: SmartTrim vs training-free baselines at "
-                               f"{target_ratio:.2f} of the full GMACs")
+    compare.methods_chart(root / "baselines.png", rows, full,
+                          title=f"{p.settings.dataset}: SmartTrim vs training-free baselines at "
+                                f"{target_ratio:.2f} of the full GMACs")
     if any(o is not None for o in ev.objects):
         objects.lines_chart(root / "baselines_objects.png", {r["name"]: r["by_objects"] for r in rows},
                             full_value=ev.n_image_tokens,

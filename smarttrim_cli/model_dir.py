@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from . import __version__
 from .atomic import atomic_dir, atomic_path

@@ -24,26 +24,12 @@ from PIL import Image
 
 from .errors import SmartTrimError
 from .export.ort_session import make_session
+from .rgb import to_rgb
 
 META = "smarttrim."
 
 
 # ----- images (numpy twin of data/preprocess.py, which uses torch) ------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
 def preprocess_image(img: Image.Image, image_size: int, mean, std, resize: str = "crop") -> np.ndarray:
     """PIL image -> float32 [3, S, S]: resize shorter side (bicubic), center crop, /255, normalise.
     ``resize="squash"`` (BLIP/ViLT processor configs): resize straight to S x S, no crop."""

@@ -1,10 +1,12 @@
 """Atomic writes: nothing half-written on failure, and what is written is readable as an ordinary file would be."""
+import json
+import math
 import os
 import stat
 
 import pytest
 
-from smarttrim_cli.atomic import atomic_dir, atomic_path
+from smarttrim_cli.atomic import atomic_dir, atomic_path, write_json
 
 
 @pytest.fixture
@@ -54,3 +56,15 @@ def test_a_failed_write_leaves_the_old_content_and_no_temporary(tmp_path):
             raise RuntimeError("interrupted")
     assert f.read_text() == "old" and not d.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_write_json_strict_refuses_nan_and_keeps_the_old_file(tmp_path):
+    f = tmp_path / "out" / "report.json"
+    assert write_json(f, {"a": 1.5, "b": [1, 2]}) == f
+    assert json.loads(f.read_text()) == {"a": 1.5, "b": [1, 2]} and f.read_text().endswith("\n")
+    with pytest.raises(ValueError):
+        write_json(f, {"a": math.nan}, allow_nan=False)
+    assert json.loads(f.read_text()) == {"a": 1.5, "b": [1, 2]}
+    assert sorted(p.name for p in f.parent.iterdir()) == ["report.json"]
+    write_json(f, {"a": math.nan})  # training logs may hold a diverged loss
+    assert math.isnan(json.loads(f.read_text())["a"])

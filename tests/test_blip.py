@@ -1,9 +1,10 @@
 """BLIP from Hugging Face ``BlipForQuestionAnswering`` / ``BlipForImageTextRetrieval`` directories:
 invariants 1-4, answer ranking and generation, attach.
 
-Tiny random configs are written with ``save_pretrained``, with the fixes shared/NOTES.md lists for
-random BLIP configs (vision ``initializer_range`` 0.02; 4 text heads set explicitly) and noise on
-every parameter so that a mis-mapped weight shows up in the outputs.
+Tiny random configs are written with ``save_pretrained``, with two settings random BLIP configs need: vision
+``initializer_range`` 0.02 (the default, 1e-10, makes all image tokens nearly identical) and the text heads
+set explicitly (the ``BlipTextConfig`` default, 8, ignores the width), and noise on every parameter so that a
+mis-mapped weight shows up in the outputs.
 """
 import json
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Invariants 2-4 of shared/DESIGN.md on tiny METER models, for every task head."""
+"""Invariants 2-4 (README, Architecture) on tiny METER models, for every task head: hard mode with everything kept
+equals full; hard equals soft given the same decisions; the cost model equals fvcore's count of the hard forward."""
 import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis

@@ -56,9 +56,9 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
 
     # an edited recipe (a newer smarttrim's, say) retrains what it changes: a trimming setting retrains the
     # SmartTrim fine-tune, not the base model
-    from smarttrim_cli.recipes import RECIPE_DIR
+    from smarttrim_cli.recipes import bundled_recipe_dir
 
-    text = (RECIPE_DIR / "easyvqa.yaml").read_text()
+    text = (bundled_recipe_dir() / "easyvqa.yaml").read_text()
     assert "  cost_weight: 20.0" in text
     edited = tmp_path / "easyvqa.yaml"
     edited.write_text(text.replace("  cost_weight: 20.0", "  cost_weight: 21.0"))

@@ -169,7 +169,7 @@ def test_metadata_in_the_file(model_dir, legacy_onnx):
 
 
 def test_frozen_token_count_is_caught(model_dir, tmp_path, monkeypatch):
-    """What the legacy exporter does with int(k) (NOTES): k frozen at the tracing inputs' count. The
+    """What the legacy exporter does with int(k): k frozen at the tracing inputs' count. The
     validation must fail on the other inputs, in onnxruntime or in the comparison."""
     from smarttrim_cli.trim import gather
 

@@ -45,16 +45,31 @@ def scene_model(scenes, tmp_path_factory):
 
 
 # ----- objects.py ------------------------------------------------------------------------------------------
-def test_spearman_matches_scipy_with_ties():
-    from scipy.stats import spearmanr
+def _average_ranks(v):
+    """Rank of each value by definition: 1 + the number of smaller values + half the number of equal others
+    (ties get the mean of the positions they share). Independent of the sort-based ranking under test."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.array([1 + (v < a).sum() + ((v == a).sum() - 1) / 2 for a in v])
 
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_spearman_with_ties_matches_hand_computed_values():
     from smarttrim_cli.profiling.objects import direction, spearman
 
+    # By hand: ranks x -> [1, 2.5, 2.5, 4, 5], y -> [2, 1, 5, 3.5, 3.5]; centred products sum to 3.5 and both
+    # sums of squares are 9.5, so rho = 7/19. Without tie averaging (or with the no-ties shortcut formula,
+    # which gives 0.4) the value differs.
+    assert spearman([1, 2, 2, 3, 4], [2, 1, 4, 3, 3]) == pytest.approx(7 / 19, abs=1e-12)
     rng = np.random.default_rng(0)
     x = rng.integers(1, 7, 60)
     y = 3 * x + rng.normal(0, 4, 60).round()
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
-    assert spearman(x, -y) == pytest.approx(-spearmanr(x, y).statistic, abs=1e-12)
+    expected = _pearson(_average_ranks(x), _average_ranks(y))
+    assert spearman(x, y) == pytest.approx(expected, abs=1e-12)
+    assert spearman(x, -y) == pytest.approx(-expected, abs=1e-12)
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
     assert direction(0.5) == "more on crowded images" and direction(-0.5) == "fewer on crowded images"
     assert direction(0.0) == "flat" and direction(None).startswith("flat")
@@ -158,18 +173,19 @@ def test_evit_soft_training_rule_equals_hard_inference_rule(scene_model, scenes)
     assert (total_macs(chm.records) > total_macs(ch.records)).all()  # the fused token costs a token
 
 
-def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, scenes, tmp_path):
+def test_evit_rule_finetune_trains_backbone_only_and_records_its_rule(scene_model, scenes, tmp_path):
     from safetensors.torch import load_file
 
     from smarttrim_cli import load
     from smarttrim_cli.baselines import BASELINES, get_baseline
-    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule
     from smarttrim_cli.errors import SmartTrimError
     from smarttrim_cli.model_dir import read_config
+    from smarttrim_cli.train.loop import finetune
 
     over = dict(dataset="vqa", data_dir=str(scenes), workers=0, batch_size=8, max_steps=3, lr=1e-3,
                 eval_before=False, log_every=1, limit=16, val_limit=8)
-    res = finetune_evit(scene_model, tmp_path / "evit-ft", 0.4, recipe=False, overrides=over, progress=False)
+    res = finetune(scene_model, tmp_path / "evit-ft", recipe=False, overrides=over, progress=False, rule=EViTRule(0.4))
     s = res.summary
     assert s["mode"] == "evit-finetuned" and s["steps"] == 3 and s["keep_ratio"] == 0.4
     steps = [r for r in res.history if r["event"] == "step"]
@@ -177,6 +193,9 @@ def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, sc
     assert steps[-1]["keep_ratio"] == pytest.approx(0.4)  # the curriculum ends at the fixed ratio
     cfg = read_config(tmp_path / "evit-ft")
     assert cfg["evit_finetuned"]["keep_ratio"] == 0.4 and cfg["provenance"]["finetune_mode"] == "evit-finetuned"
+    # written by the same finish step as SmartTrim's: its lineage, and the model it is measured against
+    assert cfg["provenance"]["made_by"] == "finetune (evit-finetuned)"
+    assert cfg["reference"]["path"] == str(Path(scene_model).resolve())
     before = load_file(str(Path(scene_model) / "model.safetensors"))
     after = load_file(str(tmp_path / "evit-ft" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -190,7 +209,7 @@ def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, sc
     assert torch.all(ctx.decisions["tok:vision_1"].sum(1) == math.ceil(0.4 * 17))  # ceil(r * live tokens), [CLS] among them
     assert "evit-finetuned" in BASELINES and get_baseline("evit-finetuned").name == "evit-finetuned"
     with pytest.raises(SmartTrimError, match="keep ratio"):
-        finetune_evit(scene_model, tmp_path / "x", 1.5, recipe=False, overrides=over, progress=False)
+        EViTRule(1.5)
     with pytest.raises(SmartTrimError, match="evit_finetuned"):
         EViTFinetuned.from_dir(scene_model)
 

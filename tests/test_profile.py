@@ -142,7 +142,7 @@ def test_missing_default_vqa_dir_is_one_line_error(tmp_path, monkeypatch):
     (["--dataset", "nlvr2"], "has a vqa head"),
     (["--dataset", "easyvqa", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
     (["--dataset", "easyvqa", "--sweep", "0.3,x"], "--sweep"),
-    (["--dataset", "easyvqa", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--dataset", "easyvqa", "--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
     (["--dataset", "nope"], "unknown dataset"),
 ])
 def test_user_errors(tmp_path, args, needle):

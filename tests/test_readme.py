@@ -1,6 +1,11 @@
 """The README is the user's manual: its test command is what CI runs, and its report schema is current."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from smarttrim_cli.profiling.report import schema_markdown
 
@@ -34,3 +39,19 @@ def test_every_command_in_the_readme_exists():
     for cmd in used:
         r = CliRunner().invoke(app, [cmd, "--help"])
         assert r.exit_code == 0, (cmd, r.output)
+
+
+def _listed_commands(help_text: str) -> set[str]:
+    """Command names in the rich help's Commands panel (a line '│ name   description')."""
+    panel = help_text[help_text.index("Commands"):]
+    return set(re.findall(r"^│ (\w+) ", panel, re.M))
+
+
+@pytest.mark.parametrize("module", ["smarttrim_cli", "smarttrim_cli.cli"])
+def test_help_lists_every_command_the_readme_documents(module):
+    documented = set(re.findall(r"^### `smarttrim (\w+)", README, re.M))
+    assert documented == {"attach", "finetune", "profile", "compare", "export", "demo"}
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "120"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _listed_commands(r.stdout) == documented, r.stdout

@@ -12,53 +12,55 @@ from ..trim.context import LayerCost, TrimContext, count
 from ..trim.fusion import fuse_dropped, fuse_nearest, size_bias
 from ..trim.gather import gather_rows, kept_order
 from ..trim.gumbel import above_threshold, st_keep
+from ..trim.topk import keep_topk
 
 
 @dataclass
 class Stream:
-    """A token stream during a forward: states, validity, soft policy, original positions."""
+    """A token stream during a forward: states, which slots hold real tokens, the soft-mode keep mask, original
+    positions."""
 
     x: torch.Tensor
-    pad: torch.Tensor            # (B, n) 1 = real token (hard: kept and not a batch-padding slot)
+    valid: torch.Tensor          # (B, n) 1 = real token (hard: kept and not a batch-padding slot), 0 = padding
     pos: torch.Tensor            # (B, n) original positions
     n_full: torch.Tensor         # (B,) tokens the untrimmed model would process
-    policy: torch.Tensor | None  # (B, n) soft mode: cumulative straight-through keep mask
+    soft_keep: torch.Tensor | None  # (B, n) soft mode: cumulative straight-through keep mask (the layers' policy)
     all_valid: bool              # no padding anywhere: attention needs no additive mask
     n_orig: int = 0
     key_bias: torch.Tensor | None = None  # (B, n) extra additive key bias, e.g. log token sizes (ToMe)
     size: torch.Tensor | None = None      # (B, n) original tokens each slot stands for (token fusion only)
 
     @classmethod
-    def start(cls, x, pad, mode: str, all_valid: bool):
-        B, n = pad.shape
+    def start(cls, x, valid, mode: str, all_valid: bool):
+        B, n = valid.shape
         pos = torch.arange(n, device=x.device).unsqueeze(0).expand(B, n)
-        pad = pad.to(x.dtype)
-        return cls(x, pad, pos, count(pad), pad if mode == "soft" else None, all_valid, n)
+        valid = valid.to(x.dtype)
+        return cls(x, valid, pos, count(valid), valid if mode == "soft" else None, all_valid, n)
 
     def key_add(self):
-        add = None if self.all_valid else pad_to_additive(self.pad, self.x.dtype)
+        add = None if self.all_valid else pad_to_additive(self.valid, self.x.dtype)
         if self.key_bias is not None:  # proportional attention: ToMe (baselines/tome.py), token fusion (trim/fusion.py)
             add = self.key_bias.to(self.x.dtype) if add is None else add + self.key_bias.to(self.x.dtype)
         return add
 
     def count(self):
-        return count(self.policy if self.policy is not None else self.pad)
+        return count(self.soft_keep if self.soft_keep is not None else self.valid)
 
     def kept_positions(self, keep=None) -> torch.Tensor:
         """Hard mode: the (B, n_orig) kept mask over the stream's original positions, for reports and overlays:
         of the live slots, or of ``keep`` (B, n) over the current slots (before a gather)."""
-        kept = self.pad if keep is None else keep.to(self.pad.dtype) * self.pad
-        return torch.zeros(self.pad.shape[0], self.n_orig, dtype=self.pad.dtype,
-                           device=self.pad.device).scatter(1, self.pos, kept)
+        kept = self.valid if keep is None else keep.to(self.valid.dtype) * self.valid
+        return torch.zeros(self.valid.shape[0], self.n_orig, dtype=self.valid.dtype,
+                           device=self.valid.device).scatter(1, self.pos, kept)
 
     def drop_padding(self):
         """Hard mode: remove padding tokens before any compute is spent on them."""
-        self._gather(self.pad > 0)
+        self._gather(self.valid > 0)
 
     def _gather(self, keep):
         idx, _ = kept_order(keep)
         self.x = gather_rows(self.x, idx)
-        self.pad = gather_rows(keep.to(self.x.dtype), idx)
+        self.valid = gather_rows(keep.to(self.x.dtype), idx)
         self.pos = gather_rows(self.pos, idx)
         if self.key_bias is not None:
             self.key_bias = gather_rows(self.key_bias, idx)
@@ -96,7 +98,7 @@ class TrimmableModel(nn.Module):
             return
         key = "tok:" + (key or name)
         tr = self.token_trimmers[name]
-        alive = s.policy if ctx.mode == "soft" else s.pad
+        alive = s.soft_keep if ctx.mode == "soft" else s.valid
         logits = tr(s.x, alive, c)
         ctx.add(LayerCost(key, "token_trimmer", tr.cost_dims(), n=count(alive), n_full=s.n_full))
         forced = ctx.forced.get(key) if ctx.forced else None
@@ -106,27 +108,27 @@ class TrimmableModel(nn.Module):
             if forced is not None:
                 m = forced.to(s.x.dtype)
             elif ctx.keep_ratio is not None:
-                m = self._topk_keep(logits, alive, ctx.keep_ratio).to(s.x.dtype)
+                m = keep_topk(logits, alive, ctx.keep_ratio, reserve_cls=False).to(s.x.dtype)
             else:
                 m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
             before = alive.sum(1).clamp_min(1.0)
-            kept = s.policy * _cls_kept(m * s.pad)
+            kept = s.soft_keep * _cls_kept(m * s.valid)
             ctx.decisions[key] = kept.detach()
             self._soft_keep(s, alive, kept, logits, fuse, ctx, key)
-            ctx.keep_fraction[key] = s.policy.sum(1) / before
+            ctx.keep_fraction[key] = s.soft_keep.sum(1) / before
             ctx.keep_probs[key] = torch.sigmoid(logits.detach())
         else:
             if forced is not None:
                 keep = forced.to(s.x.device).gather(1, s.pos) > 0.5
             elif ctx.keep_ratio is not None:
-                keep = self._topk_keep(logits, s.pad, ctx.keep_ratio)
+                keep = keep_topk(logits, s.valid, ctx.keep_ratio, reserve_cls=False)
             else:
                 keep = above_threshold(logits, ctx.threshold)
-            keep = _cls_kept(keep & (s.pad > 0))
+            keep = _cls_kept(keep & (s.valid > 0))
             if ctx.record:
                 ctx.decisions[key] = s.kept_positions(keep)
             if fuse:
-                keep = self._fuse(s, s.pad, keep.to(s.x.dtype), logits, ctx, key) > 0.5
+                keep = self._fuse(s, s.valid, keep.to(s.x.dtype), logits, ctx, key) > 0.5
             s._gather(keep)
 
     def _fuse(self, s: Stream, alive, kept, logits, ctx: TrimContext | None = None, key: str = ""):
@@ -144,17 +146,9 @@ class TrimmableModel(nn.Module):
         return kept
 
     def _soft_keep(self, s: Stream, alive, kept, score, fuse: bool, ctx: TrimContext | None = None, key: str = ""):
-        """Soft mode: the stream's policy becomes ``kept``, with the dropped tokens merged first if ``fuse``
+        """Soft mode: the stream's keep mask becomes ``kept``, with the dropped tokens merged first if ``fuse``
         (shared by the learned trimmers and the fixed-ratio rules of baselines/)."""
-        s.policy = self._fuse(s, alive, kept, score, ctx, key) if fuse else kept
-
-    @staticmethod
-    def _topk_keep(logits, alive, ratio: float) -> torch.Tensor:
-        """Keep the ceil(ratio * alive) highest-scoring live tokens of each instance (fixed-ratio rule)."""
-        k = torch.ceil(count(alive) * ratio).clamp_min(1)
-        score = logits.masked_fill(alive <= 0, float("-inf"))
-        rank = score.argsort(1, descending=True).argsort(1)
-        return (rank < k.unsqueeze(1)) & (alive > 0)
+        s.soft_keep = self._fuse(s, alive, kept, score, ctx, key) if fuse else kept
 
     def head_step(self, name: str, cls_own, cls_other, ctx: TrimContext, key: str | None = None):
         """-> (gate (B,h) or None, kept head indices or None, per-instance kept count or None)."""

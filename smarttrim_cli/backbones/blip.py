@@ -267,7 +267,7 @@ class BlipModel(TrimmableModel):
         ones = torch.ones(B, device=dev)
         q_ctx = None
         if mode != "full" and any(k.startswith("vision_") for k in list(self.token_trimmers) + list(self.head_trimmers)):
-            w = text.pad.unsqueeze(-1)
+            w = text.valid.unsqueeze(-1)
             q_ctx = (text.x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
         emb = self.vision_model.embeddings
@@ -289,7 +289,7 @@ class BlipModel(TrimmableModel):
             if q_ctx is not None:
                 self.token_step(name, img, q_ctx, ctx)
                 gate, idx, hc = self.head_step(name, img.x[:, 0], q_ctx, ctx)
-            img.x = blk(img.x, img.key_add(), img.policy, gate, idx)
+            img.x = blk(img.x, img.key_add(), img.soft_keep, gate, idx)
             ctx.add(LayerCost(name, "clip_block", dv, n=img.count(), n_full=img.n_full, h=hc))
         img.x = self.vision_model.post_layernorm(img.x)
         ctx.add(LayerCost("post_layernorm", "ln", {"d": c.vision_width}, n=img.count(), n_full=img.n_full))
@@ -307,7 +307,7 @@ class BlipModel(TrimmableModel):
             self.token_step(f"ximage_{i}", img, t_cls, ctx)
             gs, is_, hs = self.head_step(f"xtext_{i}_self", t_cls, i_cls, ctx)
             gc, ic, hx = self.head_step(f"xtext_{i}_cross", t_cls, i_cls, ctx)
-            text.x = layer(text.x, img.x, text.key_add(), text.policy, img.key_add(), img.policy, gs, is_, gc, ic)
+            text.x = layer(text.x, img.x, text.key_add(), text.soft_keep, img.key_add(), img.soft_keep, gs, is_, gc, ic)
             ctx.add(LayerCost(f"xtext_{i}", "cross_layer", dx, n=text.count(), n_full=text.n_full,
                               m=img.count(), m_full=img.n_full, h=hs, h2=hx))
         return text
@@ -324,7 +324,7 @@ class BlipModel(TrimmableModel):
 
     @staticmethod
     def _question_mask(text: Stream):
-        return text.policy if text.policy is not None else text.pad
+        return text.soft_keep if text.soft_keep is not None else text.valid
 
     # ----- answer decoder --------------------------------------------------------------------------
     def _decoder_kv(self, qs):

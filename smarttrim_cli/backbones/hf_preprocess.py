@@ -114,7 +114,7 @@ class HFImagePreprocessor:
                 f"resample={self.resample!r})")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        from ..data.preprocess import to_rgb
+        from ..rgb import to_rgb
 
         img = to_rgb(img)
         S = self.image_size

@@ -1,7 +1,11 @@
 """METER (Dou et al., 2022) on the trimmable core, with the original checkpoint's weight names.
 
-CLIP ViT visual tower + RoBERTa/BERT text encoder + co-attention layers updated in parallel; see
-shared/NOTES.md for the layout. Forward order with trimmers: the cheap text tower runs first so its
+Layout of the released model (zdou0830/METER): a CLIP ViT-B/16 visual tower with 11 residual blocks (CLIP's last
+one dropped, no ``visual.proj``, ``ln_post`` on every token, QuickGELU); a RoBERTa-base text encoder (12 layers,
+LayerNorm eps 1e-5, pooler unused); 768->768 ``cross_modal_{text,image}_transform``; token-type embeddings; 6
+BERT-style post-LN co-attention layers per stream (self-attention, cross-attention, FFN; LayerNorm eps 1e-12,
+erf GELU) updated in parallel, both streams computed from the previous layer's two outputs; tanh poolers on
+token 0 of each stream, concatenated into the task head. Forward order with trimmers: the cheap text tower runs first so its
 [CLS] can guide the vision tower's token and head trimmers; in the cross-modal encoder each stream is
 guided by the other stream's [CLS] of the previous layer.
 """
@@ -26,7 +30,8 @@ HEAD_PREFIX = {"vqa": "vqa_classifier", "nlvr2": "nlvr2_classifier", "snli": "sn
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Keys present in released METER files that the model never uses (NOTES.md); ignored by name only.
+# Keys present in released METER files that the model never uses (CLIP's text half and final LayerNorm, RoBERTa's
+# pooler, a position-id buffer): ignored by exact name, so any other unmatched key is still reported.
 UNUSED_KEYS = ("vit_model.token_embedding.weight", "vit_model.positional_embedding",
                "text_transformer.embeddings.position_ids")
 UNUSED_PREFIXES = ("vit_model.ln_final.", "text_transformer.pooler.")
@@ -274,7 +279,7 @@ class MeterModel(TrimmableModel):
             name = f"text_{i}"
             self.token_step(name, text, img_ctx, ctx, prefix + name)
             gate, idx, hc = self.head_step(name, text.x[:, 0], img_ctx, ctx, prefix + name) if img_ctx is not None else (None, None, None)
-            text.x = layer(text.x, text.key_add(), text.policy, gate, idx)
+            text.x = layer(text.x, text.key_add(), text.soft_keep, gate, idx)
             ctx.add(LayerCost(prefix + name, "bert_layer", dt, n=text.count(), n_full=text.n_full, h=hc))
         t_cls = text.x[:, 0]
 
@@ -283,7 +288,7 @@ class MeterModel(TrimmableModel):
             name = f"vision_{i}"
             self.token_step(name, img, t_cls, ctx, prefix + name)
             gate, idx, hc = self.head_step(name, img.x[:, 0], t_cls, ctx, prefix + name)
-            img.x = blk(img.x, img.key_add(), img.policy, gate, idx)
+            img.x = blk(img.x, img.key_add(), img.soft_keep, gate, idx)
             ctx.add(LayerCost(prefix + name, "clip_block", dv, n=img.count(), n_full=img.n_full, h=hc))
 
         img.x = self.cross_modal_image_transform(vis.ln_post(img.x))
@@ -308,8 +313,8 @@ class MeterModel(TrimmableModel):
             gis, iis, his = self.head_step(f"ximage_{i}_self", y0, x0, ctx, f"{prefix}ximage_{i}_self")
             gic, iic, hic = self.head_step(f"ximage_{i}_cross", y0, x0, ctx, f"{prefix}ximage_{i}_cross")
             t_add, i_add = text.key_add(), img.key_add()
-            x1 = tl(text.x, img.x, t_add, text.policy, i_add, img.policy, gts, its, gtc, itc)
-            y1 = il(img.x, text.x, i_add, img.policy, t_add, text.policy, gis, iis, gic, iic)
+            x1 = tl(text.x, img.x, t_add, text.soft_keep, i_add, img.soft_keep, gts, its, gtc, itc)
+            y1 = il(img.x, text.x, i_add, img.soft_keep, t_add, text.soft_keep, gis, iis, gic, iic)
             nt, ni = text.count(), img.count()
             ctx.add(LayerCost(f"{prefix}xtext_{i}", "cross_layer", dx, n=nt, n_full=text.n_full, m=ni,
                               m_full=img.n_full, h=hts, h2=htc))

@@ -229,8 +229,8 @@ class ViltModel(TrimmableModel):
             x = torch.cat([text.x, img.x], dim=1)
             ta, ia = text.key_add(), img.key_add()  # padding masks, and log sizes with token fusion
             key_add = None if ta is None and ia is None else torch.cat(
-                [a if a is not None else x.new_zeros(s.pad.shape) for a, s in ((ta, text), (ia, img))], dim=1)
-            policy = None if text.policy is None else torch.cat([text.policy, img.policy], dim=1)
+                [a if a is not None else x.new_zeros(s.valid.shape) for a, s in ((ta, text), (ia, img))], dim=1)
+            policy = None if text.soft_keep is None else torch.cat([text.soft_keep, img.soft_keep], dim=1)
             x = layer(x, key_add, policy, gate, idx)
             text.x, img.x = x[:, :nt], x[:, nt:]
             ctx.add(LayerCost(f"joint_{i}", "clip_block", dims, n=text.count() + img.count(),

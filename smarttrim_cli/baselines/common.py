@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import SmartTrimError
 from ..trim.context import LayerCost, count
 from ..trim.cost import total_macs
+from ..trim.topk import keep_topk
 
 STREAM_WIDTH = {"vision": "vision_width", "text": "text_hidden", "xtext": "hidden", "ximage": "hidden"}
 STREAM_HEADS = {"vision": "vision_heads", "text": "text_heads", "xtext": "cross_heads", "ximage": "cross_heads"}
@@ -118,16 +119,6 @@ def add_overhead(ctx, name: str, macs) -> None:
         ctx.add(LayerCost(name, "const", {"macs": 1}, n=macs, n_full=torch.zeros_like(macs)))
 
 
-def keep_topk(score: torch.Tensor, alive: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep ceil(ratio * live) of each instance's live tokens (at least 1), highest score first;
-    token 0 ([CLS]) is always among them."""
-    k = torch.ceil(count(alive) * ratio - 1e-6).clamp_min(1)
-    s = score.float().masked_fill(alive <= 0, float("-inf"))
-    s = torch.cat([torch.full_like(s[:, :1], float("inf")), s[:, 1:]], dim=1)
-    rank = s.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    return (rank < k.unsqueeze(1)) & (alive > 0)
-
-
 def record_tokens(s, ctx, key, keep=None) -> None:
     """The kept mask over the stream's original positions (hard mode), as the learned trimmer records it:
     of the gathered stream, or ``keep`` (B, n) over the stream's current slots (before a gather)."""
@@ -173,19 +164,19 @@ class TokenPolicy(Policy):
         if ctx.mode == "soft":
             if not self.soft_ok:
                 raise SmartTrimError(f"{type(self).__name__}: this baseline changes token states; run it in hard mode")
-            alive = s.policy
+            alive = s.soft_keep
             score = self.score(model, name, s, alive, c, ctx, key)
             keep = keep_topk(score, alive, self.keep_ratio)
-            m = torch.cat([torch.ones_like(s.pad[:, :1]), (keep.to(s.x.dtype) * s.pad)[:, 1:]], dim=1)
-            kept = s.policy * m
+            m = torch.cat([torch.ones_like(s.valid[:, :1]), (keep.to(s.x.dtype) * s.valid)[:, 1:]], dim=1)
+            kept = s.soft_keep * m
             ctx.decisions[key] = kept.detach()  # with merge, as for the learned trimmers: before the fusion
             model._soft_keep(s, alive, kept, score, self.merge, ctx, key)
             return
-        score = self.score(model, name, s, s.pad, c, ctx, key)
-        keep = keep_topk(score, s.pad, self.keep_ratio)
+        score = self.score(model, name, s, s.valid, c, ctx, key)
+        keep = keep_topk(score, s.valid, self.keep_ratio)
         if self.merge:
             record_tokens(s, ctx, key, keep)
-            keep = model._fuse(s, s.pad, keep.to(s.x.dtype) * s.pad, score, ctx, key) > 0.5
+            keep = model._fuse(s, s.valid, keep.to(s.x.dtype) * s.valid, score, ctx, key) > 0.5
             s._gather(keep)
             return
         keep = self.fuse(model, name, s, keep, score, ctx)

@@ -46,7 +46,7 @@ class EViTPolicy(TokenPolicy):
             w = attention_weights(model, name.replace("ximage_", "xtext_"), "cross")
             t = self._text.get(key) if self.guide == "text" else None
             if t is not None:
-                q, qa = t.x, (t.policy if ctx.mode == "soft" else t.pad)
+                q, qa = t.x, (t.soft_keep if ctx.mode == "soft" else t.valid)
             else:
                 q = c.unsqueeze(1)
                 qa = torch.ones(q.shape[0], 1, device=q.device)
@@ -63,7 +63,7 @@ class EViTPolicy(TokenPolicy):
     def fuse(self, model, name, s, keep, score, ctx):
         if not self.fuse_tokens:
             return keep
-        dropped = (s.pad > 0) & ~keep
+        dropped = (s.valid > 0) & ~keep
         w = (score.float() + 1e-12) * dropped  # + eps: a uniform average if every weight underflowed
         has = dropped.any(1, keepdim=True)
         host = torch.nn.functional.one_hot(w.masked_fill(~dropped, -1.0).argmax(1), keep.shape[1]).bool() & has

@@ -73,8 +73,8 @@ class ToMePolicy(Policy):
             raise SmartTrimError("tome: token merging changes token states; run it in hard mode")
         size = getattr(s, "tome_size", None)
         if size is None:
-            size = torch.ones_like(s.pad, dtype=torch.float32)
-        live = s.pad > 0
+            size = torch.ones_like(s.valid, dtype=torch.float32)
+        live = s.valid > 0
         n_live = count(live)
         target = torch.ceil(n_live * self.keep_ratio - 1e-6).clamp_min(1)
         remaining = (n_live - target).clamp_min(0).long()
@@ -99,7 +99,7 @@ class ToMePolicy(Policy):
             idx = kept_order(live)[0]
             s._gather(live)  # merged A tokens leave; the next round re-alternates the survivors
             size, metric = gather_rows(size, idx), gather_rows(metric, idx)
-            x, live = s.x, s.pad > 0
+            x, live = s.x, s.valid > 0
         s.tome_size = size
         if self.prop_attn:
             s.key_bias = size.clamp_min(1.0).log()

@@ -39,7 +39,7 @@ def compare(
     match_tol: float = typer.Option(0.03, "--match-tol", help="A baseline counts as at SmartTrim's cost when its "
                                     "measured ratio is within this of it on the evaluated inputs."),
     batch_size: int = typer.Option(32, "--batch-size", help="Evaluation batch size."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows and unreadable images."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for every output not given explicitly "

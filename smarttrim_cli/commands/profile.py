@@ -27,7 +27,7 @@ def profile(
                                               "model, 0-1 (default: the model's, usually 0.5)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="More thresholds, e.g. 0.3,0.5,0.7: adds the "
                                         "accuracy/FLOPs curve and a Pareto chart."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Batch size of the throughput measurement."),
     warmup: int = typer.Option(5, "--warmup", help="Warm-up calls before timing latency."),

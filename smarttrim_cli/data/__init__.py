@@ -137,13 +137,19 @@ def collate(batch: Sequence[dict], tokenizer, max_text_len: int) -> dict[str, An
     return out
 
 
+def batch_to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to ``device`` (non-blocking: the copy is ordered before any use on that
+    device); other values (texts, lists) as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def make_collate(tokenizer, max_text_len: int):
     """``collate`` with the tokenizer bound: a picklable ``collate_fn`` for DataLoader workers."""
     return functools.partial(collate, tokenizer=tokenizer, max_text_len=max_text_len)
 
 
 __all__ = [
-    "open_dataset", "default_data_dir", "collate", "make_collate", "canonical_name", "DATASETS",
+    "open_dataset", "default_data_dir", "collate", "make_collate", "batch_to_device", "canonical_name", "DATASETS",
     "VQAv2Dataset", "NLVR2Dataset", "SNLIVEDataset", "EasyVQADataset", "ImagePreprocessor",
     "CLIP_MEAN", "CLIP_STD", "build_answer_vocab", "build_vqa_vocab", "normalize_answer",
     "soft_score", "vqa_targets", "target_tensor", "vqa_score", "EASYVQA_ANSWERS", "SNLI_LABELS",

@@ -14,24 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..rgb import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits first
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's warning about palette transparency
-    return img.convert("RGB")
 
 
 class ImagePreprocessor:
@@ -89,4 +75,4 @@ class ImagePreprocessor:
         return x * self._std_t.to(x) + self._mean_t.to(x)
 
 
-__all__ = ["ImagePreprocessor", "CLIP_MEAN", "CLIP_STD", "to_rgb"]
+__all__ = ["ImagePreprocessor", "CLIP_MEAN", "CLIP_STD"]

@@ -7,8 +7,10 @@ kept-head indices from NonZero gather the kept heads' q/k/v rows and output-proj
 (a 0-d float), so one file serves every speed setting. Outputs: ``logits``, ``kept_tokens`` (B, number
 of token trimmers: tokens entering each trimmed layer) and ``kept_heads`` (B, number of head trimmers).
 
-Exporters (shared/NOTES.md): the torch.export-based one (``dynamo=True``: ``k.item()`` + size hints in
-``kept_order``) and the legacy TorchScript tracer (``dynamo=False``: k stays a tensor) as a fallback.
+Exporters: the torch.export-based one (``dynamo=True``), which keeps NonZero/TopK/Gather with dynamic sizes
+given ``k.item()`` and size hints (``torch._check``) in ``kept_order``, and the legacy TorchScript tracer
+(``dynamo=False``) as a fallback, where k must stay a tensor: an ``int(k)`` would be frozen as a constant
+and shorter inputs would then fail in onnxruntime (and ``torch._check`` raises under that tracer).
 Both trace at batch 2: with a batch of one the core skips batch masks and head gates (shape-based
 branches a tracer freezes), and a batch-2 graph is also exact at batch 1.
 """

@@ -2,7 +2,7 @@
 
 No torch import here: ``onnx_predict`` serves exported files with this module alone.
 
-Timing follows shared/NOTES.md: ``intra_op_num_threads`` from ``--threads`` (2 on CPU by default)
+Timing settings: ``intra_op_num_threads`` from ``--threads`` (2 on CPU by default)
 and ``session.intra_op.allow_spinning = 0``, so that idle onnxruntime threads do not spin-wait and
 starve whatever else runs in the process (the PyTorch reference, the other session being timed).
 """

@@ -95,7 +95,9 @@ class EvalSet:
 
     def to(self, device) -> "EvalSet":
         """Move the collated batches to ``device`` (in place); returns self."""
-        self.batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in self.batches]
+        from ..data import batch_to_device
+
+        self.batches = [batch_to_device(b, device) for b in self.batches]
         return self
 
     def evaluate(self, name: str, run, per_input: bool = False, **info) -> dict:
@@ -280,13 +282,13 @@ def markdown_table(rows: list[dict], reference: dict | None = None, control: dic
     return "\n".join(lines)
 
 
-def pareto_chart(path, rows: list[dict], full: dict, title: str = "", control: dict | None = None,
-                 ylabel: str = "accuracy (VQA score, %)"):
+def methods_chart(path, rows: list[dict], full: dict, title: str = "", control: dict | None = None,
+                  ylabel: str = "accuracy (VQA score, %)"):
     """Accuracy against mean GMACs: one marker/colour per method family, points of a family joined in
     cost order; the full model (and the equal-steps control) as stars."""
-    from .objects import _plt, _save
+    from .plots import pyplot, save_png
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     fams: dict[str, list[dict]] = {}
     for r in rows:
@@ -307,4 +309,4 @@ def pareto_chart(path, rows: list[dict], full: dict, title: str = "", control: d
     ax.set_title(title or "Accuracy against mean GMACs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)

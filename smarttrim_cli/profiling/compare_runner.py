@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json
+from ..devices import resolve_device
 from ..errors import SmartTrimError
 from ..reference import resolve_reference
 from . import compare as cmp
 from . import compare_report as rp
 from . import latency as lt
-from .report import CONVENTION, write_json
+from .report import CONVENTION
 
 RETRIEVAL_DATASETS = ("coco-captions", "flickr30k")
 
@@ -127,14 +129,14 @@ def run_compare(s: CompareSettings, console=None) -> CompareResult:
 def _run(s: CompareSettings, console) -> CompareResult:
     from .. import load
     from ..data import canonical_name
-    from .runner import ProfileSettings, _progress, open_data
+    from .runner import ProfileSettings, _progress, open_profiled_split
 
     t0 = time.perf_counter()
     _check(s)
     if canonical_name(s.dataset) in RETRIEVAL_DATASETS:
         raise SmartTrimError(f"--dataset {s.dataset}: retrieval is not supported by compare yet (profile measures "
                              "recall@k of the trimmed model)")
-    device = lt.resolve_device(s.device)
+    device = resolve_device(s.device)
     threads = lt.set_threads(s.threads)
     model = load(s.model_dir, mode="hard", device=device)
     if model.config.task == "retrieval":
@@ -145,7 +147,7 @@ def _run(s: CompareSettings, console) -> CompareResult:
     ref = resolve_reference(model.source_dir, model.smarttrim_config, s.reference)
     base = model if ref.is_self else load(ref.path, mode="hard", device=device)
     total = None if s.limit is None else int(s.limit) + int(s.calib_limit)
-    name, split, ds = open_data(ProfileSettings(dataset=s.dataset, data_dir=s.data_dir, split=s.split, limit=total,
+    name, split, ds = open_profiled_split(ProfileSettings(dataset=s.dataset, data_dir=s.data_dir, split=s.split, limit=total,
                                                 skip_bad=s.skip_bad), model)
     limit = s.limit if s.limit is not None else max(len(ds) - int(s.calib_limit), 0)
     ev, cal = cmp.split_inputs(model, ds, limit, s.calib_limit, s.batch_size)
@@ -163,13 +165,13 @@ def _run(s: CompareSettings, console) -> CompareResult:
     files = {"json": str(Path(s.json_path) if s.json_path else out_dir / "compare.json"),
              "pareto": str(Path(s.plot_path) if s.plot_path else out_dir / "pareto.png")}
     rows = [m for m in report["methods"] if m["role"] != "reference"]
-    cmp.pareto_chart(files["pareto"], rows, report["methods"][0],
+    cmp.methods_chart(files["pareto"], rows, report["methods"][0],
                      title=f"{Path(report['settings']['model_dir']).name} on {name}/{split}: SmartTrim vs training-free "
                            f"baselines ({len(ev)} inputs)", ylabel=f"{report['metric']} (%)")
     report["files"] = files
     report["gate"] = rp.evaluate_gate(report, s.min_margin, s.max_drop)
     report["wall_seconds"] = time.perf_counter() - t0
-    write_json(report, files["json"])
+    write_json(files["json"], report, allow_nan=False)  # strict JSON: other programs read the report
     return CompareResult(report, files)
 
 

@@ -23,16 +23,6 @@ import torch
 from ..errors import SmartTrimError
 
 
-def resolve_device(device: str) -> torch.device:
-    d = str(device).lower()
-    if d not in ("cpu", "cuda") and not d.startswith("cuda:"):
-        raise SmartTrimError(f"--device must be cpu or cuda, got {device!r}")
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise SmartTrimError(f"--device {device}: CUDA is not available in this torch build "
-                             f"({torch.__version__}) or on this machine")
-    return torch.device(d)
-
-
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path
+from .plots import pyplot, save_png
 
 
 # ----- the scene index -------------------------------------------------------------------------------
@@ -173,29 +173,11 @@ def summary(rows: list[dict], index: SceneIndex, image_tokens_full: int, gmacs_k
 
 
 # ----- plots -----------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> Path:
-    plt = _plt()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def objects_chart(path, rows: list[dict], image_tokens_full: int, gmacs_key: str = "gmacs_trimmed",
                   full_key: str = "gmacs_full", title: str = "") -> Path:
     """Two panels against the number of objects: kept image tokens and GMACs per input (box per count,
     means joined; the full model dashed)."""
-    plt = _plt()
+    plt = pyplot()
     have = [r for r in rows if r.get("objects") is not None]
     ks = sorted({r["objects"] for r in have})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -218,13 +200,13 @@ def objects_chart(path, rows: list[dict], image_tokens_full: int, gmacs_key: str
     rho = spearman([r["objects"] for r in have], [r["image_tokens_final"] for r in have])
     fig.suptitle(title or ("Compute against scene complexity"
                            + (f" (Spearman rho, tokens vs objects: {rho:+.2f})" if rho is not None else "")))
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def lines_chart(path, series: dict[str, list[dict]], key: str = "image_tokens_final_mean",
                 ylabel: str = "image tokens kept (mean)", full_value: float | None = None, title: str = "") -> Path:
     """One line per method: ``series[name]`` = rows of :func:`by_objects`; y = ``row[key]``."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in series.items():
         rows = [r for r in rows if r.get(key) is not None]
@@ -237,7 +219,7 @@ def lines_chart(path, series: dict[str, list[dict]], key: str = "image_tokens_fi
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2)
     ax.set_title(title or "Kept image tokens against the number of objects")
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def montage(path, examples: list[dict], title: str = "") -> Path:
@@ -246,7 +228,7 @@ def montage(path, examples: list[dict], title: str = "") -> Path:
     (nothing trimmed), "label": caption}."""
     from .overlays import _shade
 
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(examples))
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False)
     for ax, ex in zip(axes[0], examples):
@@ -261,7 +243,7 @@ def montage(path, examples: list[dict], title: str = "") -> Path:
     for ax in axes[0][len(examples):]:
         ax.axis("off")
     fig.suptitle(title or "Kept patches (dropped ones greyed) by number of objects", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def pick_examples(rows: list[dict], per_count: int = 1) -> list[int]:

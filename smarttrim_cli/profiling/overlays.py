@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from .plots import pyplot, save_png
 
 _LAYER = re.compile(r"^tok:(vision|ximage)_(\d+)$")
 _TEXT = re.compile(r"^tok:(text|xtext)_(\d+)$")
@@ -62,11 +62,7 @@ def _shade(image: np.ndarray, keep: np.ndarray, grid: int) -> np.ndarray:
 def write_overlay(path, image: np.ndarray, question: str, tokens: Sequence[str], token_keep: np.ndarray,
                   panels: list[tuple[str, np.ndarray]], caption: str = "") -> Path:
     """image: (H, W, 3) floats in [0, 1]; panels: [(layer name, kept mask over the patch grid)]."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = 1 + len(panels)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -102,11 +98,7 @@ def write_overlay(path, image: np.ndarray, question: str, tokens: Sequence[str],
     for i, (name, keep) in enumerate(panels, start=1):
         grid = int(round(math.sqrt(keep.size)))
         panel(i, _shade(image, keep, grid), f"after {name}: {int(keep.sum())}/{keep.size} patches")
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 def question_tokens(tokenizer, input_ids: torch.Tensor) -> list[str]:

@@ -1,5 +1,6 @@
 """PNG charts of a profile (matplotlib, Agg backend): the FLOPs histogram of the paper's Figure 1,
-kept tokens/heads per layer, and the accuracy/FLOPs Pareto chart of a threshold sweep."""
+kept tokens/heads per layer, and the accuracy/FLOPs Pareto chart of a threshold sweep; ``pyplot`` and
+``save_png`` for every chart of the package."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,8 @@ from ..atomic import atomic_path
 STREAM_COLORS = {"text": "#1f77b4", "vision": "#d62728", "xtext": "#2ca02c", "ximage": "#ff7f0e", "joint": "#9467bd"}
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -19,11 +21,12 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> Path:
-    plt = _plt()
+def save_png(fig, path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    plt = pyplot()
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -33,7 +36,7 @@ def flops_histogram(path, trimmed_gmacs: Sequence[float], full_gmacs: Sequence[f
     """Per-input GMACs of the trimmed model, with the full model's cost marked (Figure 1)."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     t = np.asarray(trimmed_gmacs, dtype=float)
     f = np.asarray(full_gmacs, dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -50,14 +53,14 @@ def flops_histogram(path, trimmed_gmacs: Sequence[float], full_gmacs: Sequence[f
     ax.set_ylabel("inputs")
     ax.set_title(title or "Per-input cost of the trimmed model")
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def layers_chart(path, layers: Sequence[dict], title: str = "") -> Path:
     """Mean kept share of tokens and of heads per layer, in forward order, one colour per stream.
 
     ``layers``: rows of report["layers"] (name, stream, tokens_kept_frac, heads_kept_frac, ...)."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(7, 0.28 * len(layers) + 2), 6), sharex=True)
     x = list(range(len(layers)))
     colors = [STREAM_COLORS.get(r["stream"], "#777777") for r in layers]
@@ -87,13 +90,13 @@ def layers_chart(path, layers: Sequence[dict], title: str = "") -> Path:
     a1.legend(handles=handles, fontsize=7, ncol=len(handles), loc="lower center", bbox_to_anchor=(0.5, 1.0),
               frameon=False)
     fig.suptitle(title or "What the trimmer kept, per layer (mean over inputs)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def pareto_chart(path, points: Sequence[dict], full: dict, metric: str, title: str = "") -> Path:
+def threshold_sweep_chart(path, points: Sequence[dict], full: dict, metric: str, title: str = "") -> Path:
     """Score against mean GMACs for each threshold of a sweep; the Pareto front joined; the full
     model marked. ``points``: {"threshold", "gmacs_mean", "score"}; ``full``: {"gmacs_mean", "score"}."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = sorted(points, key=lambda p: p["gmacs_mean"])
     xs = [p["gmacs_mean"] for p in pts]
@@ -116,4 +119,4 @@ def pareto_chart(path, points: Sequence[dict], full: dict, metric: str, title: s
     ax.set_title(title or "Accuracy / FLOPs trade-off of the runtime keep threshold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)

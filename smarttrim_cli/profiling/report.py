@@ -11,10 +11,8 @@ throughput.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..atomic import atomic_path
 from ..errors import ValidationFailed
 
 SCHEMA = "smarttrim-profile"
@@ -204,13 +202,6 @@ def schema_markdown(fields: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict, path) -> Path:
-    path = Path(path)
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return path
-
-
 # ----- the gate ----------------------------------------------------------------------------------------
 def evaluate_gate(report: dict, min_speedup: float | None, max_drop: float | None, metric: str) -> dict:
     speed = report["speedup"].get(metric)
@@ -252,7 +243,6 @@ def render(report: dict, console) -> None:
 
     s, a, fl, lat, tp, mem = (report[k] for k in ("settings", "accuracy", "flops", "latency", "throughput",
                                                     "memory"))
-    m = report["model"]
     ref = a.get("reference") or {}
     full_name = f"full: {Path(ref['model_dir']).name}" if ref.get("model_dir") else "full"
     t = Table(title=f"smarttrim profile: {Path(s['model_dir']).name} on {s['dataset']}/{s['split']} "
@@ -276,7 +266,7 @@ def render(report: dict, console) -> None:
               _f(fl["ratio"], "{:.3f}") + f"  ({_f(fl['speedup'], '{:.2f}')}x)")
     t.add_row("GMACs p10 / p50 / p90", " / ".join(_g(fl["full"][k]) for k in ("p10", "p50", "p90")),
               " / ".join(_g(fl["trimmed"][k]) for k in ("p10", "p50", "p90")), "")
-    t.add_row(f"latency b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
+    t.add_row("latency b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               " / ".join(_f(lat["trimmed"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               _f(report["ratios"]["latency_p50"]) + f"  ({_f(lat['speedup'], '{:.2f}')}x)")
     t.add_row(f"throughput b={tp['batch_size']} (inputs/s)", _f(tp["full"]["inputs_per_s"], "{:.2f}"),

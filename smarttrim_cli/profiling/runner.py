@@ -15,7 +15,6 @@ the numbers with the bounds the user gave.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import re
 import sys
 import time
@@ -25,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_json
+from ..data import batch_to_device
+from ..devices import resolve_device
 from ..errors import SmartTrimError
 from ..trim.cost import layer_macs
 from . import accuracy as acc
@@ -112,10 +114,6 @@ def _unpad(batch: dict) -> dict:
     return batch
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def _model_batch(model, batch: dict) -> dict:
     return {k: batch[k] for k in model.input_names if k in batch}
 
@@ -185,7 +183,7 @@ def _check(s: ProfileSettings):
         raise SmartTrimError(f"--min-speedup must be > 0, got {s.min_speedup}")
 
 
-def open_data(s: ProfileSettings, model):
+def open_profiled_split(s: ProfileSettings, model):
     """The dataset reader for this model; one-line errors for a missing directory or a task mismatch."""
     from ..data import canonical_name, open_dataset
 
@@ -241,7 +239,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
 
     t_start = time.perf_counter()
     _check(s)
-    device = lt.resolve_device(s.device)
+    device = resolve_device(s.device)
     threads = lt.set_threads(s.threads)
     model = load(s.model_dir, mode="hard", device=device)
     if model.tokenizer is None:
@@ -254,7 +252,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     pre = model.smarttrim_config.get("preprocess") or {}
     max_len = int(pre.get("max_text_len") or cfg.max_text_len)
     threshold = float(model.threshold if s.threshold is None else s.threshold)
-    name, split, ds = open_data(s, model)
+    name, split, ds = open_profiled_split(s, model)
     n = len(ds)
     fv_n = n if s.fvcore_limit is None else min(n, int(s.fvcore_limit))
     sweep = sorted({round(float(x), 6) for x in s.sweep} - {round(threshold, 6)})
@@ -265,7 +263,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     keep_items = max(n_lat, n_tp, int(s.show))
 
     def one(item):
-        return _to(_unpad(collate([item], model.tokenizer, max_len)), device)
+        return batch_to_device(_unpad(collate([item], model.tokenizer, max_len)), device)
 
     # (1) per input ---------------------------------------------------------------------------------------
     streams = set(model.stream_layers())
@@ -358,7 +356,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     by_cost = sorted(order, key=lambda i: (rows[i]["gmacs_trimmed"], i))
 
     def batches(idx):
-        return [_model_batch(model, _to(collate([cached[i] for i in idx[k:k + B]], model.tokenizer, max_len), device))
+        return [_model_batch(model, batch_to_device(collate([cached[i] for i in idx[k:k + B]], model.tokenizer, max_len), device))
                 for k in range(0, len(idx), B)]
 
     tp_full_b, tp_pad_b, tp_bucket_b = batches(order), None, None
@@ -401,7 +399,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     report["gate"] = rp.evaluate_gate(report, s.min_speedup, s.max_drop, s.speedup_metric)
     report["machine"]["load_average"] = lt.machine_info(device)["load_average"]
     report["wall_seconds"] = time.perf_counter() - t_start
-    rp.write_json(report, files["json"])
+    write_json(files["json"], report, allow_nan=False)  # strict JSON: other programs read the report
     return ProfileResult(report, files)
 
 
@@ -435,7 +433,7 @@ def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, ma
         text_item = ds[i]
         for c0 in range(0, len(images), B):
             chunk = [dict(img, text=text_item["text"]) for img in images[c0:c0 + B]]
-            b = _model_batch(model, _to(collate(chunk, model.tokenizer, max_len), device))
+            b = _model_batch(model, batch_to_device(collate(chunk, model.tokenizer, max_len), device))
             for k, t in thresholds.items():
                 logits, _ = (ref_model.run(b, mode="full") if t == "reference" else model.run(b, mode="full")
                              if t is None else model.run(b, mode="hard", threshold=t))
@@ -583,8 +581,8 @@ def _write_outputs(s, report, out_dir: Path, model, shows, pre) -> dict:
     files["pareto"] = None
     if len(report["sweep"]) > 1:
         full_pt = {"gmacs_mean": float(np.mean([r["gmacs_full"] for r in rows])), "score": report["accuracy"]["full"]}
-        files["pareto"] = str(plots.pareto_chart(Path(s.pareto_path) if s.pareto_path else out_dir / "pareto.png",
-                                                 report["sweep"], full_pt, report["accuracy"]["metric"]))
+        files["pareto"] = str(plots.threshold_sweep_chart(Path(s.pareto_path) if s.pareto_path else out_dir / "pareto.png",
+                                                         report["sweep"], full_pt, report["accuracy"]["metric"]))
     files["show"] = []
     if shows:
         show_dir = Path(s.show_dir) if s.show_dir else out_dir / "show"

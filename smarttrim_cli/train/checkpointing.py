@@ -1,7 +1,8 @@
 """Training state on disk: ``<output>.state/`` beside the output model directory.
 
-    last.pt            model, optimizer, scheduler, grad scaler, budget (dual variable), step, history,
-                       sampler position (derived from the step) and every rank's RNG states
+    last.pt            model, optimizer, scheduler, grad scaler, the decision rule's state (SmartTrim: the
+                       budget's dual variable) and settings, step, history, sampler position (derived from
+                       the step) and every rank's RNG states
     best.safetensors   weights of the best validation so far (+ best.json: which epoch and why)
     log.jsonl          the JSON-lines training log (rewritten from last.pt's history on resume)
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..errors import SmartTrimError
 
 STATE_FORMAT = "smarttrim-train-state"
@@ -83,11 +84,6 @@ def load_best(state_dir: Path) -> dict | None:
 
     p = state_dir / "best.safetensors"
     return load_file(str(p)) if p.is_file() else None
-
-
-def write_json(path: Path, obj):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]):

@@ -2,12 +2,12 @@
 reaches every key). Stored in the training state and in the output's config.json."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import yaml
 
 from ..errors import SmartTrimError
-from ..recipes import RECIPE_DIR, load_recipe
+from ..recipes import bundled_recipe_dir, load_recipe
 
 
 @dataclass
@@ -157,12 +157,13 @@ def parse_sets(items: list[str] | None) -> dict:
 
 
 def default_recipe(dataset: str | None, task: str, family: str = "meter"):
-    """The bundled recipe for a dataset / task, or None."""
+    """The bundled recipe for a dataset / task, or None when none is bundled for it."""
+    recipes = bundled_recipe_dir()
     names = ([f"{dataset}.yaml"] if dataset == "easyvqa" else []) + [f"{family}-{dataset or task}.yaml",
                                                                         f"{family}-{task}.yaml"]
     for n in names:
-        if (RECIPE_DIR / n).is_file():
-            return RECIPE_DIR / n
+        if (recipes / n).is_file():
+            return recipes / n
     return None
 
 

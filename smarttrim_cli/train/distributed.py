@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import SmartTrimError
+from ..devices import resolve_device
 
 
 @dataclass
@@ -28,22 +28,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``auto``/None: CUDA (this process's local GPU) when available, else CPU."""
-    if device in (None, "", "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise SmartTrimError(f"--device {device!r}: not a device (use cpu, cuda, cuda:N or auto)") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SmartTrimError(f"--device {device}: CUDA is not available on this machine")
-        if d.index is None:
-            d = torch.device(f"cuda:{local_rank}")
-    return d
 
 
 def init(device: str | None = None) -> DistInfo:

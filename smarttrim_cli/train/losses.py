@@ -1,4 +1,4 @@
-"""The SmartTrim objective (shared/DESIGN.md section 1), one function per part.
+"""The SmartTrim objective (self-distillation under a compute budget), one function per part.
 
     L = L_task(trimmed) + alpha * L_distill(trimmed || full) + L_cost
 

@@ -20,7 +20,7 @@ whose centre was kept joins that object's token, which then stands for the objec
 catch-all holds background only; with a single catch-all, object fragments and background share one token.
 
 Soft mode (training) and hard mode (inference) apply the same rule, so hard equals soft given the same
-decisions (DESIGN.md invariant 3); in soft mode the fused state and sizes are differentiable in the keep
+decisions; in soft mode the fused state and sizes are differentiable in the keep
 mask (the weights of the mean are the straight-through drop decisions).
 """
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The two learned trimmers of SmartTrim (shared/DESIGN.md section 1)."""
+"""The two learned trimmers of SmartTrim (Wang et al., LREC-COLING 2024), one per chosen layer.
+
+Token trimmer (per stream): keep/drop logits per token from ``MLP([W_x LN(x_i); W_g g; W_c LN(c)])``, with
+``g`` the mean of the stream's live tokens and ``c`` the other modality's [CLS]. Head trimmer (per attention
+block): one keep logit per head from both modalities' [CLS] states. Both start with a positive bias, so a
+fresh attach keeps everything and changes nothing."""
 from __future__ import annotations
 
 import torch
