@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from smarttrim_cli.cli import app
 from smarttrim_cli.profiling.compare_report import FIELDS, missing_fields, schema_markdown
 
-from test_profile import assert_png, easyvqa_model
+from test_profile import _write_nlvr2, assert_png, easyvqa_model
+from tiny_meter import tiny_model_dir
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +182,20 @@ def test_baselines_act_on_the_recorded_reference(tmp_path):
     for m in rep["methods"][2:]:
         assert m["per_input"]["score"] == full["per_input"]["score"], m["name"]  # the reference's answers
     assert rep["comparison"]["drop"] == pytest.approx(full["accuracy"] - st["accuracy"]) and rep["comparison"]["drop"] > 0
+
+
+def test_nlvr2_two_images_per_input(tmp_path):
+    """A class-label task with two images per input: accuracy, both images' cost, the baselines on both passes."""
+    _write_nlvr2(tmp_path / "nlvr2", n=8)
+    d = tiny_model_dir(tmp_path / "m", "nlvr2")
+    res, out = invoke([str(d), "--dataset", "nlvr2", "--data-dir", str(tmp_path / "nlvr2"), "--limit", "5",
+                       "--calib-limit", "8", "--baselines", "evit,random", *FAST, "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, out
+    rep = report_at(tmp_path / "c.json")
+    assert missing_fields(rep) == [] and rep["metric"] == "accuracy"
+    assert rep["settings"]["n_inputs"] == 5 and rep["settings"]["calib_inputs"] == 3  # the split ends at 8
+    assert rep["inputs"]["evaluated_ids"] == [f"dev-{i}-0-0" for i in range(5)] and rep["inputs"]["disjoint"]
+    for m in rep["methods"]:
+        assert all(s in (0.0, 1.0) for s in m["per_input"]["score"])
+    for m in rep["methods"][2:]:
+        assert m["matched"], (m["name"], m["gmacs_ratio"], m["target_ratio"])
