@@ -28,7 +28,7 @@ from .export.ort_session import make_session
 META = "smarttrim."
 
 
-# ----- images (numpy twin of data/preprocess.py, which uses torch) ------------------------------------
+# ----- images (numpy twin of preprocess.py, which uses torch) ------------------------------------
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img

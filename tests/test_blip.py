@@ -274,9 +274,10 @@ def test_soft_mode_trains_trimmers(itm_dir):
 def test_preprocessing_matches_the_pil_processor(vqa_dir):
     from transformers import BlipImageProcessorPil
 
-    from smarttrim_cli.backbones.hf_preprocess import preprocess_config, preprocessor
+    from smarttrim_cli.backbones.hf_dir import preprocess_config
+    from smarttrim_cli.preprocess import preprocessor
 
-    pre = preprocess_config(vqa_dir, "blip", None, 35)
+    pre = preprocess_config(vqa_dir, blip.PROCESSOR_DEFAULTS, None, 35)
     assert pre["image_size"] == 32 and pre["resample"] == "bicubic"
     rng = np.random.default_rng(0)
     for mode, shape in (("RGB", (40, 70, 3)), ("L", (33, 21))):

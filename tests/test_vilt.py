@@ -228,9 +228,10 @@ def test_soft_mode_trains_trimmers(vilt_dir):
 def test_preprocessing_matches_the_pil_processor(vilt_dir):
     from transformers import ViltImageProcessorPil
 
-    from smarttrim_cli.backbones.hf_preprocess import preprocess_config, preprocessor
+    from smarttrim_cli.backbones.hf_dir import preprocess_config
+    from smarttrim_cli.preprocess import preprocessor
 
-    pre = preprocess_config(vilt_dir, "vilt", None, 16)
+    pre = preprocess_config(vilt_dir, vilt.PROCESSOR_DEFAULTS, None, 16)
     assert pre["image_size"] == 64 and pre["mean"] == [0.5] * 3 and pre["resize"] == "squash"
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
@@ -289,12 +290,12 @@ def test_onnx_export_cli_equals_hard_mode(vilt_dir, tmp_path):
     of several lengths (the command validates and exits 1 when a check fails)."""
     from transformers import AutoTokenizer
 
-    from smarttrim_cli.backbones.hf_preprocess import preprocess_config
+    from smarttrim_cli.backbones.hf_dir import preprocess_config
     from smarttrim_cli.model_dir import save_model_dir
 
     m = trimmed(vilt_dir)
     save_model_dir(m, tmp_path / "m", tokenizer=AutoTokenizer.from_pretrained(str(vilt_dir)), labels=LABELS,
-                   extra={"preprocess": preprocess_config(vilt_dir, "vilt", None, m.config.max_text_len)})
+                   extra={"preprocess": preprocess_config(vilt_dir, vilt.PROCESSOR_DEFAULTS, None, m.config.max_text_len)})
     r = runner.invoke(app, ["export", str(tmp_path / "m"), "--onnx", "-o", str(tmp_path / "vilt.onnx"),
                             "--exporter", "legacy", "--no-timing"])  # dynamo works too, 5-10x slower
     assert r.exit_code == 0, r.output
