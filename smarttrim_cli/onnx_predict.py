@@ -195,7 +195,9 @@ class OnnxPredictor:
         return {k: v for k, v in feed.items() if k in self.input_names}
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
-        if self.task == "vqa":  # multi-label (BCE) head
+        # the family's output kind (backbones/base.py OUTPUT_KINDS); files without it: VQA heads were multi-label
+        kind = self.meta.get("output_kind") or ("multilabel" if self.task == "vqa" else "")
+        if kind == "multilabel":  # a sigmoid per answer (BCE head)
             return 1.0 / (1.0 + np.exp(-logits))
         if logits.shape[-1] > 1:
             z = np.exp(logits - logits.max(-1, keepdims=True))

@@ -218,6 +218,19 @@ def test_onnx_equals_torch_hard_mode(attached, case, tmp_path):
     assert rep.ok, [c for c in rep.checks if not c.ok]
     assert {c.text_len for c in rep.cases} >= {1, 2} and {c.batch for c in rep.cases} >= {1, 2, 3}
     assert len({tuple(c.kept_tokens) for c in rep.cases}) >= 3  # inputs really kept different token counts
+    # the file says how to read its logits; the standalone predictor reads them so (probabilities per kind)
+    from smarttrim_cli.export.onnx_export import read_metadata
+    from smarttrim_cli.onnx_predict import OnnxPredictor
+
+    kind = family(m.family).tasks[m.config.task]
+    assert read_metadata(tmp_path / "m.onnx")["output_kind"] == kind
+    probs = OnnxPredictor(tmp_path / "m.onnx", device="cpu", tokenizer=attached(case)[0] / "tokenizer").scores(
+        rep_logits := torch.randn(2, max(2, m.config.num_labels)).double().numpy())
+    if kind in ("classes", "answer_loglik"):
+        assert abs(probs.sum(-1) - 1).max() < 1e-9
+    elif kind == "multilabel":
+        assert ((probs > 0) & (probs < 1)).all() and abs(probs.sum(-1) - 1).max() > 1e-3
+    assert probs.shape == rep_logits.shape
 
 
 # ----- attach -> load -----------------------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ def metadata_for(model, graph, exporter: str, extra: dict | None = None) -> dict
         "version": __version__,
         "backbone": model.family,
         "task": model.config.task,
+        "output_kind": family_of(model).tasks.get(model.config.task, ""),  # how to read the logits
         "graph": "trimmed" if isinstance(graph, TrimmedGraph) else "full",
         "default_threshold": repr(float(model.trim_config.threshold if model.trim_config else model.threshold)),
         "exporter": exporter,
