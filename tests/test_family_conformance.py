@@ -1,5 +1,5 @@
-"""What every backbone family must satisfy (shared design invariants 2-5, persistence, baselines), run on
-each registered family and its task heads.
+"""What every backbone family must satisfy (the invariants of the README's architecture section, persistence,
+baselines), run on each registered family and its task heads.
 
 Each case writes a tiny source checkpoint in its real on-disk format (a METER Lightning ``.ckpt``;
 transformers BLIP and ViLT directories), attaches it as ``smarttrim attach`` does, and gives the trimmers

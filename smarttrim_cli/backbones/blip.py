@@ -89,10 +89,6 @@ class BlipConfig:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def text_family(self) -> str:
-        return "bert"
-
 
 def default_trim_config(cfg: BlipConfig) -> TrimConfig:
     """ViT tokens every other block from L/4 on, the image tokens the text encoder reads in its first

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import SmartTrimError
 from ..nn.layers import BertCrossLayer, BertLayer, ClipBlock
@@ -32,7 +31,8 @@ TASKS = ("vqa", "nlvr2", "snli", "retrieval")
 HEAD_PREFIX = {"vqa": "vqa_classifier", "nlvr2": "nlvr2_classifier", "snli": "snli_classifier",
                "retrieval": "rank_output"}
 
-# Keys present in released METER files that the model never uses (NOTES.md); ignored by name only.
+# Keys present in released METER files that the model never uses (CLIP's text tower, RoBERTa's pooler); ignored
+# by name only.
 UNUSED_KEYS = ("vit_model.token_embedding.weight", "vit_model.positional_embedding",
                "text_transformer.embeddings.position_ids")
 UNUSED_PREFIXES = ("vit_model.ln_final.", "text_transformer.pooler.")

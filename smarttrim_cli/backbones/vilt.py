@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import SmartTrimError
 from ..nn.layers import ViltLayer
@@ -75,15 +74,6 @@ class ViltConfig:
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    # names other modules read off any backbone config
-    @property
-    def vision_width(self) -> int:
-        return self.hidden
-
-    @property
-    def text_family(self) -> str:
-        return "bert"
 
 
 def default_trim_config(cfg: ViltConfig) -> TrimConfig:
