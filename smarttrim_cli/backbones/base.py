@@ -86,8 +86,16 @@ class Family:
     A newcomer reads this class, then one family module. ``attach`` finds the family of a source
     (``reads_file`` / ``hf_architectures``) and calls ``load``; ``model_dir.load`` calls ``build``;
     ``finetune``, ``profile``, ``export`` and the baselines read ``tasks``, ``default_preprocess`` and
-    the model's ``streams`` / ``attention_weights`` / ``at_resolution``. Nothing outside backbones/
-    compares a family's name."""
+    the model's ``streams`` / ``attention_weights`` / ``at_resolution`` / ``new_head``. Nothing outside
+    backbones/ compares a family's name.
+
+    Both styles fit: a "ported" family (METER, BLIP, ViLT) rebuilds the original layers from nn/layers.py
+    and calls ``token_step``/``head_step`` inside its forward. A "wrapped" family (decoder VLMs) keeps the
+    transformers model as a submodule of its ``Model`` (still a TrimmableModel: the trimmers, modes and
+    decision steps are the same) and calls the steps from forward hooks at its boundaries (after the
+    projector, in the vision tower); its ``streams`` name those boundaries, ``attention_weights`` and
+    ``at_resolution`` may stay unimplemented (the baselines that need them then say so), and its
+    ``tasks`` may give ``text`` (generated ids)."""
 
     name: str = ""                   # the ``backbone`` field of a model directory
     style: str = "ported"            # STYLES
@@ -107,6 +115,11 @@ class Family:
         """Load ``source`` exactly (full mode reproduces the original model): the model with the family's
         default trimmers, its tokenizer (``tokenizer``: a directory that overrides the source's), labels
         (``answers``: a file or list, where the family takes one) and preprocessing."""
+        raise NotImplementedError
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        """The text tokenizer of ``source`` (``override``: a tokenizer directory the user named), found
+        locally, never on the network; checked against the text embeddings of ``config``."""
         raise NotImplementedError
 
     def default_trim_config(self, config):

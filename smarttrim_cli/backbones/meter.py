@@ -541,10 +541,14 @@ class MeterFamily(Family):
                                  "is read from its head")
         model, info = from_checkpoint(source, image_size=image_size)
         c = model.config
-        tok = resolve_tokenizer(source, tokenizer, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
+        tok = self.load_tokenizer(source, tokenizer, c)
         labels = read_labels(answers, c.num_labels) if answers is not None else None
         return Loaded(model, tok, labels, self.default_preprocess(c), "meter-lightning-ckpt", [source],
                       info["source_image_size"], info["ignored_keys"], info)
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        c = config
+        return resolve_tokenizer(source, override, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
 
     def default_trim_config(self, config):
         return default_trim_config(config)

@@ -311,10 +311,10 @@ class ViltFamily(Family):
 
     def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
              hf_config=None) -> Loaded:
-        from .hf_dir import load_hf_tokenizer, preprocess_config, read_hf_config
+        from .hf_dir import preprocess_config, read_hf_config
 
         hf = hf_config or read_hf_config(source)
-        tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else source, config_from_hf(hf, str(source)).vocab_size)
+        tok = self.load_tokenizer(source, tokenizer, config_from_hf(hf, str(source)))
         if answers is not None:
             raise SmartTrimError(f"{source}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
         model, info = from_hf_dir(source, image_size=image_size, hf_config=hf)
@@ -323,6 +323,11 @@ class ViltFamily(Family):
                                                                    c.max_text_len),
                       f"hf-{hf['architectures'][0]}", info["files"], info["source_image_size"], info["ignored_keys"],
                       info)
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        from .hf_dir import load_hf_tokenizer
+
+        return load_hf_tokenizer(Path(override) if override else source, config.vocab_size)
 
     def default_trim_config(self, config):
         return default_trim_config(config)
