@@ -236,6 +236,49 @@ def test_onnx_equals_torch_hard_mode(attached, case, tmp_path):
     assert probs.shape == rep_logits.shape
 
 
+# ----- how baselines read attention --------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", MAIN)
+def test_attention_weights_are_the_ones_the_layers_use(attached, case, monkeypatch):
+    """At every token position, ``attention_weights`` gives the q/k weights (and head count) of an attention
+    the forward really runs at that layer: the stream's own (``self``), or, for a stream another one reads,
+    the reader's attention whose keys are these tokens (``cross``)."""
+    import smarttrim_cli.nn.layers as layers
+
+    m = smarttrim_cli.load(attached(case)[0])
+    calls = []
+    real = layers.multi_head_attention
+
+    def record(xq, xkv, wq, bq, wk, bk, *rest, **kw):
+        calls.append((wq, bq, wk, bk, rest[4] if len(rest) > 4 else kw.get("n_heads"), xkv.shape[-1]))
+        return real(xq, xkv, wq, bq, wk, bk, *rest, **kw)
+
+    monkeypatch.setattr(layers, "multi_head_attention", record)
+    with torch.no_grad():
+        m.run(batch(m), mode="full")
+    assert calls
+
+    def used(w, kv_width):
+        return any(torch.equal(w.wq, c[0]) and torch.equal(w.bq, c[1]) and torch.equal(w.wk, c[2])
+                   and torch.equal(w.bk, c[3]) and w.heads == c[4] and kv_width == c[5] for c in calls)
+
+    c = m.config
+    seen = {}
+    for stream, sp in m.streams.items():
+        if not sp.tokens:
+            continue
+        for i in range(getattr(c, sp.layers)):
+            name = f"{stream}_{i}"
+            if sp.self_attention:
+                w = m.attention_weights(name, "self")
+                assert used(w, getattr(c, sp.width)), name
+                seen.setdefault((stream, "self"), set()).add(w.wq.data_ptr())
+            if sp.read_by:
+                w = m.attention_weights(f"{sp.read_by}_{i}", "cross")
+                assert used(w, getattr(c, sp.width)), (name, "read by", sp.read_by)
+    # different layers, different weights
+    assert all(len(v) > 1 for v in seen.values()), seen
+
+
 # ----- attach -> load -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_attach_then_load_is_bit_exact(attached, case):
