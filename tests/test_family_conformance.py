@@ -131,11 +131,28 @@ def fvcore_macs(m, b, mode="hard", **ctx_kw) -> float:
     return float(fa.total())
 
 
-def test_every_registered_family_has_a_case():
+def test_every_registered_family_has_a_case_and_a_complete_contract():
+    from smarttrim_cli.backbones.base import OUTPUT_KINDS, STYLES, TrimmableModel
+    from smarttrim_cli.preprocess import preprocessor
+
     assert {c.split("-")[0] for c in CASES} == set(FAMILIES)
     for case in CASES:
         fam, task = case.split("-")
         assert task in family(fam).tasks
+    for name in FAMILIES:
+        f = family(name)
+        assert f.name == name and f.style in STYLES and f.Model.family == name
+        assert issubclass(f.Model, TrimmableModel) and f.tasks and set(f.tasks.values()) <= set(OUTPUT_KINDS)
+        assert f.file_formats or f.hf_architectures, "a family reads some checkpoint format"
+        assert set(f.hf_architectures.values()) <= set(f.tasks)
+        c = f.Config()
+        for stream, sp in f.streams.items():  # every name a StreamSpec gives is a config attribute
+            for attr in (sp.layers, sp.width, sp.guide) + ((sp.heads,) if sp.heads else ()):
+                assert isinstance(getattr(c, attr), int), (name, stream, attr)
+            assert sp.read_by is None or sp.read_by in f.streams
+        f.default_trim_config(c).validate({s: getattr(c, sp.layers) for s, sp in f.streams.items()})
+        pre = f.default_preprocess(c)
+        assert {"image_size", "mean", "std", "max_text_len"} <= set(pre) and preprocessor(pre).image_size == c.image_size
 
 
 # ----- invariant 2: hard with everything kept == full --------------------------------------------------------

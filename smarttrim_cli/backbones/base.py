@@ -53,7 +53,7 @@ class StreamSpec:
     note: str = ""                  # said when a trimmer is put where it cannot go
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttnWeights:
     """q/k weights of one attention, for rules that score tokens by attention (baselines/)."""
 
