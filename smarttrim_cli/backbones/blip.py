@@ -42,7 +42,9 @@ from ..nn.layers import BertCrossLayer, BlipVisionLayer
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
-from .base import AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .hf_dir import (HFFamily, load_hf_state_dict, load_hf_tokenizer, match_state_dict, read_hf_config,
+                     weight_files)
 
 TASKS = ("vqa", "retrieval")
 ARCHITECTURES = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrieval"}
@@ -529,8 +531,6 @@ def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = N
 
     VQA ranks an answer list: ``answers`` (a list, or a file) or an ``answer_list.json`` in the
     directory; the tokenizer (the directory's own by default) turns it into answer tokens."""
-    from .hf_dir import load_hf_state_dict, load_hf_tokenizer, match_state_dict, read_hf_config, weight_files
-
     path = Path(path)
     hf = hf_config or read_hf_config(path)
     cfg = config_from_hf(hf, str(path), image_size)
@@ -571,7 +571,7 @@ def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = N
 PROCESSOR_DEFAULTS = {"name": "blip", "mean": CLIP_MEAN, "std": CLIP_STD, "size": 384, "resample": "bicubic"}
 
 
-class BlipFamily(Family):
+class BlipFamily(HFFamily):
     name = "blip"
     style = "ported"
     Config = BlipConfig
@@ -579,33 +579,17 @@ class BlipFamily(Family):
     tasks = {"vqa": "answer_loglik", "retrieval": "classes"}
     hf_model_type = "blip"
     hf_architectures = ARCHITECTURES
+    processor_defaults = PROCESSOR_DEFAULTS
 
-    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
-             hf_config=None) -> Loaded:
+    def config_from_hf(self, hf: dict, source: str):
+        return config_from_hf(hf, source)
+
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
         """``answers``: the answer list VQA ranks (else the directory's answer_list.json)."""
-        from .hf_dir import preprocess_config, read_hf_config
-
-        hf = hf_config or read_hf_config(source)
-        tok = self.load_tokenizer(source, tokenizer, config_from_hf(hf, str(source)))
-        model, info = from_hf_dir(source, image_size=image_size, answers=answers, tokenizer=tok, hf_config=hf)
-        c = model.config
-        return Loaded(model, tok, info["labels"], preprocess_config(source, PROCESSOR_DEFAULTS, c.image_size,
-                                                                   c.max_text_len),
-                      f"hf-{hf['architectures'][0]}", info["files"], info["source_image_size"], info["ignored_keys"],
-                      info)
-
-    def load_tokenizer(self, source: Path, override=None, config=None):
-        from .hf_dir import load_hf_tokenizer
-
-        return load_hf_tokenizer(Path(override) if override else source, config.vocab_size)
+        return from_hf_dir(source, image_size=image_size, answers=answers, tokenizer=tokenizer, hf_config=hf)
 
     def default_trim_config(self, config):
         return default_trim_config(config)
-
-    def default_preprocess(self, config) -> dict:
-        return {"image_size": config.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                "max_text_len": config.max_text_len, "resize": "squash", "resample": "bicubic",
-                "rescale_factor": 1 / 255}
 
 
 FAMILY = BlipFamily()

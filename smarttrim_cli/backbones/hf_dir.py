@@ -26,6 +26,7 @@ import torch
 
 from ..errors import SmartTrimError
 from ..preprocess import PIL_FILTERS, RESAMPLE
+from .base import Family, Loaded
 
 
 def read_processor_config(model_dir) -> dict | None:
@@ -171,3 +172,40 @@ def load_hf_tokenizer(model_dir, vocab_size: int):
     if len(tok) > vocab_size:
         raise SmartTrimError(f"{d}: tokenizer has {len(tok)} tokens but the text embeddings only {vocab_size}")
     return tok
+
+
+# ----- what every family read from a transformers directory shares ------------------------------------
+class HFFamily(Family):
+    """A family whose checkpoints are transformers directories: the architecture from config.json, the
+    directory's own tokenizer, preprocessing from its processor config (``processor_defaults``: what
+    transformers' image processor assumes where the config says nothing). A subclass gives
+    ``config_from_hf(hf, source)`` and ``from_dir(source, hf, image_size, tokenizer, answers)`` ->
+    (model, info with labels, files, source_image_size, ignored_keys)."""
+
+    processor_defaults: dict = {}
+
+    def config_from_hf(self, hf: dict, source: str):
+        raise NotImplementedError
+
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
+        raise NotImplementedError
+
+    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
+             hf_config=None) -> Loaded:
+        hf = hf_config or read_hf_config(source)
+        tok = self.load_tokenizer(source, tokenizer, self.config_from_hf(hf, str(source)))
+        model, info = self.from_dir(source, hf, image_size=image_size, tokenizer=tok, answers=answers)
+        c = model.config
+        return Loaded(model, tok, info["labels"],
+                      preprocess_config(source, self.processor_defaults, c.image_size, c.max_text_len),
+                      f"hf-{hf['architectures'][0]}", info["files"], info["source_image_size"], info["ignored_keys"],
+                      info)
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        return load_hf_tokenizer(Path(override) if override else source, config.vocab_size)
+
+    def default_preprocess(self, config) -> dict:
+        d = self.processor_defaults
+        return {"image_size": config.image_size, "mean": list(d["mean"]), "std": list(d["std"]),
+                "max_text_len": config.max_text_len, "resize": "squash", "resample": d["resample"],
+                "rescale_factor": 1 / 255}

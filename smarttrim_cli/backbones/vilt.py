@@ -37,7 +37,8 @@ from ..preprocess import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
 from ..trim.cost import module_macs
-from .base import AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .hf_dir import HFFamily, load_hf_state_dict, match_state_dict, read_hf_config, weight_files
 
 TASKS = ("vqa",)
 ARCHITECTURES = {"ViltForQuestionAnswering": "vqa"}
@@ -273,8 +274,6 @@ def labels_from_hf(hf: dict, n: int) -> list[str]:
 
 def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = None, hf_config: dict | None = None):
     """Load a transformers ``ViltForQuestionAnswering`` directory exactly; returns (model, info)."""
-    from .hf_dir import load_hf_state_dict, match_state_dict, read_hf_config, weight_files
-
     path = Path(path)
     hf = hf_config or read_hf_config(path)
     cfg = config_from_hf(hf, str(path), image_size)
@@ -300,7 +299,7 @@ PROCESSOR_DEFAULTS = {"name": "vilt", "mean": IMAGENET_STANDARD_MEAN, "std": IMA
                       "resample": "bicubic"}
 
 
-class ViltFamily(Family):
+class ViltFamily(HFFamily):
     name = "vilt"
     style = "ported"
     Config = ViltConfig
@@ -308,34 +307,18 @@ class ViltFamily(Family):
     tasks = {"vqa": "multilabel"}
     hf_model_type = "vilt"
     hf_architectures = ARCHITECTURES
+    processor_defaults = PROCESSOR_DEFAULTS
 
-    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
-             hf_config=None) -> Loaded:
-        from .hf_dir import preprocess_config, read_hf_config
+    def config_from_hf(self, hf: dict, source: str):
+        return config_from_hf(hf, source)
 
-        hf = hf_config or read_hf_config(source)
-        tok = self.load_tokenizer(source, tokenizer, config_from_hf(hf, str(source)))
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
         if answers is not None:
             raise SmartTrimError(f"{source}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
-        model, info = from_hf_dir(source, image_size=image_size, hf_config=hf)
-        c = model.config
-        return Loaded(model, tok, info["labels"], preprocess_config(source, PROCESSOR_DEFAULTS, c.image_size,
-                                                                   c.max_text_len),
-                      f"hf-{hf['architectures'][0]}", info["files"], info["source_image_size"], info["ignored_keys"],
-                      info)
-
-    def load_tokenizer(self, source: Path, override=None, config=None):
-        from .hf_dir import load_hf_tokenizer
-
-        return load_hf_tokenizer(Path(override) if override else source, config.vocab_size)
+        return from_hf_dir(source, image_size=image_size, hf_config=hf)
 
     def default_trim_config(self, config):
         return default_trim_config(config)
-
-    def default_preprocess(self, config) -> dict:
-        return {"image_size": config.image_size, "mean": list(IMAGENET_STANDARD_MEAN),
-                "std": list(IMAGENET_STANDARD_STD), "max_text_len": config.max_text_len, "resize": "squash",
-                "resample": "bicubic", "rescale_factor": 1 / 255}
 
 
 FAMILY = ViltFamily()
