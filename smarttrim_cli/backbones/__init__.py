@@ -6,9 +6,10 @@ backbone, as a ``Family`` (base.py) named ``FAMILY``:
 - ``name``, ``style`` ("ported": the original layers rebuilt on the core, trimmed inside; "wrapped":
   the transformers model kept as it is, trimmed at its boundaries through hooks);
 - the checkpoints it reads: ``reads_file`` (single files, ``file_formats`` in words),
-  ``hf_model_type`` / ``hf_architectures`` (transformers directories -> task), and ``load``, which
-  returns a ``Loaded``: the model, its tokenizer, labels and ``preprocess`` dict (smarttrim_cli/
-  preprocess.py), and provenance;
+  ``hf_model_type`` / ``hf_architectures`` (transformers directories -> task; hf_dir.HFFamily holds
+  what such families share), and ``load``, which returns a ``Loaded``: the model, its tokenizer
+  (``load_tokenizer``: local files only), labels, ``preprocess`` dict (smarttrim_cli/preprocess.py)
+  and provenance;
 - ``tasks``: each task head and the kind of output it gives (base.OUTPUT_KINDS);
 - ``default_trim_config`` (where trimmers go by default), ``default_preprocess`` (for a model built
   in code), ``build`` (a model from the config of a model directory);
