@@ -14,9 +14,10 @@ the same validation inputs: profiling/compare.py):
              extra training is not credited to trimming
   smarttrim  finetune (SmartTrim self-distillation) at each target ratio; the keep threshold is chosen on
              the baselines' calibration inputs by finetune's rule (the trained 0.5 unless the mean ratio
-             exceeds the target by over 3% of it, then raised: train/loop.py calibrate_threshold)
+             exceeds the target by over 3% of it, then raised: train/evaluation.py calibrate_threshold)
   evit-ft    fixed-ratio EViT ([CLS]-attention top-k at the trimmer positions) whose backbone is fine-tuned
-             with the same self-distillation objective, settings and steps (baselines/evit_finetuned.py),
+             by the same training loop with the same self-distillation objective, settings and steps
+             (train/loop.py under baselines/evit_finetuned.py's EViTRule),
              keep ratio calibrated to each target on the base model; with --fuse it fuses dropped tokens
              exactly as SmartTrim does
   training-free baselines on the base model, each calibrated to each target ratio on separate
@@ -48,8 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Prepared, _Stage, eval_data, prepare,  # noqa: E402
-                                recipe_trim, train_trimmed, trim_overrides, with_trimmers)
+from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, _Stage, control_name,  # noqa: E402
+                                control_overrides, control_stage, eval_data, prepare, recipe_trim, train_control,
+                                train_trimmed, trim_overrides, with_trimmers)
 from smarttrim_cli.train.config import TRIM_ONLY, run_settings  # noqa: E402
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
@@ -148,13 +150,13 @@ def parse_args(argv=None):
 
 def smarttrim_threshold(m, cal, target: float) -> float:
     """SmartTrim's keep threshold, chosen like every baseline's setting: on the calibration inputs (not the
-    evaluated ones), by finetune's end-of-run rule (train/loop.py calibrate_threshold: the trained threshold
+    evaluated ones), by finetune's end-of-run rule (train/evaluation.py calibrate_threshold: the trained threshold
     0.5 unless the mean ratio exceeds the target by over 3% of it, then raised)."""
     import contextlib
 
     from smarttrim_cli.train.config import TrainConfig
     from smarttrim_cli.train.distributed import DistInfo
-    from smarttrim_cli.train.loop import calibrate_threshold
+    from smarttrim_cli.train.evaluation import calibrate_threshold
 
     m.threshold = m.trim_config.threshold = 0.5
     thr, _ = calibrate_threshold(m, cal, DistInfo(), target, contextlib.nullcontext,
@@ -166,25 +168,14 @@ def _say(msg):
     print(f"== {msg}", flush=True)
 
 
-def control_overrides(p: Prepared, steps: int | None, extra: dict | None = None) -> dict:
-    """The SmartTrim runs' complete settings with trim off: same data, steps, optimizer and schedule."""
-    from smarttrim_cli.train.config import build_config
-
-    ov = trim_overrides(p, 1.0, {**(extra or {}), **({"max_steps": steps} if steps else {})})
-    cfg, _ = build_config(p.recipe, ov, task="vqa", dataset=ov["dataset"])
-    d = cfg.to_dict()
-    d.update({"trim": False, "calibrate": False})
-    return {k: v for k, v in d.items() if v is not None}
-
-
 def run(args) -> dict:
     from smarttrim_cli import load
     from smarttrim_cli.baselines import get_baseline
-    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit, keep_ratio_for
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule, keep_ratio_for
     from smarttrim_cli.profiling import compare, objects
     from smarttrim_cli.profiling.latency import machine_info
-    from smarttrim_cli.train.config import parse_sets
     from smarttrim_cli.train.loop import finetune
+    from smarttrim_cli.train.config import parse_sets
 
     t0 = time.time()
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
@@ -211,19 +202,13 @@ def run(args) -> dict:
 
     # (a) equal-steps control
     t = time.time()
-    ctl_over = control_overrides(p0, steps, {k: v for k, v in extra.items() if k not in TRIM_ONLY})
-    ctl_name = "control" + (f"-{steps}" if steps else "")
-    # keyed on the settings a no-trim run reads (recipe and overrides), so that a new trimming setting does not retrain it
-    st = _Stage(p0.root, ctl_name, {**p0.base_key, "control": run_settings(p0.recipe, ctl_over)}, args.fresh)
+    ctl_extra = {k: v for k, v in extra.items() if k not in TRIM_ONLY}
+    ctl_name = control_name(steps)
+    st = control_stage(p0, control_overrides(p0, steps, ctl_extra), steps)
     if args.no_control and not args.train_only and not st.stamp.is_file():
         raise SystemExit(f"--no-control: no trained control in {p0.root / ctl_name} to evaluate (run once without it)")
-    if args.no_control:  # train-only: another process trains it; evaluation: the one on disk, whatever its settings
-        pass
-    elif not st.done() or st.stamp.stat().st_mtime < p0.base_stage.stamp.stat().st_mtime:
-        _say(f"equal-steps control: finetune --no-trim from the base ({ctl_over.get('max_steps') or ctl_over['epochs']} "
-             f"{'steps' if ctl_over.get('max_steps') else 'epochs'}, lr {ctl_over['lr']:g})")
-        res = finetune(p0.base_dir, p0.root / ctl_name, recipe=p0.recipe, overrides=ctl_over, progress=False)
-        st.finish(res.summary)
+    if not args.no_control:  # --no-control: another process trains it, or evaluate the one on disk as it is
+        st = train_control(p0, steps, ctl_extra, say=_say, progress=False)
     runs["control"] = {"dir": str(p0.root / ctl_name), "summary": _brief(st.result()) if st.stamp.is_file() else {},
                        **({"settings": "as cached (--no-control)"} if args.no_control else {})}
     timings["control_s"] = time.time() - t
@@ -270,7 +255,8 @@ def run(args) -> dict:
             if not stg.done() or stg.stamp.stat().st_mtime < pe.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "
                      "SmartTrim's objective")
-                res = finetune_evit(pe.base_dir, pe.root / name, keep, recipe=pe.recipe, overrides=ov, progress=False)
+                res = finetune(pe.base_dir, pe.root / name, recipe=pe.recipe, overrides=ov, progress=False,
+                               rule=EViTRule(keep))
                 stg.finish(res.summary)
             evit_dirs[r] = pe.root / name
             runs[f"evit-ft@{r:g}"] = {"dir": str(pe.root / name), "summary": _brief(stg.result())}

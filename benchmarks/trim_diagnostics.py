@@ -88,7 +88,7 @@ def scores(p, run: str, ref: str, limit: int):
 
 
 def floor(p, runs: list[str]):
-    from smarttrim_cli.train.loop import lowest_ratio
+    from smarttrim_cli.train.rules import lowest_ratio
     from smarttrim_cli.trim.cost import macs_ratio
 
     base = load(p.base_dir, mode="hard")

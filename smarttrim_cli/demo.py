@@ -7,8 +7,11 @@ Stages (each cached in the demo folder; ``fresh`` starts over):
                   ``.ckpt`` and attached (so the demo goes through the same loader users' files do)
   3. base       — ``finetune --no-trim``: the "existing VLM" a user would bring
   4. trimmed    — ``finetune``: SmartTrim self-distillation with the curriculum towards target_ratio
-  5. profile    — full vs trimmed on the evaluation split: score, GMACs, latency, plots (scenes: kept
-                  tokens and GMACs against the number of objects, overlays per object count)
+     control    — ``finetune --no-trim`` from the base with the trimmed run's settings and steps: the
+                  equal-steps control, what the extra training alone gives
+  5. profile    — base (the reference: the model SmartTrim started from) vs trimmed on the evaluation split:
+                  score, GMACs, latency, plots (scenes: kept tokens and GMACs against the number of objects,
+                  overlays per object count); the control scored on the same inputs
   6. baselines  — the training-free baselines (baselines/) on the base model, each calibrated to the
                   trimmed model's mean GMACs ratio, evaluated on the profiled inputs with the same code
   7. export     — ONNX, validated in onnxruntime, timed against the full graph
@@ -331,6 +334,7 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
 
     from . import load
     from .model_dir import save_model_dir
+    from .reference import derived_config, inherited_provenance
     from .trim.config import TrimConfig, parse_layer_spec
 
     layers = parse_layer_spec(token_layers) if token_layers else {}
@@ -358,8 +362,10 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
         t.validate(m.stream_layers(), "with_trimmers")
         m.attach_trimmers(t)
         cfg = m.smarttrim_config
+        # the same backbone weights with fresh trimmers: a full model, its own reference
+        derived = derived_config(p.base_dir, cfg, "demo.with_trimmers", trains_trimming=False)
         save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
-                       provenance={**{k: v for k, v in (cfg.get("provenance") or {}).items() if k != "created"},
+                       provenance={**inherited_provenance(cfg), **derived["provenance"],
                                    "replaced_token_layers": token_layers, "replaced_head_layers": head_layers,
                                    "fuse": fuse, **({"fuse_mode": fuse_mode} if fuse else {})},
                        extra={"preprocess": cfg.get("preprocess") or {}})
@@ -395,10 +401,66 @@ def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", conso
     return st
 
 
+def control_overrides(p: Prepared, steps: int | None = None, extra: dict | None = None) -> dict:
+    """The SmartTrim runs' complete settings with trim off: same data, steps, optimizer and schedule."""
+    from .train.config import build_config
+
+    ov = trim_overrides(p, 1.0, {**(extra or {}), **({"max_steps": steps} if steps else {})})
+    cfg, _ = build_config(p.recipe, ov, task="vqa", dataset=ov["dataset"])
+    d = cfg.to_dict()
+    d.update({"trim": False, "calibrate": False})
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def control_name(steps: int | None = None) -> str:
+    return "control" + (f"-{steps}" if steps else "")
+
+
+def control_stage(p: Prepared, over: dict, steps: int | None = None) -> _Stage:
+    """The equal-steps control's cache entry in ``p.root`` (keyed on the settings a no-trim run reads, so that a
+    trimming-only setting does not retrain it)."""
+    from .train.config import run_settings
+
+    return _Stage(p.root, control_name(steps), {**p.base_key, "control": run_settings(p.recipe, over)},
+                  p.settings.fresh)
+
+
+def train_control(p: Prepared, steps: int | None = None, extra: dict | None = None, console=None, say=print,
+                  progress: bool = True) -> _Stage:
+    """``finetune --no-trim`` from the base with the SmartTrim runs' settings and steps (cached; retrained when the
+    base model is newer): the equal-steps control, so that a gain of extra training is not credited to trimming."""
+    from .train.loop import finetune
+
+    over = control_overrides(p, steps, extra)
+    st = control_stage(p, over, steps)
+    if not st.done() or st.stamp.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
+        say(f"equal-steps control: finetune --no-trim from the base ({over.get('max_steps') or over['epochs']} "
+            f"{'steps' if over.get('max_steps') else 'epochs'}, lr {over['lr']:g})")
+        res = finetune(p.base_dir, p.root / control_name(steps), recipe=p.recipe, overrides=over, console=console,
+                       progress=progress)
+        st.finish(res.summary)
+    return st
+
+
+def evaluate_control(p: Prepared, limit: int, console=None) -> dict:
+    """The control's score on the profiled inputs (the first ``limit`` of the validation split), with the
+    evaluation code of the baselines."""
+    from . import load
+    from .data import open_dataset
+    from .profiling.compare import EvalSet
+
+    ctl = load(p.root / control_name(), mode="full")
+    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, ctl.config.image_size,
+                      label2id={a: i for i, a in enumerate(ctl.labels)})
+    ev = EvalSet.build(ctl, ds, limit=limit, batch_size=p.budget["baselines"]["batch_size"])
+    ev.set_full_gmacs(ctl)
+    return ev.evaluate("equal-steps control", lambda b: ctl.run(b, mode="full", record=True), family="control")
+
+
 def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     """Run (or resume) the demo; returns the summary dict that is also written to summary.json."""
     t0 = time.time()
-    p = prepare(s, console, say)
+    p0 = p = prepare(s, console, say)
     layers, fuse, fuse_mode = recipe_trim(p.recipe)
     if layers or fuse:  # the recipe places or fuses: SmartTrim starts from a copy of the base with its trimmers
         p = with_trimmers(p, layers, fuse, say=say, fuse_mode=fuse_mode)
@@ -408,10 +470,13 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     t = time.time()
     train_trimmed(p, s.target_ratio, console=console, say=say)
     timings["trimmed"] = time.time() - t
+    t = time.time()
+    ctl_stage = train_control(p0, console=console, say=say)  # the control does not trim: from the original base
+    timings["control"] = time.time() - t
 
     # 5: profile full vs trimmed (always re-run: cheap, and it measures this machine now)
     t = time.time()
-    say("[4/7] profiling full vs trimmed (fvcore GMACs, latency, accuracy)")
+    say("[4/7] profiling the base model (SmartTrim's starting point) vs trimmed (fvcore GMACs, latency, accuracy)")
     from .profiling.runner import ProfileSettings, run_profile
 
     pr = budget["profile"]
@@ -421,6 +486,7 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
                                        throughput_batches=pr["throughput_batches"],
                                        show=4 if s.dataset == "scenes" else 2, threads=s.threads,
                                        out_dir=root / "profile", command="smarttrim demo"), console=console)
+    control = evaluate_control(p0, pr["limit"])
     timings["profile"] = time.time() - t
 
     # 6: training-free baselines at the trimmed model's cost
@@ -441,7 +507,9 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     timings["export"] = time.time() - t
 
     say("[7/7] summary")
-    summary = _summary(s, root, p.base_stage.result(), prof.report, exp, timings, time.time() - t0, base_rows)
+    summary = _summary(s, root, p.base_stage.result(), prof.report, exp, timings, time.time() - t0, base_rows,
+                       {"score": control["accuracy"], "dir": str(root / control_name()),
+                        "steps": (ctl_stage.result() or {}).get("steps")})
     from .atomic import atomic_path
 
     with atomic_path(root / "summary.json") as tmp:
@@ -533,7 +601,7 @@ def _init_like_meter(model):
             nn.init.zeros_(m.bias)
 
 
-def _summary(s, root, base, prof, exp, timings, wall, base_rows=None) -> dict:
+def _summary(s, root, base, prof, exp, timings, wall, base_rows=None, control=None) -> dict:
     import statistics
 
     acc, fl, lat = prof["accuracy"], prof["flops"], prof["latency"]
@@ -545,6 +613,8 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None) -> dict:
     return {
         "settings": asdict(s), "folder": str(root), "wall_seconds": wall, "stage_seconds": timings,
         "base_model_val": base, "metric": acc.get("metric"),
+        # full: the reference, the model SmartTrim started from (profile's accuracy.full)
+        "reference": acc.get("reference"), "control": control, "same_weights_full": acc.get("same_weights_full"),
         "full": {"score": acc["full"], "gmacs": fl["full"]["mean"], "cpu_latency_ms_p50": lat["full"]["p50"],
                  "ort_latency_ms": ort_full, "cpu_inputs_per_s": (tp.get("full") or {}).get("inputs_per_s")},
         "trimmed": {"score": acc["trimmed"], "gmacs": fl["trimmed"]["mean"],

@@ -15,9 +15,16 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "--quick", "-o", str(out), "--threads", "2"])
     assert r.exit_code == 0, r.output
-    for label in ("untrimmed vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed"):
+    for label in ("started from vs trimmed", "trimmed vs control", "GMACs / input", "onnxruntime latency",
+                  "ONNX validation: passed"):
         assert label in r.output, label
     s = json.loads((out / "summary.json").read_text())
+    # the closing table compares with the model SmartTrim started from, next to the equal-steps control
+    ref = Path(s["reference"]["model_dir"])
+    assert ref.parent == out.resolve() and ref.name.startswith("base") and s["reference"]["source"] == "recorded"
+    assert json.loads((out / "trimmed" / "config.json").read_text())["reference"]["path"] == str(ref)
+    assert s["control"]["score"] is not None and s["control"]["steps"] == 4
+    assert json.loads((out / "control" / "config.json").read_text())["provenance"]["made_by"] == "finetune (plain)"
     assert s["onnx_validation_ok"] is True
     assert s["trimmed"]["gmacs"] < s["full"]["gmacs"]  # the trimmed model really computes less
     for key in ("score", "gmacs", "cpu_latency_ms_p50", "ort_latency_ms"):
@@ -27,7 +34,7 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert report["schema"] == "smarttrim-profile"
     pngs = list((out / "profile").rglob("*.png")) + list(out.glob("*/*.png"))
     assert len(pngs) >= 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    for stage in ("init", "base", "trimmed"):
+    for stage in ("init", "base", "trimmed", "control"):
         assert (out / f".{stage}.done.json").is_file()
 
     # a second run trains nothing: it goes straight to profiling

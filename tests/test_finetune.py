@@ -81,7 +81,8 @@ def test_target_below_the_placements_floor_is_reported(tmp_path):
     """A target under the lowest ratio the trimmer placement reaches (every droppable token and head dropped)
     cannot be trained to: finetune says so before training, in the log and the summary."""
     import smarttrim_cli
-    from smarttrim_cli.train.loop import finetune, lowest_ratio
+    from smarttrim_cli.train.loop import finetune
+    from smarttrim_cli.train.rules import lowest_ratio
 
     data = write_vqa(tmp_path / "vqa", n_train=16, n_val=8)
     model = model_for(tmp_path, "vqa")
@@ -137,6 +138,46 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert strip(res.history) == strip(ref.history)
 
 
+def test_evit_rule_kill_and_resume_equals_uninterrupted(tmp_path):
+    """The fine-tuned fixed-ratio EViT runs through the same loop, so it resumes exactly too: killed after its
+    checkpoints, resumed, it continues from the checkpoint (not from scratch) and ends with the uninterrupted run's
+    weights and log; a different keep ratio is refused."""
+    from smarttrim_cli.baselines.evit_finetuned import EViTRule
+    from smarttrim_cli.train.loop import finetune
+
+    data = write_vqa(tmp_path / "vqa", n_train=24, n_val=8)
+    model = model_for(tmp_path, "vqa")
+    ov = dict(TINY, data_dir=str(data), batch_size=4, epochs=2, save_every=4, curriculum=0.5)
+    ref = finetune(model, tmp_path / "ref", overrides=ov, recipe=False, progress=False, rule=EViTRule(0.5))
+
+    def kill(step):
+        if step == 10:  # after the checkpoint at step 8, two steps into epoch 2; steps 9, 10 are lost
+            raise _Kill()
+    with pytest.raises(_Kill):
+        finetune(model, tmp_path / "run", overrides=ov, recipe=False, progress=False, rule=EViTRule(0.5), on_step=kill)
+    with pytest.raises(Exception, match="different settings.*keep_ratio"):
+        finetune(model, tmp_path / "run", overrides=ov, resume=True, recipe=False, progress=False, rule=EViTRule(0.4))
+    seen = []
+    res = finetune(model, tmp_path / "run", overrides=ov, resume=True, recipe=False, progress=False,
+                   rule=EViTRule(0.5), on_step=seen.append)
+    assert seen == list(range(9, 13)) and res.summary["resumed_from_step"] == 8  # continued, not restarted
+    assert res.summary["mode"] == "evit-finetuned" and res.summary["keep_ratio"] == 0.5
+    # the final weights (last.pt after step 12: the written model may be an earlier epoch's best) and the written ones
+    from smarttrim_cli.train.checkpointing import load_state
+
+    a, b = (load_state(r.state_dir / "last.pt")["model"] for r in (ref, res))
+    assert load_state(res.state_dir / "last.pt")["step"] == 12
+    start = load_file(str(model / "model.safetensors"))
+    assert any(not torch.equal(start[k], a[k]) for k in start if k.startswith("vqa_classifier."))  # it trained
+    for sa, sb in ((a, b), (ref.model.state_dict(), res.model.state_dict())):
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-6, msg=k)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("elapsed_s", "inputs_per_s")} for r in h]  # noqa
+    assert strip(res.history) == strip(ref.history)
+    keep = [r["keep_ratio"] for r in res.history if r["event"] == "step"]
+    assert len(keep) == 12 and keep[0] == 1.0 and keep[-1] == pytest.approx(0.5)  # the curriculum, resumed too
+
+
 def test_no_trim_plain_finetune(tmp_path):
     from smarttrim_cli.train.loop import finetune
 
@@ -186,7 +227,7 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
 
     from smarttrim_cli.backbones.meter import default_trim_config
     from smarttrim_cli.train.distributed import DistInfo
-    from smarttrim_cli.train.loop import calibrate_threshold, evaluate
+    from smarttrim_cli.train.evaluation import calibrate_threshold, evaluate
 
     m = tiny_model()
     t = default_trim_config(m.config)
@@ -198,7 +239,7 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
         b["target"] = torch.zeros(6, m.config.num_labels)
         batches.append(b)
     info, amp = DistInfo(), contextlib.nullcontext
-    at_trained = evaluate(m, batches, info, True, amp)["ratio_mean"]
+    at_trained = evaluate(m, batches, info, amp, mode="hard")["ratio_mean"]
     assert at_trained > 0.8, at_trained
     # within tolerance (and below the target): unchanged, never lowered to spend more
     thr, res = calibrate_threshold(m, batches, info, at_trained - 0.01, amp, tolerance=0.02)
@@ -209,4 +250,4 @@ def test_calibration_keeps_trained_threshold_or_raises_it():
     target = at_trained - 0.3
     thr, res = calibrate_threshold(m, batches, info, target, amp, tolerance=0.01)
     assert thr > 0.5 and res["ratio_mean"] <= target
-    assert res["ratio_mean"] == pytest.approx(evaluate(m, batches, info, True, amp, thr)["ratio_mean"])
+    assert res["ratio_mean"] == pytest.approx(evaluate(m, batches, info, amp, mode="hard", threshold=thr)["ratio_mean"])

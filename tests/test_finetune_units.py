@@ -159,7 +159,9 @@ def test_teacher_is_the_current_or_the_starting_weights(tmp_path, teacher):
     from test_finetune_data import model_for
 
     from smarttrim_cli.train.config import TrainConfig
-    from smarttrim_cli.train.loop import Objective
+    from smarttrim_cli.train.objectives import SoftTargetClassification
+    from smarttrim_cli.train.rules import LearnedTrimmers
+    from smarttrim_cli.train.step import TrainStep
 
     m = smarttrim_cli.load(model_for(tmp_path, "vqa"), mode="soft").train()
     g = torch.Generator().manual_seed(0)
@@ -170,13 +172,16 @@ def test_teacher_is_the_current_or_the_starting_weights(tmp_path, teacher):
     target = torch.rand(B, c.num_labels, generator=g)
     with torch.no_grad():
         start_logits = m(pix, ids, att, ctx=m.make_context(mode="full"))
-    obj = Objective(m, TrainConfig(teacher=teacher), multilabel=True)
+    cfg, rule = TrainConfig(teacher=teacher, noise_start=0.0), LearnedTrimmers()
+    rule.bind(m, cfg, total=1)
+    obj = TrainStep(m, cfg, rule, SoftTargetClassification(multilabel=True))
     assert not any(p is q for p in obj.parameters() for q in (obj._teacher[0].parameters() if obj._teacher else []))
     with torch.no_grad():  # "training" moves the weights
         for p in m.backbone_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
         now_logits = m(pix, ids, att, ctx=m.make_context(mode="full"))
-    obj.set_step(0, 1.0, 1.0, 0.0, None, noise=0.0)  # no noise: the trimmers (init keep-all) keep everything
+    rule.begin_step(0)  # no noise (noise_start=0): the trimmers (init keep-all) keep everything
+    assert rule.noise == 0.0 and rule.tau == 1.0 and rule.target == 1.0
     _, parts = obj(pix, ids, att, target, torch.arange(B))
     # the student is the moved weights at full capacity; the teacher differs by setting
     want = distill_loss(now_logits, start_logits if teacher == "start" else now_logits, multilabel=True)

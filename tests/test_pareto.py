@@ -158,18 +158,19 @@ def test_evit_soft_training_rule_equals_hard_inference_rule(scene_model, scenes)
     assert (total_macs(chm.records) > total_macs(ch.records)).all()  # the fused token costs a token
 
 
-def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, scenes, tmp_path):
+def test_evit_rule_finetune_trains_backbone_only_and_records_its_rule(scene_model, scenes, tmp_path):
     from safetensors.torch import load_file
 
     from smarttrim_cli import load
     from smarttrim_cli.baselines import BASELINES, get_baseline
-    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, finetune_evit
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule
     from smarttrim_cli.errors import SmartTrimError
     from smarttrim_cli.model_dir import read_config
+    from smarttrim_cli.train.loop import finetune
 
     over = dict(dataset="vqa", data_dir=str(scenes), workers=0, batch_size=8, max_steps=3, lr=1e-3,
                 eval_before=False, log_every=1, limit=16, val_limit=8)
-    res = finetune_evit(scene_model, tmp_path / "evit-ft", 0.4, recipe=False, overrides=over, progress=False)
+    res = finetune(scene_model, tmp_path / "evit-ft", recipe=False, overrides=over, progress=False, rule=EViTRule(0.4))
     s = res.summary
     assert s["mode"] == "evit-finetuned" and s["steps"] == 3 and s["keep_ratio"] == 0.4
     steps = [r for r in res.history if r["event"] == "step"]
@@ -177,6 +178,9 @@ def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, sc
     assert steps[-1]["keep_ratio"] == pytest.approx(0.4)  # the curriculum ends at the fixed ratio
     cfg = read_config(tmp_path / "evit-ft")
     assert cfg["evit_finetuned"]["keep_ratio"] == 0.4 and cfg["provenance"]["finetune_mode"] == "evit-finetuned"
+    # written by the same finish step as SmartTrim's: its lineage, and the model it is measured against
+    assert cfg["provenance"]["made_by"] == "finetune (evit-finetuned)"
+    assert cfg["reference"]["path"] == str(Path(scene_model).resolve())
     before = load_file(str(Path(scene_model) / "model.safetensors"))
     after = load_file(str(tmp_path / "evit-ft" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -190,7 +194,7 @@ def test_finetune_evit_trains_backbone_only_and_records_its_rule(scene_model, sc
     assert torch.all(ctx.decisions["tok:vision_1"].sum(1) == math.ceil(0.4 * 17))  # ceil(r * live tokens), [CLS] among them
     assert "evit-finetuned" in BASELINES and get_baseline("evit-finetuned").name == "evit-finetuned"
     with pytest.raises(SmartTrimError, match="keep ratio"):
-        finetune_evit(scene_model, tmp_path / "x", 1.5, recipe=False, overrides=over, progress=False)
+        EViTRule(1.5)
     with pytest.raises(SmartTrimError, match="evit_finetuned"):
         EViTFinetuned.from_dir(scene_model)
 

@@ -18,7 +18,7 @@ from smarttrim_cli.data import CaptionsDataset, Flickr30kCaptionsDataset, collat
 from smarttrim_cli.errors import SmartTrimError
 from smarttrim_cli.model_dir import image_preprocessor
 from smarttrim_cli.profiling.accuracy import image_to_text_recall, recall_at_k
-from smarttrim_cli.train.loop import NEGATIVE_ID, itm_batch, itm_negatives
+from smarttrim_cli.train.objectives import NEGATIVE_ID, itm_batch, itm_negatives
 
 from test_blip import write_tiny_blip
 from tiny_meter import tiny_model_dir
@@ -295,7 +295,9 @@ def test_objective_trains_itm_on_positives_and_negatives(itm_model, coco):
     """One step of the SmartTrim objective on a retrieval batch: teacher and student both see the 4
     positives and 4 negative captions (images 0,0,1,1: every row has another image in the batch)."""
     from smarttrim_cli.train.config import TrainConfig
-    from smarttrim_cli.train.loop import Objective
+    from smarttrim_cli.train.objectives import RetrievalITM
+    from smarttrim_cli.train.rules import LearnedTrimmers
+    from smarttrim_cli.train.step import TrainStep
 
     m = smarttrim_cli.load(itm_model, mode="soft").train()
     ds = open_dataset("coco-captions", coco, "train", m.config.image_size, preprocess=image_preprocessor(m))
@@ -303,8 +305,11 @@ def test_objective_trains_itm_on_positives_and_negatives(itm_model, coco):
     assert b["image_id"].tolist() == [100, 100, 101, 101]
     seen = []
     m.itm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
-    obj = Objective(m, TrainConfig(), multilabel=False)
-    obj.set_step(0, 1.0, 0.8, 0.0, None)
+    cfg, rule = TrainConfig(), LearnedTrimmers()
+    rule.bind(m, cfg, total=10)
+    rule.begin_step(3)  # mid-curriculum: target below 1
+    assert rule.target < 1.0
+    obj = TrainStep(m, cfg, rule, RetrievalITM(cfg.seed))
     loss, parts = obj(b["pixel_values"], b["input_ids"], b["attention_mask"], b["target"], torch.arange(4),
                       image_id=b["image_id"])
     assert seen == [8, 8]                                               # teacher (full), student (soft)

@@ -72,7 +72,7 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "--dataset", "scenes", "--quick", "-o", str(out), "--threads", "1"])
     assert r.exit_code == 0, r.output
-    for label in ("untrimmed vs trimmed", "GMACs / input", "onnxruntime latency", "ONNX validation: passed",
+    for label in ("started from vs trimmed", "trimmed vs control", "GMACs / input", "onnxruntime latency", "ONNX validation: passed",
                   "training-free baselines", "kept image tokens by objects"):
         assert label in r.output, label
     s = json.loads((out / "summary.json").read_text())
@@ -89,6 +89,9 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     bl = json.loads((out / "baselines.json").read_text())
     assert bl["n_inputs"] == rep["settings"]["n_inputs"]
     assert bl["methods"][0]["accuracy"] == pytest.approx(rep["accuracy"]["trimmed"])  # same inputs, same answers
+    # the profile's reference is the base SmartTrim started from (with its trimmers re-placed: same weights)
+    assert rep["accuracy"]["reference"]["model_dir"].endswith("base-vision0.2_fusenearest")
+    assert bl["full"]["accuracy"] == pytest.approx(rep["accuracy"]["full"])
     for png in ("profile/objects.png", "profile/objects_show.png", "baselines.png", "baselines_objects.png"):
         assert (out / png).read_bytes()[:8] == PNG, png
     for stage in ("init", "base", "trimmed"):

@@ -39,8 +39,8 @@ BASELINES: dict[str, BaselineInfo] = {
     "downsample": BaselineInfo(Downsample, "resolution", "the full model at a lower input resolution"),
     "evit-finetuned": BaselineInfo(lambda **kw: _evit_finetuned(**kw), "training",
                                    "training run: fixed-ratio EViT top-k whose backbone is fine-tuned with "
-                                   "SmartTrim's self-distillation objective for the same steps "
-                                   "(evit_finetuned.finetune_evit); apply() runs its rule"),
+                                   "SmartTrim's training loop and self-distillation objective for the same steps "
+                                   "(train.loop.finetune with evit_finetuned.EViTRule); apply() runs its rule"),
     "smarttrim-no-distill": BaselineInfo(lambda **kw: no_distill(), "training",
                                          "ablation (training run): SmartTrim without self-distillation"),
     "smarttrim-no-curriculum": BaselineInfo(lambda **kw: no_curriculum(), "training",

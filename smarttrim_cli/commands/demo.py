@@ -42,24 +42,32 @@ def demo(
     res = run_demo(s, console=console, say=lambda m: console.rule(f"[bold]{m}"))
     f, t, r = res["full"], res["trimmed"], res["ratios"]
     fmt = lambda v, p="{:.2f}": "–" if v is None else p.format(v)  # noqa: E731
-    tab = Table(title=f"smarttrim demo ({s.dataset}{'' if s.size == 'normal' else ', ' + s.size}): untrimmed vs trimmed, "
-                      f"threshold {t['threshold']}", title_justify="left")
+    ctl = res.get("control") or {}
+    tab = Table(title=f"smarttrim demo ({s.dataset}{'' if s.size == 'normal' else ', ' + s.size}): the model SmartTrim "
+                      f"started from vs trimmed, threshold {t['threshold']:.4g}", title_justify="left")
     tab.add_column("")
-    tab.add_column("untrimmed", justify="right")
+    tab.add_column("original", justify="right")
+    tab.add_column("control", justify="right")
     tab.add_column("trimmed", justify="right")
-    tab.add_column("trimmed vs untrimmed", justify="right")
-    tab.add_row(f"{res['metric']} (%)", fmt(f["score"]), fmt(t["score"]), f"{fmt(-r['score_drop_points'], '{:+.2f}')} pt")
-    tab.add_row("GMACs / input (fvcore convention)", fmt(f["gmacs"], "{:.4f}"), fmt(t["gmacs"], "{:.4f}"),
+    tab.add_column("trimmed vs original", justify="right")
+    vs_ctl = None if ctl.get("score") is None or t["score"] is None else t["score"] - ctl["score"]
+    tab.add_row(f"{res['metric']} (%)", fmt(f["score"]), fmt(ctl.get("score")), fmt(t["score"]),
+                f"{fmt(0.0 - r['score_drop_points'] + 0.0, '{:+.2f}')} pt")  # + 0.0: no '-0.00'
+    tab.add_row("GMACs / input (fvcore)", fmt(f["gmacs"], "{:.4f}"), "same", fmt(t["gmacs"], "{:.4f}"),
                 f"{fmt(r['gmacs_speedup'])}× less")
-    tab.add_row("CPU latency, batch 1, p50 (ms)", fmt(f["cpu_latency_ms_p50"]), fmt(t["cpu_latency_ms_p50"]),
+    tab.add_row("CPU latency b=1 p50 (ms)", fmt(f["cpu_latency_ms_p50"]), "same", fmt(t["cpu_latency_ms_p50"]),
                 f"{fmt(r['cpu_latency_speedup'])}× faster")
     if f.get("cpu_inputs_per_s"):
-        tab.add_row(f"CPU throughput, batch {res.get('throughput_batch_size')} (inputs/s)", fmt(f["cpu_inputs_per_s"], "{:.0f}"),
-                    fmt(t["cpu_inputs_per_s"], "{:.0f}"), f"{fmt(r.get('cpu_throughput_speedup'))}× faster")
-    tab.add_row("onnxruntime latency, batch 1 (ms)", fmt(f["ort_latency_ms"]), fmt(t["ort_latency_ms"]),
+        tab.add_row(f"CPU throughput b={res.get('throughput_batch_size')} (/s)",
+                    fmt(f["cpu_inputs_per_s"], "{:.0f}"), "same", fmt(t["cpu_inputs_per_s"], "{:.0f}"),
+                    f"{fmt(r.get('cpu_throughput_speedup'))}× faster")
+    tab.add_row("onnxruntime latency b=1 (ms)", fmt(f["ort_latency_ms"]), "same", fmt(t["ort_latency_ms"]),
                 f"{fmt(r['ort_latency_speedup'])}× faster")
-    tab.caption = ("untrimmed: the fine-tuned weights at full capacity (the base model before the fine-tune is "
-                   "'full (base)' in the baselines table)")
+    tab.caption = (f"original: the model SmartTrim was fine-tuned from. control: the original fine-tuned "
+                   f"{ctl.get('steps') or 'as many'} steps more without trimming, what the extra training alone "
+                   f"gives (trimmed vs control: {fmt(vs_ctl, '{:+.2f}')} pt). The trimmed model's own weights at "
+                   f"full capacity score {fmt(res.get('same_weights_full'))}.")
+    tab.caption_justify = "left"
     console.print(tab)
     if (r.get("cpu_latency_speedup") or 0) < 1 and f["gmacs"] < 1:
         # measured: at 0.09 GMACs the trimmers' per-call cost is a few ms, as large as the work they save

@@ -50,8 +50,13 @@ def profile(
     show_dir: Optional[Path] = typer.Option(None, "--show-dir", help="Folder of the overlays (default: OUT/show)."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: fail (exit 1) if the speedup "
                                                 "is below this."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: fail (exit 1) if full score - "
-                                             "trimmed score exceeds this many points."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: fail (exit 1) if the reference's "
+                                             "score - trimmed score exceeds this many points."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The model the trimmed one is scored against "
+                                            "(`full`, `drop`, the gate). Default: the one MODEL_DIR records it was "
+                                            "fine-tuned from (hash checked), else MODEL_DIR itself. A directory "
+                                            "(e.g. the original, moved) or `self` (the profiled weights at full "
+                                            "capacity)."),
     speedup_metric: str = typer.Option("gmacs", "--speedup-metric", help="Speedup the gate reads: gmacs "
                                        "(deterministic), latency (batch-1 p50) or throughput."),
 ):
@@ -60,7 +65,7 @@ def profile(
     from ..profiling.runner import ProfileSettings, parse_sweep, run_profile
 
     s = ProfileSettings(model_dir=model_dir, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
-                        threshold=threshold, sweep=parse_sweep(sweep), device=device, threads=threads,
+                        threshold=threshold, reference=reference, sweep=parse_sweep(sweep), device=device, threads=threads,
                         batch_size=batch_size, warmup=warmup, iters=iters, throughput_batches=throughput_batches,
                         fvcore_limit=fvcore_limit, batch_mode=batch_mode, show=show, skip_bad=skip_bad,
                         out_dir=out_dir, json_path=json_path, plot_path=plot, layers_path=layers_plot,

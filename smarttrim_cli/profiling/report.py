@@ -2,7 +2,9 @@
 the rich table, and the CI gate (--min-speedup / --max-drop).
 
 Conventions: GMACs follow fvcore (one multiply-add = 1; LayerNorm 5 per element; softmax and
-element-wise ops 0). Scores are percent; ``drop`` = full score - trimmed score, in points.
+element-wise ops 0). Scores are percent; ``drop`` = full score - trimmed score, in points, where "full" is the
+*reference*: the model the user brought (the one a fine-tuned directory records it started from; see
+reference.py), not the fine-tuned weights at full capacity, which are reported as ``same_weights_full``.
 ``ratios`` are trimmed / full (lower is better for cost, higher for throughput); ``speedup`` is
 always >= 1 when the trimmed model is better: full/trimmed for GMACs and latency, trimmed/full for
 throughput.
@@ -16,7 +18,7 @@ from ..atomic import atomic_path
 from ..errors import ValidationFailed
 
 SCHEMA = "smarttrim-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: accuracy.full / drop / per_input score_full are the reference model's
 CONVENTION = ("GMACs = 1e9 multiply-adds as fvcore counts them (one multiply-add = 1; LayerNorm 5 per "
               "element; softmax, element-wise ops and gathers 0; fused SDPA counted by a registered "
               "handle). torch.utils.flop_counter reports 2x these numbers (FLOPs).")
@@ -47,6 +49,7 @@ FIELDS: dict[str, str] = {
     "settings.n_inputs": "inputs profiled",
     "settings.skipped": "bad rows/images skipped with --skip-bad (reason -> count)",
     "settings.threshold": "runtime keep threshold of the trimmed model",
+    "settings.reference": "--reference as given (null: the recorded one; \"self\"; a directory)",
     "settings.sweep": "thresholds of the sweep (may be empty)",
     "settings.device": "--device",
     "settings.threads": "torch intra-op threads",
@@ -61,16 +64,25 @@ FIELDS: dict[str, str] = {
     "model.task": "the model's task head",
     "accuracy": "task scores (percent)",
     "accuracy.metric": "vqa_score, accuracy or recall@1",
-    "accuracy.full": "score of the full-capacity model",
-    "accuracy.trimmed": "score of the trimmed model at settings.threshold",
-    "accuracy.drop": "full - trimmed, in points",
-    "accuracy.agreement": "percent of inputs where both models predict the same answer (null for retrieval)",
-    "accuracy.recall": "retrieval only: text-to-image {recall@1, recall@5, recall@10} for full and trimmed, plus "
-                       "image_to_text (same keys), texts and images counts; else null",
+    "accuracy.full": "score of the reference model (accuracy.reference: the model the user brought) at full capacity",
+    "accuracy.trimmed": "score of the trimmed model (the profiled directory) at settings.threshold",
+    "accuracy.drop": "full - trimmed, in points: the loss against the reference; --max-drop reads it",
+    "accuracy.agreement": "percent of inputs where the reference and the trimmed model predict the same answer "
+                          "(null for retrieval)",
+    "accuracy.reference": "{model_dir, source, sha256, why}: the model `full` describes. source: recorded (the "
+                          "directory the profiled one was fine-tuned from, hash checked), --reference (given), or "
+                          "self (attach output, a plain fine-tune, --reference self: model_dir null)",
+    "accuracy.same_weights_full": "score of the profiled directory's own weights at full capacity (trimming off); "
+                                  "equals full when the reference is self",
+    "accuracy.same_weights_drop": "same_weights_full - trimmed, in points (what trimming alone costs these weights)",
+    "accuracy.recall": "retrieval only: text-to-image {recall@1, recall@5, recall@10} for full (the reference), "
+                       "trimmed and same_weights_full, plus image_to_text (same keys), texts and images counts; "
+                       "else null",
     "flops": "per-input cost at batch 1 (unpadded text)",
     "flops.unit": '"GMACs"',
     "flops.source": "fvcore (every input counted by fvcore) or cost_model (analytic, trim/cost.py)",
-    "flops.full": f"full model GMACs per input {_STATS}",
+    "flops.full": f"full-capacity GMACs per input {_STATS} (the reference has the same architecture, checked, "
+                  "so the same cost)",
     "flops.trimmed": f"trimmed model GMACs per input {_STATS}",
     "flops.ratio": "mean trimmed GMACs / mean full GMACs",
     "flops.speedup": "1 / flops.ratio",
@@ -108,7 +120,7 @@ FIELDS: dict[str, str] = {
     "sweep": "one row per threshold of --sweep plus settings.threshold, sorted by threshold",
     "sweep[].threshold": "keep threshold",
     "sweep[].score": "task score (percent)",
-    "sweep[].drop": "full score - score",
+    "sweep[].drop": "full (reference) score - score",
     "sweep[].gmacs_mean": "mean trimmed GMACs (cost model)",
     "sweep[].gmacs_p10": "10th percentile",
     "sweep[].gmacs_p50": "median",
@@ -125,12 +137,15 @@ FIELDS: dict[str, str] = {
     "per_input[].fvcore_gmacs_trimmed": "trimmed model, fvcore (null if not counted)",
     "per_input[].image_tokens_final": "image tokens ([CLS] included) alive after the last image-stream token "
                                       "trimmer (model.image_tokens when there is none)",
-    "per_input[].score_full": "per-input score of the full model (0-1; null for retrieval)",
+    "per_input[].score_full": "per-input score of the reference model (0-1; null for retrieval)",
     "per_input[].score_trimmed": "same, trimmed",
-    "per_input[].pred_full": "arg-max label id of the full model (null for retrieval)",
+    "per_input[].pred_full": "arg-max label id of the reference model (null for retrieval)",
     "per_input[].pred_trimmed": "same, trimmed",
     "per_input[].pred_full_label": "its label string when the model has labels, else null",
     "per_input[].pred_trimmed_label": "same, trimmed",
+    "per_input[].score_same_weights_full": "per-input score of the profiled weights at full capacity (null for "
+                                           "retrieval)",
+    "per_input[].pred_same_weights_full": "their arg-max label id",
     "per_input[].objects": "objects in the input's image (synthetic scenes: the folder has scenes_<split>.json), "
                            "else null",
     "objects": "scenes only, else null: {source, n_inputs, n_unmatched, image_tokens_full, gmacs_source, "
@@ -144,7 +159,7 @@ FIELDS: dict[str, str] = {
     "gate.min_speedup": "--min-speedup or null",
     "gate.max_drop": "--max-drop or null",
     "gate.speedup": "the speedup read",
-    "gate.drop": "accuracy.drop",
+    "gate.drop": "accuracy.drop (against the reference)",
     "gate.passed": "true when every given bound holds",
     "gate.failures": "one message per failed bound",
     "files": "paths written: json, flops_hist, layers, pareto (null when no sweep), show (list), objects and "
@@ -209,7 +224,9 @@ def evaluate_gate(report: dict, min_speedup: float | None, max_drop: float | Non
         if drop is None:
             failures.append(f"accuracy drop was not measured, so --max-drop {max_drop:g} cannot hold")
         elif drop > max_drop:
-            failures.append(f"{report['accuracy']['metric']} drop {drop:.2f} pts is above --max-drop {max_drop:g}")
+            ref = (report["accuracy"].get("reference") or {}).get("model_dir")
+            against = f" against the reference {ref}" if ref else ""
+            failures.append(f"{report['accuracy']['metric']} drop {drop:.2f} pts{against} is above --max-drop {max_drop:g}")
     return {"speedup_metric": metric, "min_speedup": min_speedup, "max_drop": max_drop, "speedup": speed,
             "drop": drop, "passed": not failures, "failures": failures}
 
@@ -235,16 +252,19 @@ def render(report: dict, console) -> None:
     s, a, fl, lat, tp, mem = (report[k] for k in ("settings", "accuracy", "flops", "latency", "throughput",
                                                     "memory"))
     m = report["model"]
+    ref = a.get("reference") or {}
+    full_name = f"full: {Path(ref['model_dir']).name}" if ref.get("model_dir") else "full"
     t = Table(title=f"smarttrim profile: {Path(s['model_dir']).name} on {s['dataset']}/{s['split']} "
                     f"({s['n_inputs']} inputs, threshold {s['threshold']:g}, {report['machine']['device']}, "
                     f"{report['machine']['torch_threads']} threads)", title_justify="left")
     t.add_column("measure", style="bold")
-    t.add_column("full", justify="right")
+    t.add_column(full_name, justify="right")
     t.add_column("trimmed", justify="right")
     t.add_column("trimmed/full", justify="right")
     drop = a["drop"]
     t.add_row(f"{a['metric']} (%)", _f(a["full"], "{:.2f}"), _f(a["trimmed"], "{:.2f}"),
               "drop " + _f(drop, "{:+.2f} pts") if drop is not None else "–")
+
     if a.get("recall"):
         for k in a["recall"]["full"]:
             t.add_row(f"  {k} (%)", _f(a["recall"]["full"][k], "{:.2f}"), _f(a["recall"]["trimmed"][k], "{:.2f}"), "")
@@ -266,6 +286,11 @@ def render(report: dict, console) -> None:
               f"{_f(mem['trimmed']['batch_1'], '{:.1f}')} / {_f(mem['trimmed']['batch_n'], '{:.1f}')}",
               f"{_f(report['ratios']['memory_batch_1'])} / {_f(report['ratios']['memory_batch_n'])}")
     console.print(t)
+    console.print(f"full = {ref.get('why', 'the full-capacity model')}"
+                  + ("" if ref.get("model_dir") is None else "; its cost, latency and memory are those of the same "
+                     f"architecture at full capacity. The profiled weights at full capacity score "
+                     f"{_f(a.get('same_weights_full'), '{:.2f}')} (trimmed: drop "
+                     f"{_f(a.get('same_weights_drop'), '{:+.2f}')} pts against them)"), highlight=False)
     chk = fl["fvcore_check"]
     if chk["n_inputs"]:
         console.print(f"GMACs: fvcore convention (1 multiply-add = 1); fvcore vs cost model on "

@@ -32,6 +32,7 @@ from . import flops as fl
 from . import latency as lt
 from . import objects
 from . import report as rp
+from ..reference import resolve_reference
 
 DATASET_TASKS = {"vqa": "vqa", "easyvqa": "vqa", "nlvr2": "nlvr2", "snli": "snli", "coco-captions": "retrieval",
                  "flickr30k": "retrieval"}
@@ -50,6 +51,7 @@ class ProfileSettings:
     split: str | None = None
     limit: int | None = 500
     threshold: float | None = None          # None: the model's default
+    reference: str | Path | None = None     # None: the one config.json records (else itself); "self"; a directory
     sweep: list = field(default_factory=list)
     device: str = "cpu"
     threads: int | None = None
@@ -241,6 +243,9 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     model = load(s.model_dir, mode="hard", device=device)
     if model.tokenizer is None:
         raise SmartTrimError(f"{model.source_dir}: no tokenizer/ folder, so questions cannot be tokenized")
+    # the scores are measured against the model the user brought, not the fine-tuned weights at full capacity
+    ref = resolve_reference(model.source_dir, model.smarttrim_config, s.reference)
+    ref_model = None if ref.is_self else load(ref.path, mode="full", device=device)
     cfg = model.config
     task = cfg.task
     pre = model.smarttrim_config.get("preprocess") or {}
@@ -274,6 +279,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
             mb = _model_batch(model, b)
             T = int(b["input_ids"].shape[1])
             lf, cf = model.run(mb, mode="full", record=True)
+            lr = lf if ref_model is None else ref_model.run(mb, mode="full")[0]
             lh, ch = model.run(mb, mode="hard", threshold=threshold, record=True)
             g_full = fl.cost_model_macs(cf.records)[0] / 1e9
             g_trim = fl.cost_model_macs(ch.records)[0] / 1e9
@@ -286,7 +292,8 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
             row = {"index": i, "id": _item_id(item), "text_tokens": T, "gmacs_full": g_full, "gmacs_trimmed": g_trim,
                    "fvcore_gmacs_full": fv_full, "fvcore_gmacs_trimmed": fv_trim, "image_tokens_final": None,
                    "score_full": None, "score_trimmed": None, "pred_full": None, "pred_trimmed": None,
-                   "pred_full_label": None, "pred_trimmed_label": None}
+                   "pred_full_label": None, "pred_trimmed_label": None, "score_same_weights_full": None,
+                   "pred_same_weights_full": None}
             img_keys = [k for k in ch.decisions if _IMAGE_TOKENS.match(k)]
             row["image_tokens_final"] = (int(ch.decisions[img_keys[-1]].sum()) if img_keys
                                          else int(cfg.n_patches + 1))
@@ -304,9 +311,11 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
             if task == "retrieval":
                 retr_items.append((i, _image_key(item, i)))
             else:
-                row["score_full"] = float(acc.instance_scores(task, lf, b["target"])[0])
+                row["score_full"] = float(acc.instance_scores(task, lr, b["target"])[0])
                 row["score_trimmed"] = float(acc.instance_scores(task, lh, b["target"])[0])
-                row["pred_full"], row["pred_trimmed"] = acc.predictions(lf)[0], acc.predictions(lh)[0]
+                row["score_same_weights_full"] = float(acc.instance_scores(task, lf, b["target"])[0])
+                row["pred_full"], row["pred_trimmed"] = acc.predictions(lr)[0], acc.predictions(lh)[0]
+                row["pred_same_weights_full"] = acc.predictions(lf)[0]
                 if model.labels:
                     row["pred_full_label"] = model.labels[row["pred_full"]]
                     row["pred_trimmed_label"] = model.labels[row["pred_trimmed"]]
@@ -325,8 +334,8 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
         # retrieval: rank every distinct image for every text, both models
         recall = None
         if task == "retrieval":
-            recall, sweep_recall = _retrieval_scores(model, ds, retr_items, threshold, sweep, collate, max_len,
-                                                     device, B, prog)
+            recall, sweep_recall = _retrieval_scores(model, ref_model, ds, retr_items, threshold, sweep, collate,
+                                                     max_len, device, B, prog)
             for t in sweep:
                 sweep_scores[t] = sweep_recall[t]
 
@@ -379,7 +388,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     # (5) assemble ------------------------------------------------------------------------------------------
     scenes = objects.SceneIndex.for_dataset(ds)  # synthetic scenes: objects per image (else None)
     objects.annotate(rows, scenes)
-    report = _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc,
+    report = _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc,
                        sweep_macs, sweep_scores, recall, lat_full, lat_trim, full_tp, tp_modes, chosen, mem)
     report["objects"] = objects.summary(rows, scenes, cfg.n_patches + 1) if scenes is not None else None
     files = _write_outputs(s, report, out_dir, model, shows, pre)
@@ -402,17 +411,20 @@ def _throughput(fn, batches, device) -> dict:
     return {"inputs_per_s": inputs / total if total > 0 else None, "seconds": total, "inputs": inputs}
 
 
-def _retrieval_scores(model, ds, items, threshold, sweep, collate, max_len, device, B, prog):
-    """Recall@k over the distinct images of the profiled inputs, full and trimmed: text-to-image (the
-    headline, under "full"/"trimmed") and image-to-text from the same score matrix (every text against
-    every image, ITM "match" logit as BLIP ranks)."""
+def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, max_len, device, B, prog):
+    """Recall@k over the distinct images of the profiled inputs, reference ("full"), the profiled weights at
+    full capacity ("same_weights_full") and trimmed: text-to-image (the headline) and image-to-text from the
+    same score matrix (every text against every image, ITM "match" logit as BLIP ranks). ``ref_model`` None:
+    the profiled model is its own reference."""
     keys, img_index, pos = [], {}, []
     for i, key in items:
         if key not in img_index:
             img_index[key] = len(keys)
             keys.append(i)
         pos.append(img_index[key])
-    thresholds = {"full": None, "trimmed": threshold, **{f"t{t}": t for t in sweep}}
+    thresholds = {"same_weights_full": None, "trimmed": threshold, **{f"t{t}": t for t in sweep}}
+    if ref_model is not None:
+        thresholds["full"] = "reference"
     scores = {k: torch.zeros(len(items), len(keys)) for k in thresholds}
     tid = prog.add_task("retrieval: every text against every image", total=len(items))
     images = [ds[i] for i in keys]
@@ -422,12 +434,15 @@ def _retrieval_scores(model, ds, items, threshold, sweep, collate, max_len, devi
             chunk = [dict(img, text=text_item["text"]) for img in images[c0:c0 + B]]
             b = _model_batch(model, _to(collate(chunk, model.tokenizer, max_len), device))
             for k, t in thresholds.items():
-                logits, _ = model.run(b, mode="full") if t is None else model.run(b, mode="hard", threshold=t)
+                logits, _ = (ref_model.run(b, mode="full") if t == "reference" else model.run(b, mode="full")
+                             if t is None else model.run(b, mode="hard", threshold=t))
                 scores[k][r, c0:c0 + len(chunk)] = logits.reshape(len(chunk), -1)[:, -1].float().cpu()
         prog.advance(tid)
-    rec = {"full": acc.recall_at_k(scores["full"], pos), "trimmed": acc.recall_at_k(scores["trimmed"], pos),
-           "texts": len(items), "images": len(keys),
-           "image_to_text": {k: acc.image_to_text_recall(scores[k], pos) for k in ("full", "trimmed")}}
+    if ref_model is None:
+        scores["full"] = scores["same_weights_full"]
+    names = ("full", "trimmed", "same_weights_full")
+    rec = {**{k: acc.recall_at_k(scores[k], pos) for k in names}, "texts": len(items), "images": len(keys),
+           "image_to_text": {k: acc.image_to_text_recall(scores[k], pos) for k in names}}
     sweep_rec = {t: acc.recall_at_k(scores[f"t{t}"], pos)["recall@1"] for t in sweep}
     return rec, sweep_rec
 
@@ -448,7 +463,7 @@ def _layers(layer_acc: dict) -> list[dict]:
     return out
 
 
-def _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc, sweep_macs,
+def _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc, sweep_macs,
               sweep_scores, recall, lat_full, lat_trim, full_tp, tp_modes, chosen, mem) -> dict:
     cfg, task = model.config, model.config.task
     n = len(rows)
@@ -465,10 +480,12 @@ def _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, f
     ratio = _div(tstats["mean"], fstats["mean"])
     if task == "retrieval":
         sc_full, sc_trim = recall["full"]["recall@1"], recall["trimmed"]["recall@1"]
+        sc_same = recall["same_weights_full"]["recall@1"]
         agreement = None
     else:
         sc_full = acc.percent([r["score_full"] for r in rows])
         sc_trim = acc.percent([r["score_trimmed"] for r in rows])
+        sc_same = acc.percent([r["score_same_weights_full"] for r in rows])
         agreement = acc.percent([float(r["pred_full"] == r["pred_trimmed"]) for r in rows])
     drop = None if sc_full is None or sc_trim is None else sc_full - sc_trim
     lf, ltr = lt.summarize_ms(lat_full), lt.summarize_ms(lat_trim)
@@ -504,7 +521,8 @@ def _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, f
         "versions": lt.versions(),
         "settings": {"model_dir": str(model.source_dir), "dataset": name, "data_dir": str(getattr(ds, "data_dir", s.data_dir)),
                      "split": split, "limit": s.limit, "n_inputs": n, "skipped": dict(getattr(ds, "skipped", {}) or {}),
-                     "threshold": threshold, "sweep": sweep, "device": str(device), "threads": threads,
+                     "threshold": threshold, "reference": None if s.reference is None else str(s.reference),
+                     "sweep": sweep, "device": str(device), "threads": threads,
                      "batch_size": B, "warmup": int(s.warmup), "iters": int(s.iters),
                      "throughput_batches": int(s.throughput_batches), "fvcore_inputs": fv_n,
                      "batch_mode": s.batch_mode},
@@ -515,6 +533,8 @@ def _assemble(s, model, name, split, ds, threshold, sweep, device, threads, B, f
                   "head_layers": {k: v for k, v in (tc.head_layers if tc else {}).items() if v},
                   "default_threshold": float(model.threshold)},
         "accuracy": {"metric": metric, "full": sc_full, "trimmed": sc_trim, "drop": drop, "agreement": agreement,
+                     "reference": ref.to_dict(), "same_weights_full": sc_same,
+                     "same_weights_drop": None if sc_same is None or sc_trim is None else sc_same - sc_trim,
                      "recall": recall},
         "flops": {"unit": "GMACs", "source": src, "full": fstats, "trimmed": tstats, "ratio": ratio,
                   "speedup": _div(1.0, ratio),

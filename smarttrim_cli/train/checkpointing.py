@@ -1,7 +1,8 @@
 """Training state on disk: ``<output>.state/`` beside the output model directory.
 
-    last.pt            model, optimizer, scheduler, grad scaler, budget (dual variable), step, history,
-                       sampler position (derived from the step) and every rank's RNG states
+    last.pt            model, optimizer, scheduler, grad scaler, the decision rule's state (SmartTrim: the
+                       budget's dual variable) and settings, step, history, sampler position (derived from
+                       the step) and every rank's RNG states
     best.safetensors   weights of the best validation so far (+ best.json: which epoch and why)
     log.jsonl          the JSON-lines training log (rewritten from last.pt's history on resume)
 

@@ -2,7 +2,7 @@
 reaches every key). Stored in the training state and in the output's config.json."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import yaml
 

@@ -1,0 +1,139 @@
+"""Training data: the datasets a model's task trains on, their batches (each input's dataset index rides along:
+it seeds the input's Gumbel noise), and a fresh task head when the data's labels are not the model's."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import SmartTrimError
+from .config import TrainConfig
+
+TASK_DATASETS = {"vqa": ("vqa", "easyvqa"), "nlvr2": ("nlvr2",), "snli": ("snli",),
+                 "retrieval": ("coco-captions", "flickr30k")}
+TASK_DEFAULT_DATASET = {"retrieval": "coco-captions"}  # other tasks: the dataset named like the task
+DEFAULT_SPLITS = {"vqa": ("train", "val"), "nlvr2": ("train", "dev"), "snli": ("train", "dev"),
+                  "easyvqa": ("train", "test"), "coco-captions": ("train", "val"), "flickr30k": ("train", "val")}
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds the dataset index to each item (it seeds the input's Gumbel noise) and turns a reader's
+    SmartTrimError into a marker, so that a worker's error reaches the user as one line."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            item = self.ds[i]
+        except SmartTrimError as e:
+            return {"__error__": str(e)}
+        item["__index__"] = i
+        return item
+
+
+class Collate:
+    KEEP = ("pixel_values", "pixel_values2", "input_ids", "attention_mask", "target")
+
+    def __init__(self, tokenizer, max_text_len: int, extra: tuple = ()):
+        # extra: more item keys to keep (retrieval: image_id, so that negatives come from other images)
+        self.tokenizer, self.max_text_len, self.keep = tokenizer, max_text_len, self.KEEP + tuple(extra)
+
+    def __call__(self, items):
+        from ..data import collate
+
+        for it in items:
+            if "__error__" in it:
+                return {"__error__": it["__error__"]}
+        idx = torch.tensor([it.pop("__index__") for it in items], dtype=torch.long)
+        out = collate(items, self.tokenizer, self.max_text_len)
+        out = {k: out[k] for k in self.keep if k in out}
+        out["index"] = idx
+        return out
+
+
+def check_batch(batch):
+    if "__error__" in batch:
+        raise SmartTrimError(batch["__error__"])
+    return batch
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def open_data(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
+    """-> (dataset name, train set, val set, labels)."""
+    from ..data import NLVR2_LABELS, canonical_name, open_dataset
+
+    task = model.config.task
+    name = cfg.dataset or ((recipe or {}).get("data") or {}).get("dataset") or TASK_DEFAULT_DATASET.get(task, task)
+    name = canonical_name(name)
+    if name not in TASK_DATASETS.get(task, ()):
+        need = (": image-caption pairs, a Karpathy-split dataset_coco.json / dataset_flickr30k.json and its images "
+                "in --data-dir" if task == "retrieval" else "")
+        raise SmartTrimError(f"dataset {name!r} does not fit a {task} model (a {task} model trains on "
+                             f"{', '.join(TASK_DATASETS.get(task, ())) or 'nothing supported'}{need})")
+    if task == "retrieval" and model.config.num_labels != 2:
+        raise SmartTrimError(f"{model.family} retrieval model: finetune trains an image-text matching head with 2 "
+                             f"outputs (no_match, match), this model scores a pair with {model.config.num_labels}")
+    tr_split, va_split = DEFAULT_SPLITS[name]
+    tr_split, va_split = cfg.train_split or tr_split, cfg.val_split or va_split
+    labels = model.labels
+    if name == "nlvr2":
+        label2id = None
+    elif new_head:
+        label2id = None
+    elif name == "snli":
+        label2id = {l: i for i, l in enumerate(labels)} if labels else None
+    else:
+        label2id = {l: i for i, l in enumerate(labels)} if labels else None
+    from ..model_dir import image_preprocessor
+
+    size = model.config.image_size
+    pre = image_preprocessor(model)
+    try:
+        train = open_dataset(name, cfg.data_dir, tr_split, size, label2id=label2id, limit=cfg.limit,
+                             skip_bad=cfg.skip_bad, preprocess=pre)
+    except SmartTrimError as e:
+        if label2id is None or "label2id" not in str(e):
+            raise
+        raise SmartTrimError(f"{e} (the model's {len(labels)} labels do not fit this dataset; pass --new-head "
+                             "to train a fresh head for its labels)") from None
+    vl = cfg.val_limit if cfg.val_limit is not None else cfg.limit
+    val = open_dataset(name, cfg.data_dir, va_split, size, label2id=getattr(train, "label2id", None),
+                       limit=vl, skip_bad=cfg.skip_bad, preprocess=pre)
+    labels = list(NLVR2_LABELS) if name == "nlvr2" else list(train.id2label)  # retrieval: no_match, match
+    if len(labels) != model.config.num_labels:
+        if new_head:
+            replace_head(model, len(labels))
+        else:
+            src = "the model's labels" if model.labels else f"the vocabulary built from {cfg.data_dir or 'the data'}"
+            raise SmartTrimError(f"{name}: {src} has {len(labels)} answers but the model's classifier has "
+                                 f"{model.config.num_labels} outputs; pass --new-head to train a fresh head "
+                                 "for this label set")
+    if not len(train):
+        raise SmartTrimError(f"{name} {tr_split}: no training inputs"
+                             + (f" ({train.skipped_summary()})" if train.skipped_summary() else ""))
+    return name, train, val, labels
+
+
+def replace_head(model, num_labels: int):
+    """A fresh task head with ``num_labels`` outputs (METER's initialisation: N(0, 0.02), LayerNorm 1/0)."""
+    from ..backbones import meter
+
+    if model.family != "meter" or model.config.task not in ("vqa", "snli", "nlvr2"):
+        raise SmartTrimError(f"--new-head: not supported for {model.family}/{model.config.task}")
+    c = model.config
+    h2 = 2 * c.hidden
+    head = meter._classifier(2 * h2 if c.task == "nlvr2" else h2, h2, num_labels)
+    for mod in head.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.02)
+            nn.init.zeros_(mod.bias)
+    setattr(model, meter.HEAD_PREFIX[c.task], head)
+    c.num_labels = num_labels
+
+
