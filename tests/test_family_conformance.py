@@ -296,6 +296,22 @@ def test_attention_weights_are_the_ones_the_layers_use(attached, case, monkeypat
     assert all(len(v) > 1 for v in seen.values()), seen
 
 
+# ----- a fresh head (finetune --new-head) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_new_head_gives_the_outputs_asked_or_a_one_line_error(attached, case):
+    from smarttrim_cli.errors import SmartTrimError
+
+    m = smarttrim_cli.load(attached(case)[0])
+    try:
+        m.new_head(5)
+    except SmartTrimError as e:
+        assert "--new-head" in str(e) and "\n" not in str(e)
+        return
+    with torch.no_grad():
+        out, _ = m.run(batch(m), mode="hard")
+    assert out.shape == (3, 5) and m.config.num_labels == 5
+
+
 # ----- attach -> load -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_attach_then_load_is_bit_exact(attached, case):
@@ -393,8 +409,6 @@ def test_backbones_import_nothing_above_them():
         assert not bad, f"{f.name} imports {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py replace_head() still checks model.family; it becomes "
-                   "model.new_head(num_labels) (backbones/base.py) with the trainer refactor")
 def test_nothing_outside_backbones_branches_on_a_family_name():
     names = set(FAMILIES)
     found = []
