@@ -381,6 +381,26 @@ def test_baseline_runs_meets_its_calibrated_ratio_and_fvcore(attached, case, nam
     assert abs(ours - counted) / counted < 0.01, (ours, counted)
 
 
+@pytest.mark.parametrize("case", [c for c in MAIN if c.endswith("-vqa")])
+def test_finetuned_evit_trains_and_runs(attached, case, tmp_path):
+    """The fine-tuned fixed-ratio EViT trains through finetune's loop on every family (two steps on the
+    bundled easy-VQA data) and its rule then keeps the ratio it was trained at."""
+    from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule
+    from smarttrim_cli.train.loop import finetune
+
+    src = attached(case)[0]
+    labelled = bool(smarttrim_cli.load(src).labels)  # a METER file carries no answer names: a fresh head
+    finetune(src, tmp_path / "ft", overrides={"dataset": "easyvqa", "limit": 8, "max_steps": 2, "batch_size": 4},
+             device="cpu", progress=False, rule=EViTRule(0.5), new_head=not labelled)
+    bl = EViTFinetuned.from_dir(tmp_path / "ft")
+    m = smarttrim_cli.load(tmp_path / "ft")
+    with torch.no_grad():
+        out, ctx = bl.apply(m).run(batch(m, B=1, pad=False), record=True)
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
+    toks = {k: v for k, v in ctx.decisions.items() if k.startswith("tok:")}
+    assert toks and all(0 < float(v.sum()) < v.shape[1] for v in toks.values()), toks
+
+
 # ----- the layering the contract relies on -------------------------------------------------------------------------
 PACKAGE = Path(smarttrim_cli.__file__).parent
 
