@@ -1,5 +1,5 @@
 """One training forward: the module DDP wraps. The objective gives the batch; the full-capacity teacher runs
-under no_grad; the student runs under the decision rule (soft mode); the loss is
+under no_grad (unless it is trained too, below); the student runs under the decision rule (soft mode); the loss is
 
     task(student) + alpha * distill(student || teacher) + teacher_task_weight * task(teacher)
         + the rule's penalties + feature_weight * feature
