@@ -40,7 +40,8 @@ def build_init(root: Path, size: dict, seed: int) -> Path:
     import torch.nn as nn
 
     from smarttrim_cli.attach import attach
-    from smarttrim_cli.backbones.meter import MeterConfig, MeterModel, save_lightning_checkpoint
+    from smarttrim_cli.backbones.meter import MeterConfig, MeterModel, lightning_checkpoint
+    from smarttrim_cli.checkpoint_io import save_lightning_checkpoint
     from smarttrim_cli.data.easyvqa import EASYVQA_ANSWERS, easyvqa_data_dir
     from smarttrim_cli.tokenizers_local import write_word_tokenizer
 
@@ -60,7 +61,7 @@ def build_init(root: Path, size: dict, seed: int) -> Path:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    save_lightning_checkpoint(model, root / "init.ckpt")
+    save_lightning_checkpoint(lightning_checkpoint(model), root / "init.ckpt")
     (root / "answers.json").write_text(json.dumps(list(EASYVQA_ANSWERS)))
     attach(root / "init.ckpt", root / "init", tokenizer=tok, answers=root / "answers.json")
     return root / "init"

@@ -59,7 +59,8 @@ GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop":
 CLS_RULES = ("evit", "evit-fusion", "evit-mass")  # training-free [CLS]-attention rules
 # --set keys in TRIM_ONLY (train/config.py) go to the SmartTrim runs only (the rest, schedule and optimizer, also to
 # the control and evit-ft), of which the fine-tuned EViT shares these with SmartTrim (the same objective: issue 9)
-OBJECTIVE = {"distill_weight", "distill_temperature", "teacher", "feature_weight"}
+OBJECTIVE = {"distill_weight", "distill_temperature", "teacher", "feature_weight", "teacher_task_weight",
+             "distill_schedule", "distill_weight_end"}
 
 
 def cls_mass_baseline():

@@ -812,3 +812,12 @@ def load_lightning_checkpoint(path, *, mmap: bool = True) -> dict:
     }
     return {"state_dict": dict(state_dict), "config": config, "hyper_parameters": hyper_parameters,
             "meta": meta, "path": spath}
+
+
+def save_lightning_checkpoint(ckpt: dict, path) -> None:
+    """Write a Lightning-style checkpoint dict (e.g. ``backbones.meter.lightning_checkpoint``) atomically
+    with ``torch.save``, as Lightning does; what ``load_lightning_checkpoint`` reads back."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)

@@ -241,7 +241,8 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     import torch
 
     from . import attach as at
-    from .backbones.meter import MeterConfig, MeterModel, save_lightning_checkpoint
+    from .backbones.meter import MeterConfig, MeterModel, lightning_checkpoint
+    from .checkpoint_io import save_lightning_checkpoint
     from .tokenizers_local import write_word_tokenizer
 
     _check(s)
@@ -282,7 +283,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
                           text_eps=1e-12, extra={"tokenizer": "bert"}, **size)
         model = MeterModel(cfg)
         _init_like_meter(model)
-        save_lightning_checkpoint(model, root / "init.ckpt")
+        save_lightning_checkpoint(lightning_checkpoint(model), root / "init.ckpt")
         (root / "answers.json").write_text(json.dumps(labels))
         at.attach(root / "init.ckpt", root / "init", tokenizer=tok_dir, answers=root / "answers.json")
         st_init.finish({"labels": len(labels), "vocab": n_vocab})

@@ -103,7 +103,7 @@ def image_preprocessor(model):
     """The image transform the model was trained with, from its config.json ``preprocess`` entry
     (CLIP mean/std with shorter-side resize and centre crop for METER; the processor config's for
     BLIP/ViLT). Readers use it so that every backbone sees its own normalisation."""
-    from .backbones.hf_preprocess import preprocessor
+    from .preprocess import preprocessor
 
     pre = dict((getattr(model, "smarttrim_config", None) or {}).get("preprocess") or {})
     if not pre.get("mean"):

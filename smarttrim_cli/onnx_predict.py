@@ -29,7 +29,7 @@ from .rgb import to_rgb
 META = "smarttrim."
 
 
-# ----- images (numpy twin of data/preprocess.py, which uses torch) ------------------------------------
+# ----- images (numpy twin of preprocess.py, which uses torch) ------------------------------------
 def preprocess_image(img: Image.Image, image_size: int, mean, std, resize: str = "crop") -> np.ndarray:
     """PIL image -> float32 [3, S, S]: resize shorter side (bicubic), center crop, /255, normalise.
     ``resize="squash"`` (BLIP/ViLT processor configs): resize straight to S x S, no crop."""
@@ -181,7 +181,9 @@ class OnnxPredictor:
         return {k: v for k, v in feed.items() if k in self.input_names}
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
-        if self.task == "vqa":  # multi-label (BCE) head
+        # the family's output kind (backbones/base.py OUTPUT_KINDS); files without it: VQA heads were multi-label
+        kind = self.meta.get("output_kind") or ("multilabel" if self.task == "vqa" else "")
+        if kind == "multilabel":  # a sigmoid per answer (BCE head)
             return 1.0 / (1.0 + np.exp(-logits))
         if logits.shape[-1] > 1:
             z = np.exp(logits - logits.max(-1, keepdims=True))

@@ -1,4 +1,4 @@
-"""Any PIL image to 8-bit RGB, with numpy and PIL only: the torch preprocessing (``data/preprocess.py``) and
+"""Any PIL image to 8-bit RGB, with numpy and PIL only: the torch preprocessing (``preprocess.py``) and
 the torch-free ONNX server (``onnx_predict.py``) must convert images the same way."""
 from __future__ import annotations
 

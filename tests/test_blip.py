@@ -1,10 +1,6 @@
-"""BLIP from Hugging Face ``BlipForQuestionAnswering`` / ``BlipForImageTextRetrieval`` directories:
-invariants 1-4, answer ranking and generation, attach.
-
-Tiny random configs are written with ``save_pretrained``, with two settings random BLIP configs need: vision
-``initializer_range`` 0.02 (the default, 1e-10, makes all image tokens nearly identical) and the text heads
-set explicitly (the ``BlipTextConfig`` default, 8, ignores the width), and noise on every parameter so that a
-mis-mapped weight shows up in the outputs.
+"""BLIP from Hugging Face ``BlipForQuestionAnswering`` / ``BlipForImageTextRetrieval`` directories: full
+mode equals transformers (invariant 1), answer ranking and generation, preprocessing, answer lists, attach.
+Invariants 2-5 and the baselines run on every family in test_family_conformance.py.
 """
 import json
 from pathlib import Path
@@ -12,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,42 +15,8 @@ import smarttrim_cli
 from smarttrim_cli.backbones import blip
 from smarttrim_cli.cli import app
 from smarttrim_cli.errors import SmartTrimError
-from smarttrim_cli.trim.cost import total_macs
 
-from smarttrim_cli.data import EASYVQA_ANSWERS
-
-# multi-token answers first (padding inside the answer list), then easy-VQA's, so finetune/profile can run
-ANSWERS = ["two dogs", "blue ball"] + list(EASYVQA_ANSWERS)
-TEXTS = ["what color is the shape", "what shape is in the image", "is there a red circle", " ".join(ANSWERS)]
-VOCAB, BOS, SEP = 60, 58, 3  # word tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
-
-
-def write_tiny_blip(path: Path, arch="BlipForQuestionAnswering", seed=0, answers=True) -> Path:
-    import transformers
-    from transformers import BertTokenizer, BlipConfig, BlipImageProcessorPil
-
-    from smarttrim_cli.tokenizers_local import write_word_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = BlipConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=BOS, sep_token_id=SEP,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=32, patch_size=8, initializer_range=0.02),
-        image_text_hidden_size=16)
-    hf = getattr(transformers, arch)(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(str(path))
-    tok_dir = write_word_tokenizer(Path(str(path) + "-vocab"), TEXTS + ANSWERS)
-    BertTokenizer(str(Path(tok_dir) / "vocab.txt")).save_pretrained(str(path))
-    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(str(path))
-    if answers and arch == "BlipForQuestionAnswering":
-        (Path(path) / "answer_list.json").write_text(json.dumps(ANSWERS))
-    return Path(path)
-
+from tiny_hf import ANSWERS, BOS, SEP, write_tiny_blip
 
 @pytest.fixture(scope="module")
 def vqa_dir(tmp_path_factory):
@@ -85,39 +46,6 @@ def batch(c, B=3, T=8, seed=1, pad_rows=(1,)):
             ids[r, T - 3:] = 0
     return {"pixel_values": torch.randn(B, 3, c.image_size, c.image_size, generator=g), "input_ids": ids,
             "attention_mask": mask}
-
-
-def trimmed(path, init_keep=0.0, seed=0, **kw):
-    m, _ = blip.from_hf_dir(path, **kw)
-    t = blip.default_trim_config(m.config)
-    t.token_layers = {"vision": [1], "ximage": [1], "xtext": [1]}
-    t.head_layers = {"vision": [1, 2], "xtext": [0, 1]}
-    t.init_keep = init_keep
-    m.attach_trimmers(t)
-    torch.manual_seed(seed + 7)
-    with torch.no_grad():
-        for p in m.trimmer_parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    m.eval()
-    center_token_trimmers(m, batch(m.config, B=4, seed=11))
-    return m
-
-
-def center_token_trimmers(m, b):
-    """Shift each random token trimmer's bias so that it drops about half of its tokens on b (random
-    tiny trimmers otherwise saturate: everything kept or everything dropped)."""
-    outs = {}
-    hooks = [tr.register_forward_hook(lambda mod, inp, out, k=k: outs.__setitem__(k, out))
-             for k, tr in m.token_trimmers.items()]
-    try:
-        for _ in range(2):
-            with torch.no_grad():
-                m.run(b, mode="soft")
-                for k, tr in m.token_trimmers.items():
-                    tr.fc2.bias -= outs[k].median()
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def hf_answer_loglik(hf, qs, qmask, answer_ids, answer_mask):
@@ -201,83 +129,14 @@ def test_two_stage_ranking(vqa_dir):
     assert any(r.name.startswith("first_token/") for r in ctx.records)
 
 
-# ----- invariants 2-4 --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
-def test_hard_keep_all_equals_full(task, vqa_dir, itm_dir):
-    m = trimmed(vqa_dir if task == "vqa" else itm_dir)
-    b = batch(m.config)
-    with torch.no_grad():
-        full, _ = m.run(b, mode="full")
-        hard, ctx = m.run(b, mode="hard", threshold=1e-12, record=True)
-    assert torch.allclose(full, hard, atol=1e-5), (full - hard).abs().max()
-    assert {"tok:vision_1", "tok:ximage_1", "head:xtext_0_cross", "head:vision_2"} <= set(ctx.decisions)
-    assert all(v.all() for k, v in ctx.decisions.items() if k.startswith("head:"))
-
-
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
-def test_hard_equals_soft_given_same_decisions(task, vqa_dir, itm_dir):
-    m = trimmed(vqa_dir if task == "vqa" else itm_dir)
-    b = batch(m.config, B=4)
-    with torch.no_grad():
-        soft, sctx = m.run(b, mode="soft", record=True)
-        hard, hctx = m.run(b, mode="hard", record=True, forced=sctx.decisions)
-        full, _ = m.run(b, mode="full")
-        soft2, _ = m.run(b, mode="soft")
-        hard2, _ = m.run(b, mode="hard")
-    assert torch.allclose(soft, hard, atol=1e-4), (soft - hard).abs().max()
-    assert not torch.allclose(full, hard, atol=1e-3), "decisions changed nothing: the test would not see a bug"
-    for key in ("tok:vision_1", "tok:ximage_1"):
-        assert len(set(sctx.decisions[key].sum(1).tolist())) > 1, key
-    assert sctx.decisions["tok:ximage_1"].shape == (4, m.config.n_patches + 1)
-    assert torch.allclose(total_macs(sctx.records).double(), total_macs(hctx.records).double(), rtol=1e-6)
-    assert torch.allclose(soft2, hard2, atol=1e-4)
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, m, mode):
-        super().__init__()
-        self.m, self.mode = m, mode
-
-    def forward(self, px, ids, mask):
-        return self.m(px, ids, mask, ctx=self.m.make_context(mode=self.mode))
-
-
-@pytest.mark.parametrize("mode", ["full", "hard"])
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
-def test_cost_model_equals_fvcore(task, mode, vqa_dir, itm_dir):
-    m = trimmed(vqa_dir if task == "vqa" else itm_dir)
-    if task == "vqa" and mode == "hard":
-        m.config.rank_k = 3  # exercise the two-stage ranking's cost records too
-    b = batch(m.config, B=1, T=7, pad_rows=())
-    with torch.no_grad():
-        _, ctx = m.run(b, mode=mode, record=True)
-        fa = FlopCountAnalysis(_Wrap(m, mode), (b["pixel_values"], b["input_ids"], b["attention_mask"]))
-        fa.unsupported_ops_warnings(False)
-        fa.uncalled_modules_warnings(False)
-        counted = fa.total()
-    ours = float(total_macs(ctx.records)[0])
-    assert abs(ours - counted) / counted < 0.01, (ours, counted)
-    if mode == "hard":
-        assert ours < float(total_macs(ctx.records, full=True)[0]) * 0.97
-
-
-def test_soft_mode_trains_trimmers(itm_dir):
-    from smarttrim_cli.trim.cost import macs_ratio
-
-    m = trimmed(itm_dir).train()
-    b = batch(m.config)
-    logits, ctx = m.run(b, mode="soft", record=True)
-    (logits.pow(2).mean() + macs_ratio(ctx.records).mean()).backward()
-    assert all(p.grad is not None for p in m.trimmer_parameters())
-
-
 # ----- preprocessing and answer lists ----------------------------------------------------------------------
 def test_preprocessing_matches_the_pil_processor(vqa_dir):
     from transformers import BlipImageProcessorPil
 
-    from smarttrim_cli.backbones.hf_preprocess import preprocess_config, preprocessor
+    from smarttrim_cli.backbones.hf_dir import preprocess_config
+    from smarttrim_cli.preprocess import preprocessor
 
-    pre = preprocess_config(vqa_dir, "blip", None, 35)
+    pre = preprocess_config(vqa_dir, blip.PROCESSOR_DEFAULTS, None, 35)
     assert pre["image_size"] == 32 and pre["resample"] == "bicubic"
     rng = np.random.default_rng(0)
     for mode, shape in (("RGB", (40, 70, 3)), ("L", (33, 21))):
@@ -343,19 +202,6 @@ def test_attach_blip_vqa_without_answer_list_is_a_clear_error(tmp_path):
 
 
 # ----- ONNX (invariant 5) and the other commands through the CLI -------------------------------------------
-def test_onnx_export_equals_hard_mode(vqa_dir, tmp_path):
-    """BLIP VQA (answer ranking included) through onnxruntime on texts of several lengths."""
-    from smarttrim_cli.export.onnx_export import export_onnx
-    from smarttrim_cli.export.ort_session import make_session
-    from smarttrim_cli.export.validate import make_cases, validate_against_torch
-
-    m = trimmed(vqa_dir)
-    export_onnx(m, tmp_path / "blip.onnx", exporter="legacy")  # the dynamo exporter works too, 5-10x slower
-    rep = validate_against_torch(make_session(tmp_path / "blip.onnx", device="cpu"), m, make_cases(m, [0.5]))
-    assert all(c.ok for c in rep.checks), rep.checks
-    assert min(c.image_tokens_kept for c in rep.cases) < m.config.n_patches
-
-
 def test_finetune_cli(vqa_dir, tmp_path):
     """A few fine-tuning steps through the CLI (profile runs in test_vilt.py; same code path)."""
     out, ft = tmp_path / "attached", tmp_path / "finetuned"

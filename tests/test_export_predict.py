@@ -30,7 +30,7 @@ def _images():
 
 
 def test_numpy_preprocessing_equals_the_torch_one():
-    from smarttrim_cli.data.preprocess import ImagePreprocessor
+    from smarttrim_cli.preprocess import ImagePreprocessor
     from smarttrim_cli.onnx_predict import preprocess_image
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

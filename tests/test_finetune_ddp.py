@@ -1,7 +1,9 @@
 """Data-parallel finetune: 2 gloo processes (torch.multiprocessing, CPU) keep identical parameters and
 follow the same trajectory as 1 process with the same global batch (SmartTrim objective: teacher +
 Gumbel student + batch-mean budget penalty), with find_unused_parameters=False; and so does the
-fine-tuned fixed-ratio EViT, which trains through the same loop (its trimmers frozen)."""
+fine-tuned fixed-ratio EViT, which trains through the same loop (its trimmers frozen), and SmartTrim whose
+full-capacity pass is trained on the task too (teacher_task_weight: a second forward with gradients) under a
+fading distillation weight."""
 from __future__ import annotations
 
 import os
@@ -30,6 +32,11 @@ def _rule(name):
     return EViTRule(0.5) if name == "evit" else None
 
 
+def _overrides(name, data):
+    extra = {"teacher_task_weight": 1.0, "distill_schedule": "fade"} if name == "teacher-trained" else {}
+    return dict(OVERRIDES, data_dir=data, **extra)
+
+
 def _logged(steps):
     return [r.get("ratio", r.get("keep_ratio")) for r in steps]
 
@@ -40,14 +47,14 @@ def _worker(rank, world, port, model, data, out, home, result_dir, rule):
     torch.set_num_threads(1)
     from smarttrim_cli.train.loop import finetune
 
-    res = finetune(model, out, overrides=dict(OVERRIDES, data_dir=data), device="cpu", recipe=False, progress=False,
+    res = finetune(model, out, overrides=_overrides(rule, data), device="cpu", recipe=False, progress=False,
                    rule=_rule(rule))
     steps = [r for r in res.history if r["event"] == "step"]
     torch.save({"state": res.model.state_dict(), "ratios": _logged(steps),
                 "loss": [r["loss"] for r in steps]}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("rule", ["smarttrim", "evit"])
+@pytest.mark.parametrize("rule", ["smarttrim", "evit", "teacher-trained"])
 def test_two_gloo_processes_match_one(tmp_path, rule):
     data = write_vqa(tmp_path / "vqa", n_train=32, n_val=8)
     model = model_for(tmp_path, "vqa")
@@ -68,7 +75,7 @@ def test_two_gloo_processes_match_one(tmp_path, rule):
     torch.set_num_threads(1)
     try:
         from smarttrim_cli.train.loop import finetune
-        one = finetune(model, tmp_path / "out1", overrides=dict(OVERRIDES, data_dir=str(data)), device="cpu",
+        one = finetune(model, tmp_path / "out1", overrides=_overrides(rule, str(data)), device="cpu",
                        recipe=False, progress=False, rule=_rule(rule))
     finally:
         torch.set_num_threads(torch_threads)
@@ -90,4 +97,6 @@ def test_two_gloo_processes_match_one(tmp_path, rule):
     start = load_file(str(model / "model.safetensors"))
     for prefix in ("token_trimmers.", "head_trimmers.", "cross_modal_text_layers.", "vqa_classifier."):
         moved = any(not torch.equal(start[k], r0["state"][k]) for k in start if k.startswith(prefix))
-        assert moved == (rule == "smarttrim" or not prefix.endswith("trimmers.")), prefix
+        assert moved == (rule != "evit" or not prefix.endswith("trimmers.")), prefix
+    if rule == "teacher-trained":
+        assert [r["alpha"] for r in steps1] == [1.0, 0.5, 0.0, 0.0] and all("teacher_task" in r for r in steps1)

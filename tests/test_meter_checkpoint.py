@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from smarttrim_cli.backbones import meter
+from smarttrim_cli.checkpoint_io import save_lightning_checkpoint
 from smarttrim_cli.errors import SmartTrimError
 
 from tiny_meter import batch, tiny_model, write_tiny_ckpt
@@ -32,7 +33,7 @@ def test_loaded_weights_equal_saved_and_model_runs(tmp_path, task):
 
 def test_unknown_and_missing_keys_are_named(tmp_path):
     src = tiny_model("vqa")
-    sd = meter.save_lightning_checkpoint(src, tmp_path / "a.ckpt")
+    save_lightning_checkpoint(meter.lightning_checkpoint(src), tmp_path / "a.ckpt")
     ck = torch.load(tmp_path / "a.ckpt", weights_only=True)
     ck["state_dict"]["cross_modal_text_layers.0.surprise.weight"] = torch.zeros(2)
     del ck["state_dict"]["cross_modal_image_pooler.dense.bias"]

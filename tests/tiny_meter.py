@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from smarttrim_cli.backbones.meter import MeterConfig, MeterModel, save_lightning_checkpoint
+from smarttrim_cli.backbones.meter import MeterConfig, MeterModel, lightning_checkpoint
+from smarttrim_cli.checkpoint_io import save_lightning_checkpoint
 from smarttrim_cli.tokenizers_local import write_byte_bpe_tokenizer
 
 NUM_LABELS = {"vqa": 7, "nlvr2": 2, "snli": 3, "retrieval": 1}
@@ -34,7 +35,9 @@ def tiny_model(task="vqa", seed=0, **kw) -> MeterModel:
 def write_tiny_ckpt(path: Path, task="vqa", seed=0, with_tokenizer=True, **kw):
     """-> (model it came from, state_dict written)."""
     model = tiny_model(task, seed, **kw)
-    sd = save_lightning_checkpoint(model, path)
+    ck = lightning_checkpoint(model)
+    save_lightning_checkpoint(ck, path)
+    sd = ck["state_dict"]
     if with_tokenizer:
         write_byte_bpe_tokenizer(Path(path).parent / "tokenizer")
     return model, sd

@@ -1,18 +1,165 @@
-"""What every trimmable backbone shares: the per-mode decision steps and the inference API."""
+"""What every backbone shares: the family contract (``Family``, ``StreamSpec``, ``Loaded``) and the
+trimmable model base (``TrimmableModel``: per-mode decision steps, trimmer placement, inference API).
+
+A family module (meter.py, blip.py, vilt.py) subclasses both and registers its ``Family`` in
+backbones/__init__.py. Everything outside backbones/ asks the contract, never a family by name.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import SmartTrimError
 from ..nn.attention import pad_to_additive
 from ..trim.context import LayerCost, TrimContext, count
 from ..trim.fusion import fuse_dropped, fuse_nearest, size_bias
 from ..trim.gather import gather_rows, kept_order
 from ..trim.gumbel import above_threshold, st_keep
 from ..trim.topk import keep_topk
+from ..trim.trimmers import HeadTrimmer, TokenTrimmer
+
+# What a task head returns (``Family.tasks``): how losses, distillation and label-free comparisons read it.
+OUTPUT_KINDS = {
+    "multilabel": "class logits, a sigmoid each (VQA with soft targets)",
+    "classes": "class logits under one softmax (NLVR2, SNLI-VE, ITM no-match/match)",
+    "answer_loglik": "log-likelihood of each answer of a fixed list (ranked: a softmax over the answers)",
+    "score": "one matching score per input (retrieval ranking)",
+    "text": "generated token ids (decoder VLMs)",
+}
+# "ported": the original layers rebuilt on the core (nn/layers.py) under their original parameter names,
+# trimmed inside every layer. "wrapped": the transformers model itself kept (generate(), KV cache, SDPA),
+# trimmed only where tokens cross a boundary (after the projector, inside the vision tower) through hooks.
+STYLES = ("ported", "wrapped")
+
+
+# ----- the family contract ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamSpec:
+    """One token stream of a backbone and where trimmers may go on it. Widths, head counts and layer
+    counts are names of the family's config attributes, so one spec serves every size of the model."""
+
+    layers: str                     # how many positions the stream has (a trimmer at i decides what enters layer i)
+    width: str                      # its token width
+    guide: str                      # width of the cross-modal context that guides its trimmers
+    heads: str | None = None        # heads of the attention at each position; None: no head trimmers here
+    head_subs: tuple = ("",)        # one head trimmer per attention of a layer ("_self", "_cross" in co-attention)
+    tokens: bool = True             # token trimmers may go here
+    read_by: str | None = None      # the stream whose (cross-)attention reads these tokens: text-guided rules
+    self_attention: bool = True     # the tokens attend among themselves at each position (EViT's own [CLS] guide)
+    note: str = ""                  # said when a trimmer is put where it cannot go
+
+
+@dataclass
+class AttnWeights:
+    """q/k weights of one attention, for rules that score tokens by attention (baselines/)."""
+
+    ln: nn.Module | None  # pre-LN blocks normalise the attention input; post-LN (BERT) do not
+    wq: torch.Tensor
+    bq: torch.Tensor
+    wk: torch.Tensor
+    bk: torch.Tensor
+    heads: int
+
+
+@dataclass
+class Loaded:
+    """What a family's loader hands to ``smarttrim attach``."""
+
+    model: "TrimmableModel"
+    tokenizer: object                       # a transformers tokenizer, saved into the model directory
+    labels: list | None                     # output names lining up with the head (None: unnamed)
+    preprocess: dict                        # the ``preprocess`` entry of config.json (smarttrim_cli/preprocess.py)
+    source_format: str                      # provenance: e.g. "meter-lightning-ckpt", "hf-BlipForQuestionAnswering"
+    source_files: list = field(default_factory=list)  # the weight files read (hashed into the provenance)
+    source_image_size: int = 0
+    ignored_keys: list = field(default_factory=list)  # checkpoint keys known to be unused
+    info: dict = field(default_factory=dict)
+
+
+class Family:
+    """What the project asks of a backbone family, declared once in its module.
+
+    A newcomer reads this class, then one family module. ``attach`` finds the family of a source
+    (``reads_file`` / ``hf_architectures``) and calls ``load``; ``model_dir.load`` calls ``build``;
+    ``finetune``, ``profile``, ``export`` and the baselines read ``tasks``, ``default_preprocess`` and
+    the model's ``streams`` / ``attention_weights`` / ``at_resolution`` / ``new_head``. Nothing outside
+    backbones/ compares a family's name.
+
+    Both styles fit: a "ported" family (METER, BLIP, ViLT) rebuilds the original layers from nn/layers.py
+    and calls ``token_step``/``head_step`` inside its forward. A "wrapped" family (decoder VLMs) keeps the
+    transformers model as a submodule of its ``Model`` (still a TrimmableModel: the trimmers, modes and
+    decision steps are the same) and calls the steps from forward hooks at its boundaries (after the
+    projector, in the vision tower); its ``streams`` name those boundaries, ``attention_weights`` and
+    ``at_resolution`` may stay unimplemented (the baselines that need them then say so), and its
+    ``tasks`` may give ``text`` (generated ids)."""
+
+    name: str = ""                   # the ``backbone`` field of a model directory
+    style: str = "ported"            # STYLES
+    Config: type = None              # dataclass: to_dict/from_dict, task, image_size, patch_size, max_text_len, ...
+    Model: type = None               # a TrimmableModel
+    tasks: dict = {}                 # task -> output kind (OUTPUT_KINDS)
+    file_formats: tuple = ()         # single-file checkpoints it reads, in words (for error messages)
+    hf_model_type: str | None = None         # transformers ``model_type`` of the directories it reads
+    hf_architectures: dict = {}              # transformers architecture -> task
+
+    def reads_file(self, path: Path) -> bool:
+        """Whether ``path`` (a file) is a checkpoint of this family's own format."""
+        return False
+
+    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
+             hf_config: dict | None = None) -> Loaded:
+        """Load ``source`` exactly (full mode reproduces the original model): the model with the family's
+        default trimmers, its tokenizer (``tokenizer``: a directory that overrides the source's), labels
+        (``answers``: a file or list, where the family takes one) and preprocessing."""
+        raise NotImplementedError
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        """The text tokenizer of ``source`` (``override``: a tokenizer directory the user named), found
+        locally, never on the network; checked against the text embeddings of ``config``."""
+        raise NotImplementedError
+
+    def default_trim_config(self, config):
+        """Where trimmers go when a recipe says nothing (a TrimConfig)."""
+        raise NotImplementedError
+
+    def default_preprocess(self, config) -> dict:
+        """The ``preprocess`` dict for a model built in code (no source directory to read it from)."""
+        raise NotImplementedError
+
+    def build(self, backbone_config: dict, trim_config: dict | None = None):
+        """Rebuild a model (random weights) from the config stored in a model directory."""
+        from ..trim.config import TrimConfig
+
+        model = self.Model(self.Config.from_dict(backbone_config))
+        if trim_config is not None:
+            model.attach_trimmers(TrimConfig.from_dict(trim_config))
+        return model
+
+    @property
+    def streams(self) -> dict:
+        return self.Model.streams
+
+    def __repr__(self):
+        return f"<family {self.name} ({self.style}): {', '.join(self.tasks)}>"
+
+
+def interpolate_positions(pos: torch.Tensor, new_grid: int, mode: str = "bicubic",
+                          align_corners: bool = False) -> torch.Tensor:
+    """ViT positional embeddings ((N, d) or (1, N, d), [CLS] row first) resampled on the patch grid to
+    ``new_grid``², as the family's original code does it (``mode``, ``align_corners``); [CLS] kept."""
+    p = pos[0] if pos.dim() == 3 else pos
+    old = int(round((p.shape[0] - 1) ** 0.5))
+    if old == new_grid:
+        return pos
+    grid = p[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=align_corners)
+    out = torch.cat([p[:1], grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)])
+    return out.unsqueeze(0) if pos.dim() == 3 else out
 
 
 @dataclass
@@ -75,9 +222,17 @@ def _cls_kept(mask: torch.Tensor) -> torch.Tensor:
 
 
 class TrimmableModel(nn.Module):
-    """Base of backbones: owns ``token_trimmers``/``head_trimmers`` and the decision logic."""
+    """Base of backbones: owns ``token_trimmers``/``head_trimmers``, their placement and the decision logic.
+
+    A family's model declares ``streams`` (StreamSpec per stream), ``input_names``, ``pos_embedding`` (the
+    state-dict key of its ViT positions, for ``at_resolution``) and implements ``forward`` (calling
+    ``token_step``/``head_step`` at each position) and ``attention_weights``."""
 
     family = "base"
+    streams: dict = {}
+    input_names: tuple = ()
+    pos_embedding: str = ""                   # state-dict key of the ViT positional embeddings
+    pos_interpolation: tuple = ("bicubic", False)  # (mode, align_corners) of the original code's resampling
 
     def __init__(self):
         super().__init__()
@@ -86,6 +241,79 @@ class TrimmableModel(nn.Module):
         self.mode = "full"
         self.threshold = 0.5
         self.last_ctx: TrimContext | None = None
+
+    # ----- structure (from ``streams``) -------------------------------------------------------------------
+    def stream_layers(self) -> dict:
+        return {s: int(getattr(self.config, spec.layers)) for s, spec in self.streams.items()}
+
+    def attach_trimmers(self, trim):
+        """Insert token and head trimmers where ``trim`` (a TrimConfig) says, replacing any already there;
+        sized by ``streams``: width d, guide width dc, and the position's head count."""
+        c = self.config
+        trim.validate(self.stream_layers())
+        for kind, table, allowed in (("token", trim.token_layers, lambda sp: sp.tokens),
+                                     ("head", trim.head_layers, lambda sp: sp.heads is not None)):
+            for stream, layers in table.items():
+                sp = self.streams[stream]
+                if layers and not allowed(sp):
+                    where = ", ".join(s for s, x in self.streams.items() if allowed(x))
+                    raise SmartTrimError(f"{self.family}: no {kind} trimmers on stream {stream}"
+                                         f"{' (' + sp.note + ')' if sp.note else ''}; {kind} trimmers go on {where}")
+        self.token_trimmers = nn.ModuleDict()
+        self.head_trimmers = nn.ModuleDict()
+        for stream, layers in trim.token_layers.items():
+            sp = self.streams[stream]
+            for i in layers:
+                self.token_trimmers[f"{stream}_{i}"] = TokenTrimmer(getattr(c, sp.width), getattr(c, sp.guide),
+                                                                   trim.reduction, trim.init_keep)
+        for stream, layers in trim.head_layers.items():
+            sp = self.streams[stream]
+            for i in layers:
+                for sub in sp.head_subs:
+                    self.head_trimmers[f"{stream}_{i}{sub}"] = HeadTrimmer(
+                        getattr(c, sp.width), getattr(c, sp.guide), getattr(c, sp.heads), trim.reduction,
+                        trim.init_keep)
+        self.trim_config = trim
+        self.threshold = trim.threshold
+        return self
+
+    def backbone_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith(("token_trimmers.", "head_trimmers."))]
+
+    def trimmer_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
+
+    def attention_weights(self, name: str, which: str = "self") -> AttnWeights:
+        """q/k weights of the attention at position ``name`` (``<stream>_<i>``): ``self``, or ``cross``
+        (the attention through which the stream reads the tokens of the stream it guides)."""
+        raise SmartTrimError(f"{self.family}: attention weights of {name} are not available")
+
+    def at_resolution(self, image_size: int):
+        """The same model at another input resolution, sharing every weight except the ViT positions
+        (resampled as the original code does); ``self`` at its own resolution."""
+        c = self.config
+        if image_size == c.image_size:
+            return self
+        if not self.pos_embedding:
+            raise SmartTrimError(f"{self.family}: no positional embeddings to resample")
+        if image_size < c.patch_size or image_size % c.patch_size:
+            raise SmartTrimError(f"image size {image_size} is not a positive multiple of the patch size "
+                                 f"{c.patch_size}")
+        cfg = dataclasses.replace(c, extra=dict(c.extra))
+        cfg.image_size = int(image_size)
+        with torch.device("meta"):
+            other = type(self)(cfg, self.trim_config)
+        sd = dict(self.state_dict(keep_vars=True))
+        key = self.pos_embedding
+        sd[key] = nn.Parameter(interpolate_positions(sd[key].detach(), image_size // c.patch_size,
+                                                     *self.pos_interpolation), requires_grad=False)
+        other.load_state_dict(sd, strict=True, assign=True)
+        other.threshold = self.threshold
+        return other.train(self.training)
+
+    def new_head(self, num_labels: int):
+        """Replace the task head by a freshly initialised one with ``num_labels`` outputs (finetune --new-head)."""
+        raise SmartTrimError(f"--new-head: not supported for {self.family}/{self.config.task}")
 
     # ----- decisions -------------------------------------------------------------------------------
     def token_step(self, name: str, s: Stream, c: torch.Tensor, ctx: TrimContext, key: str | None = None):

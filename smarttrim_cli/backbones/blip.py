@@ -20,6 +20,10 @@ tokens the text encoder cross-attends to from text layer i on, guided by the tex
 depth; dropping them removes their K/V projections and attention columns); ``xtext`` (head trimmers of
 the text encoder's self- and cross-attention, ``xtext_<i>_self``/``_cross``; optional token trimmers
 on question tokens). The answer decoder is not trimmed.
+
+The family contract (``FAMILY`` at the end; backbones/base.py ``Family``): transformers directories
+(``model_type`` blip, the two architectures above), the processor config's preprocessing (CLIP
+mean/std, square resize), the directory's own BERT tokenizer, the answer list for VQA.
 """
 from __future__ import annotations
 
@@ -35,10 +39,12 @@ import torch.nn.functional as F
 from ..errors import SmartTrimError
 from ..nn.attention import NEG, pad_to_additive
 from ..nn.layers import BertCrossLayer, BlipVisionLayer
+from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
-from ..trim.trimmers import HeadTrimmer, TokenTrimmer
-from .base import Stream, TrimmableModel
+from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .hf_dir import (HFFamily, load_hf_state_dict, load_hf_tokenizer, match_state_dict, read_hf_config,
+                     weight_files)
 
 TASKS = ("vqa", "retrieval")
 ARCHITECTURES = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrieval"}
@@ -84,10 +90,6 @@ class BlipConfig:
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def text_family(self) -> str:
-        return "bert"
 
 
 def default_trim_config(cfg: BlipConfig) -> TrimConfig:
@@ -172,6 +174,16 @@ def _attend(q, k, v, add):
 class BlipModel(TrimmableModel):
     family = "blip"
     input_names = ("pixel_values", "input_ids", "attention_mask")
+    # the ViT; the question tokens of the text encoder (self + cross heads); the image tokens it reads
+    streams = {
+        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads"),
+        "xtext": StreamSpec("text_layers", "text_hidden", "vision_width", "text_heads", ("_self", "_cross")),
+        "ximage": StreamSpec("text_layers", "vision_width", "text_hidden", None, read_by="xtext",
+                             self_attention=False,
+                             note="it holds the image tokens the text encoder reads; their heads are the text "
+                                  "layers' cross-attention heads: put head trimmers on xtext"),
+    }
+    pos_embedding = "vision_model.embeddings.position_embedding"
 
     def __init__(self, config: BlipConfig, trim: TrimConfig | None = None):
         super().__init__()
@@ -205,44 +217,25 @@ class BlipModel(TrimmableModel):
         if trim is not None:
             self.attach_trimmers(trim)
 
-    # ----- structure -------------------------------------------------------------------------------
-    def stream_layers(self) -> dict:
-        c = self.config
-        return {"vision": c.vision_layers, "xtext": c.text_layers, "ximage": c.text_layers}
-
-    def attach_trimmers(self, trim: TrimConfig):
-        c = self.config
-        trim.validate(self.stream_layers())
-        if any(trim.head_layers.get("ximage") or []):
-            raise SmartTrimError("BLIP: stream ximage holds the image tokens the text encoder reads; its attention "
-                                 "heads are the text layers' cross-attention heads: put head trimmers on xtext")
-        dims = {"vision": (c.vision_width, c.text_hidden), "xtext": (c.text_hidden, c.vision_width),
-                "ximage": (c.vision_width, c.text_hidden)}
-        self.token_trimmers = nn.ModuleDict()
-        self.head_trimmers = nn.ModuleDict()
-        for stream, layers in trim.token_layers.items():
-            d, dc = dims[stream]
-            for i in layers:
-                self.token_trimmers[f"{stream}_{i}"] = TokenTrimmer(d, dc, trim.reduction, trim.init_keep)
-        for i in trim.head_layers.get("vision", []):
-            self.head_trimmers[f"vision_{i}"] = HeadTrimmer(c.vision_width, c.text_hidden, c.vision_heads,
-                                                            trim.reduction, trim.init_keep)
-        for i in trim.head_layers.get("xtext", []):
-            for sub in ("_self", "_cross"):
-                self.head_trimmers[f"xtext_{i}{sub}"] = HeadTrimmer(c.text_hidden, c.vision_width, c.text_heads,
-                                                                    trim.reduction, trim.init_keep)
-        self.trim_config = trim
-        self.threshold = trim.threshold
-        return self
-
+    # ----- contract hooks ----------------------------------------------------------------------------
     def head(self):
         return self.text_decoder if self.config.task == "vqa" else self.itm_head
 
-    def backbone_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith(("token_trimmers.", "head_trimmers."))]
-
-    def trimmer_parameters(self):
-        return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
+    def attention_weights(self, name: str, which: str = "self") -> AttnWeights:
+        """``vision_<i>``: ViT block i (fused qkv, pre-LN); ``xtext_<i>``/``ximage_<i>``: text layer i's
+        self-attention (``self``) or its cross-attention to the image tokens (``cross``)."""
+        stream, i = name.rsplit("_", 1)
+        i = int(i)
+        if stream == "vision":
+            blk = self.vision_model.encoder.layers[i]
+            d, w, b = blk.d, blk.self_attn.qkv.weight, blk.self_attn.qkv.bias
+            return AttnWeights(blk.layer_norm1, w[:d], b[:d], w[d:2 * d], b[d:2 * d], blk.n_heads)
+        layer = self.text_encoder.encoder.layer[i]
+        if stream == "ximage" and which == "self":
+            raise SmartTrimError("blip: the image tokens the text encoder reads do not attend among themselves")
+        att = layer.attention if which == "self" else layer.crossattention
+        s = att.self
+        return AttnWeights(None, s.query.weight, s.query.bias, s.key.weight, s.key.bias, att.n_heads)
 
     # ----- encoder -----------------------------------------------------------------------------------
     def encode(self, pixel_values, input_ids, attention_mask, ctx: TrimContext):
@@ -266,7 +259,8 @@ class BlipModel(TrimmableModel):
         dev = pixel_values.device
         ones = torch.ones(B, device=dev)
         q_ctx = None
-        if mode != "full" and any(k.startswith("vision_") for k in list(self.token_trimmers) + list(self.head_trimmers)):
+        if mode != "full" and (ctx.policy is not None or any(
+                k.startswith("vision_") for k in list(self.token_trimmers) + list(self.head_trimmers))):
             w = text.valid.unsqueeze(-1)
             q_ctx = (text.x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
@@ -531,24 +525,12 @@ def tokenize_answers(tokenizer, answers: list[str], bos_token_id: int):
     return ids, mask
 
 
-def interpolate_positions(pos: torch.Tensor, old: int, new: int) -> torch.Tensor:
-    """transformers' ``interpolate_pos_encoding`` (bicubic, align_corners=False), done once at load."""
-    if old == new:
-        return pos
-    d = pos.shape[-1]
-    grid = pos[:, 1:].reshape(1, old, old, d).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, d).to(pos.dtype)], dim=1)
-
-
 def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = None, answers=None, tokenizer=None,
                 hf_config: dict | None = None):
     """Load a transformers BLIP VQA / retrieval directory exactly; returns (model, info).
 
     VQA ranks an answer list: ``answers`` (a list, or a file) or an ``answer_list.json`` in the
     directory; the tokenizer (the directory's own by default) turns it into answer tokens."""
-    from .hf_preprocess import load_hf_state_dict, load_hf_tokenizer, match_state_dict, read_hf_config
-
     path = Path(path)
     hf = hf_config or read_hf_config(path)
     cfg = config_from_hf(hf, str(path), image_size)
@@ -572,7 +554,7 @@ def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = N
         g_old, g_new = cfg.source_image_size // cfg.patch_size, cfg.image_size // cfg.patch_size
         if sd[key].shape[1] != g_old * g_old + 1:
             raise SmartTrimError(f"{path}: {key} has {sd[key].shape[1]} rows, config.json implies {g_old * g_old + 1}")
-        sd[key] = interpolate_positions(sd[key], g_old, g_new)
+        sd[key] = interpolate_positions(sd[key], g_new, *BlipModel.pos_interpolation)
     if ids is not None:
         sd["answer_ids"], sd["answer_mask"] = ids, mask
     ignored = match_state_dict(model, sd, path, _ignored, hf["architectures"][0])
@@ -581,9 +563,33 @@ def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = N
     model.eval()
     labels = answer_list if answer_list is not None else ["no_match", "match"]
     return model, {"ignored_keys": ignored, "source_image_size": cfg.source_image_size, "hf_config": hf,
-                   "labels": labels}
+                   "labels": labels, "files": weight_files(path)}
 
 
-# Registry names (backbones/__init__.py)
-Config = BlipConfig
-Model = BlipModel
+# ----- the family contract ---------------------------------------------------------------------------
+# transformers' BlipImageProcessor defaults, for keys a processor config leaves out
+PROCESSOR_DEFAULTS = {"name": "blip", "mean": CLIP_MEAN, "std": CLIP_STD, "size": 384, "resample": "bicubic"}
+
+
+class BlipFamily(HFFamily):
+    name = "blip"
+    style = "ported"
+    Config = BlipConfig
+    Model = BlipModel
+    tasks = {"vqa": "answer_loglik", "retrieval": "classes"}
+    hf_model_type = "blip"
+    hf_architectures = ARCHITECTURES
+    processor_defaults = PROCESSOR_DEFAULTS
+
+    def config_from_hf(self, hf: dict, source: str):
+        return config_from_hf(hf, source)
+
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
+        """``answers``: the answer list VQA ranks (else the directory's answer_list.json)."""
+        return from_hf_dir(source, image_size=image_size, answers=answers, tokenizer=tokenizer, hf_config=hf)
+
+    def default_trim_config(self, config):
+        return default_trim_config(config)
+
+
+FAMILY = BlipFamily()

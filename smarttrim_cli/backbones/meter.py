@@ -8,27 +8,31 @@ erf GELU) updated in parallel, both streams computed from the previous layer's t
 token 0 of each stream, concatenated into the task head. Forward order with trimmers: the cheap text tower runs first so its
 [CLS] can guide the vision tower's token and head trimmers; in the cross-modal encoder each stream is
 guided by the other stream's [CLS] of the previous layer.
+
+The family contract (``FAMILY`` at the end; backbones/base.py ``Family``): released Lightning ``.ckpt``
+files, CLIP preprocessing (shorter-side resize + centre crop), the RoBERTa/BERT tokenizer found beside
+the checkpoint, streams ``text``/``vision``/``xtext``/``ximage``, heads VQA/NLVR2/SNLI-VE (class logits)
+and retrieval (one score).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import SmartTrimError
 from ..nn.layers import BertCrossLayer, BertLayer, ClipBlock
+from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
-from ..trim.trimmers import HeadTrimmer, TokenTrimmer
-from .base import Stream, TrimmableModel
+from ..trim.cost import module_macs
+from .base import AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, interpolate_positions
 
 TASKS = ("vqa", "nlvr2", "snli", "retrieval")
 HEAD_PREFIX = {"vqa": "vqa_classifier", "nlvr2": "nlvr2_classifier", "snli": "snli_classifier",
                "retrieval": "rank_output"}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Keys present in released METER files that the model never uses (CLIP's text half and final LayerNorm, RoBERTa's
 # pooler, a position-id buffer): ignored by exact name, so any other unmatched key is still reported.
@@ -138,20 +142,20 @@ def _classifier(d_in, d_hidden, n_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, n_out))
 
 
-def _const_macs(mod: nn.Module, rows: int = 1) -> int:
-    """MACs of a small fixed-size head (fvcore convention)."""
-    macs = 0
-    for m in mod.modules():
-        if isinstance(m, nn.Linear):
-            macs += rows * m.in_features * m.out_features
-        elif isinstance(m, nn.LayerNorm):
-            macs += rows * 5 * m.normalized_shape[0]
-    return macs
+_CROSS = ("_self", "_cross")
 
 
 class MeterModel(TrimmableModel):
     family = "meter"
     input_names = ("pixel_values", "input_ids", "attention_mask", "pixel_values2")
+    # text tower, CLIP vision tower, and the two streams of the co-attention layers (self + cross heads each)
+    streams = {
+        "text": StreamSpec("text_layers", "text_hidden", "vision_width", "text_heads"),
+        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads"),
+        "xtext": StreamSpec("cross_layers", "hidden", "hidden", "cross_heads", _CROSS),
+        "ximage": StreamSpec("cross_layers", "hidden", "hidden", "cross_heads", _CROSS, read_by="xtext"),
+    }
+    pos_embedding = "vit_model.visual.positional_embedding"
 
     def __init__(self, config: MeterConfig, trim: TrimConfig | None = None):
         super().__init__()
@@ -190,42 +194,36 @@ class MeterModel(TrimmableModel):
         if trim is not None:
             self.attach_trimmers(trim)
 
-    # ----- structure -------------------------------------------------------------------------------
-    def stream_layers(self) -> dict:
-        c = self.config
-        return {"text": c.text_layers, "vision": c.vision_layers, "xtext": c.cross_layers, "ximage": c.cross_layers}
-
-    def attach_trimmers(self, trim: TrimConfig):
-        """Insert token and head trimmers where ``trim`` says (replacing any already there)."""
-        c = self.config
-        trim.validate(self.stream_layers())
-        dims = {"text": (c.text_hidden, c.vision_width, c.text_heads),
-                "vision": (c.vision_width, c.text_hidden, c.vision_heads),
-                "xtext": (c.hidden, c.hidden, c.cross_heads), "ximage": (c.hidden, c.hidden, c.cross_heads)}
-        self.token_trimmers = nn.ModuleDict()
-        self.head_trimmers = nn.ModuleDict()
-        for stream, layers in trim.token_layers.items():
-            d, dc, _ = dims[stream]
-            for i in layers:
-                self.token_trimmers[f"{stream}_{i}"] = TokenTrimmer(d, dc, trim.reduction, trim.init_keep)
-        for stream, layers in trim.head_layers.items():
-            d, dc, H = dims[stream]
-            for i in layers:
-                subs = ("_self", "_cross") if stream.startswith("x") else ("",)
-                for sub in subs:
-                    self.head_trimmers[f"{stream}_{i}{sub}"] = HeadTrimmer(d, dc, H, trim.reduction, trim.init_keep)
-        self.trim_config = trim
-        self.threshold = trim.threshold
-        return self
-
+    # ----- contract hooks ----------------------------------------------------------------------------
     def head(self):
         return getattr(self, HEAD_PREFIX[self.config.task])
 
-    def backbone_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith(("token_trimmers.", "head_trimmers."))]
+    def attention_weights(self, name: str, which: str = "self") -> AttnWeights:
+        stream, i = name.rsplit("_", 1)
+        i = int(i)
+        if stream == "vision":
+            blk = self.vit_model.visual.transformer.resblocks[i]
+            d, w, b = blk.d, blk.attn.in_proj_weight, blk.attn.in_proj_bias
+            return AttnWeights(blk.ln_1, w[:d], b[:d], w[d:2 * d], b[d:2 * d], blk.n_heads)
+        layers = {"text": self.text_transformer.encoder.layer, "xtext": self.cross_modal_text_layers,
+                  "ximage": self.cross_modal_image_layers}[stream]
+        att = layers[i].attention if which == "self" else layers[i].crossattention
+        s = att.self
+        return AttnWeights(None, s.query.weight, s.query.bias, s.key.weight, s.key.bias, att.n_heads)
 
-    def trimmer_parameters(self):
-        return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
+    def new_head(self, num_labels: int):
+        """A fresh classifier (METER's initialisation: N(0, 0.02), zero biases, LayerNorm 1/0)."""
+        c = self.config
+        if c.task not in ("vqa", "snli", "nlvr2"):
+            return super().new_head(num_labels)
+        h2 = 2 * c.hidden
+        head = _classifier(2 * h2 if c.task == "nlvr2" else h2, h2, num_labels)
+        for mod in head.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=0.02)
+                nn.init.zeros_(mod.bias)
+        setattr(self, HEAD_PREFIX[c.task], head)
+        c.num_labels = num_labels
 
     # ----- forward ---------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, attention_mask, pixel_values2=None, ctx: TrimContext | None = None):
@@ -243,7 +241,7 @@ class MeterModel(TrimmableModel):
         head = self.head()
         B = feats.shape[0]
         ones = torch.ones(B, device=feats.device)
-        ctx.add(LayerCost("head", "const", {"macs": _const_macs(head)}, n=ones, n_full=ones))
+        ctx.add(LayerCost("head", "const", {"macs": module_macs(head)}, n=ones, n_full=ones))
         return head(feats)
 
     def encode(self, pixel_values, input_ids, attention_mask, image_type: int, ctx: TrimContext, prefix: str):
@@ -386,16 +384,6 @@ def config_from_state_dict(sd: dict, hp: dict, source: str) -> MeterConfig:
     )
 
 
-def interpolate_positions(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubic interpolation of ViT positional embeddings on the patch grid; [CLS] position kept."""
-    old = int(round((pos.shape[0] - 1) ** 0.5))
-    if old == new_grid:
-        return pos
-    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)])
-
-
 def is_unused_key(k: str) -> bool:
     return k in UNUSED_KEYS or k.startswith(UNUSED_PREFIXES)
 
@@ -440,11 +428,10 @@ def from_checkpoint(path, image_size: int | None = None, trim: TrimConfig | None
     return model, info
 
 
-def save_lightning_checkpoint(model: MeterModel, path, hp: dict | None = None, include_unused: bool = True):
-    """Write the backbone as METER's own training code does: a Lightning container whose
-    ``state_dict`` has the original key names (and the unused CLIP/RoBERTa keys real files carry)."""
-    from ..atomic import atomic_path
-
+def lightning_checkpoint(model: MeterModel, hp: dict | None = None, include_unused: bool = True) -> dict:
+    """The backbone as METER's own training code saves it: a Lightning container whose ``state_dict`` has
+    the original key names (and the unused CLIP/RoBERTa keys real files carry). Written to disk with
+    ``checkpoint_io.save_lightning_checkpoint`` (the demo and the tests make METER files this way)."""
     c = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()
           if not k.startswith(("token_trimmers.", "head_trimmers."))}
@@ -463,13 +450,115 @@ def save_lightning_checkpoint(model: MeterModel, path, hp: dict | None = None, i
               "vit": "ViT-B/16", "loss_names": {t: int(t == c.task) for t in ("vqa", "nlvr2", "snli", "irtr", "itm", "mlm")},
               "smarttrim": {"vision_heads": c.vision_heads, "text_heads": c.text_heads}}
     config.update(hp or {})
-    ckpt = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.3.2", "state_dict": sd,
+    return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.3.2", "state_dict": sd,
             "hyper_parameters": {"config": config}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return sd
 
 
-# Registry names (backbones/__init__.py)
-Config = MeterConfig
-Model = MeterModel
+# ----- tokenizer and labels ----------------------------------------------------------------------------
+TOKENIZER_FILES = {"roberta": ("vocab.json", "merges.txt"), "bert": ("vocab.txt",)}
+
+
+def resolve_tokenizer(ckpt: Path, tokenizer_dir, family: str, name: str, vocab_size: int):
+    """Find the text tokenizer locally: --tokenizer, a ``tokenizer/`` folder beside the checkpoint, the
+    checkpoint's tokenizer name as a local path, or the local Hugging Face cache. Never the network."""
+    from transformers import AutoTokenizer, BertTokenizer, RobertaTokenizer
+
+    cls = RobertaTokenizer if family == "roberta" else BertTokenizer
+    tried = []
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [ckpt.parent / "tokenizer", Path(name) if name else None]
+    for d in candidates:
+        if d is None:
+            continue
+        tried.append(str(d))
+        if not d.is_dir():
+            if tokenizer_dir:
+                raise SmartTrimError(f"{d}: tokenizer directory not found")
+            continue
+        try:
+            if (d / "tokenizer_config.json").is_file():
+                tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            else:
+                missing = [f for f in TOKENIZER_FILES[family] if not (d / f).is_file()]
+                if missing:
+                    raise SmartTrimError(f"{d}: no {', '.join(missing)} for the {family} tokenizer")
+                tok = cls.from_pretrained(str(d), local_files_only=True)
+        except SmartTrimError:
+            raise
+        except Exception as e:
+            raise SmartTrimError(f"{d}: cannot load tokenizer ({type(e).__name__})") from None
+        break
+    else:
+        tok = None
+        if name and not tokenizer_dir:
+            try:  # a tokenizer already in the local Hugging Face cache; no download is attempted
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            except Exception:
+                tok = None
+        if tok is None:
+            want = " and ".join(TOKENIZER_FILES[family])
+            raise SmartTrimError(f"{ckpt}: no tokenizer found locally (tried {', '.join(tried) or 'nothing'}"
+                                 f"{' and the Hugging Face cache for ' + repr(name) if name else ''}); pass "
+                                 f"--tokenizer DIR with the {name or family} tokenizer files ({want})")
+    if len(tok) > vocab_size:
+        raise SmartTrimError(f"tokenizer has {len(tok)} tokens but the checkpoint's text embeddings only "
+                             f"{vocab_size}: wrong tokenizer for this model")
+    return tok
+
+
+def read_labels(path, num_labels: int) -> list[str]:
+    """A label list lining up with the classifier: a JSON list, or a text file with one label a line."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise SmartTrimError(f"{p}: answers file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        labels = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    except json.JSONDecodeError as e:
+        raise SmartTrimError(f"{p}: not a valid JSON list ({e.msg} at line {e.lineno})") from None
+    if not all(isinstance(x, str) for x in labels):
+        raise SmartTrimError(f"{p}: labels must be strings")
+    if len(labels) != num_labels:
+        raise SmartTrimError(f"{p}: {len(labels)} labels, but the checkpoint's classifier has {num_labels} outputs")
+    return labels
+
+
+# ----- the family contract ---------------------------------------------------------------------------
+class MeterFamily(Family):
+    name = "meter"
+    style = "ported"
+    Config = MeterConfig
+    Model = MeterModel
+    tasks = {"vqa": "multilabel", "nlvr2": "classes", "snli": "classes", "retrieval": "score"}
+    file_formats = ("a METER .ckpt file",)
+
+    def reads_file(self, path: Path) -> bool:
+        return path.is_file()  # released METER files are Lightning .ckpt files under any name
+
+    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
+             hf_config=None) -> Loaded:
+        """``answers``: the label names lining up with the classifier (a METER file carries none)."""
+        if task is not None and task != "auto":
+            raise SmartTrimError(f"{source}: --task applies to Hugging Face directories; a METER checkpoint's task "
+                                 "is read from its head")
+        model, info = from_checkpoint(source, image_size=image_size)
+        c = model.config
+        tok = self.load_tokenizer(source, tokenizer, c)
+        labels = read_labels(answers, c.num_labels) if answers is not None else None
+        return Loaded(model, tok, labels, self.default_preprocess(c), "meter-lightning-ckpt", [source],
+                      info["source_image_size"], info["ignored_keys"], info)
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        c = config
+        return resolve_tokenizer(source, override, c.text_family, c.extra.get("tokenizer", ""), c.vocab_size)
+
+    def default_trim_config(self, config):
+        return default_trim_config(config)
+
+    def default_preprocess(self, config) -> dict:
+        return {"image_size": config.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                "max_text_len": config.max_text_len}
+
+
+FAMILY = MeterFamily()

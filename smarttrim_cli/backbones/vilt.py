@@ -18,6 +18,10 @@ is valid and all of them are used, in raster order: the same set transformers us
 ``max_image_length=-1`` (the released VQA config), deterministically. A positive ``max_image_length``
 (random subsampling in transformers) is not reproduced: all patches are kept and the trimmers do the
 reducing.
+
+The family contract (``FAMILY`` at the end; backbones/base.py ``Family``): transformers directories
+(``model_type`` vilt, ``ViltForQuestionAnswering``), the processor config's preprocessing (mean/std
+0.5, square resize), the directory's own BERT tokenizer, labels from ``id2label``.
 """
 from __future__ import annotations
 
@@ -26,15 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import SmartTrimError
 from ..nn.layers import ViltLayer
+from ..preprocess import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
-from ..trim.trimmers import HeadTrimmer, TokenTrimmer
-from .base import Stream, TrimmableModel
-from .meter import _const_macs
+from ..trim.cost import module_macs
+from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .hf_dir import HFFamily, load_hf_state_dict, match_state_dict, read_hf_config, weight_files
 
 TASKS = ("vqa",)
 ARCHITECTURES = {"ViltForQuestionAnswering": "vqa"}
@@ -71,15 +75,6 @@ class ViltConfig:
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    # names other modules read off any backbone config
-    @property
-    def vision_width(self) -> int:
-        return self.hidden
-
-    @property
-    def text_family(self) -> str:
-        return "bert"
 
 
 def default_trim_config(cfg: ViltConfig) -> TrimConfig:
@@ -134,6 +129,16 @@ class _Pooler(nn.Module):
 class ViltModel(TrimmableModel):
     family = "vilt"
     input_names = ("pixel_values", "input_ids", "attention_mask")
+    # one joint encoder: its text and image tokens are trimmed as two streams, its heads as a third
+    streams = {
+        "xtext": StreamSpec("layers", "hidden", "hidden", None, note="heads belong to the joint stream"),
+        "ximage": StreamSpec("layers", "hidden", "hidden", None, read_by="xtext",
+                             note="heads belong to the joint stream"),
+        "joint": StreamSpec("layers", "hidden", "hidden", "heads", tokens=False,
+                            note="tokens belong to the xtext/ximage streams"),
+    }
+    pos_embedding = "vilt.embeddings.position_embeddings"
+    pos_interpolation = ("bilinear", True)  # transformers' visual_embed
 
     def __init__(self, config: ViltConfig, trim: TrimConfig | None = None):
         super().__init__()
@@ -155,38 +160,17 @@ class ViltModel(TrimmableModel):
         if trim is not None:
             self.attach_trimmers(trim)
 
-    # ----- structure -------------------------------------------------------------------------------
-    def stream_layers(self) -> dict:
-        L = self.config.layers
-        return {"xtext": L, "ximage": L, "joint": L}
-
-    def attach_trimmers(self, trim: TrimConfig):
-        c = self.config
-        trim.validate(self.stream_layers())
-        bad = [s for s, v in trim.token_layers.items() if v and s == "joint"]
-        bad += [s for s, v in trim.head_layers.items() if v and s != "joint"]
-        if bad:
-            raise SmartTrimError("ViLT: token trimmers go on streams xtext/ximage and head trimmers on stream "
-                                 f"joint (got {', '.join(sorted(set(bad)))})")
-        self.token_trimmers = nn.ModuleDict()
-        self.head_trimmers = nn.ModuleDict()
-        for stream, layers in trim.token_layers.items():
-            for i in layers:
-                self.token_trimmers[f"{stream}_{i}"] = TokenTrimmer(c.hidden, c.hidden, trim.reduction, trim.init_keep)
-        for i in trim.head_layers.get("joint", []):
-            self.head_trimmers[f"joint_{i}"] = HeadTrimmer(c.hidden, c.hidden, c.heads, trim.reduction, trim.init_keep)
-        self.trim_config = trim
-        self.threshold = trim.threshold
-        return self
-
+    # ----- contract hooks ----------------------------------------------------------------------------
     def head(self):
         return self.classifier
 
-    def backbone_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith(("token_trimmers.", "head_trimmers."))]
-
-    def trimmer_parameters(self):
-        return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
+    def attention_weights(self, name: str, which: str = "self") -> AttnWeights:
+        """Layer i's joint self-attention at every position ``<stream>_<i>``: the text tokens read the image
+        tokens through it (``cross``) as the tokens of each stream read their own (``self``)."""
+        layer = self.vilt.encoder.layer[int(name.rsplit("_", 1)[1])]
+        s = layer.attention.attention
+        return AttnWeights(layer.layernorm_before, s.query.weight, s.query.bias, s.key.weight, s.key.bias,
+                           layer.n_heads)
 
     # ----- forward ---------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, attention_mask, pixel_values2=None, ctx: TrimContext | None = None):
@@ -239,7 +223,7 @@ class ViltModel(TrimmableModel):
         # final LayerNorm is per token and only the text [CLS] is pooled: normalise that one token
         pooled = self.vilt.pooler(self.vilt.layernorm(text.x[:, 0]))
         head = self.classifier
-        ctx.add(LayerCost("head", "const", {"macs": 5 * c.hidden + c.hidden * c.hidden + _const_macs(head)},
+        ctx.add(LayerCost("head", "const", {"macs": 5 * c.hidden + c.hidden * c.hidden + module_macs(head)},
                           n=ones, n_full=ones))
         return head(pooled)
 
@@ -288,20 +272,8 @@ def labels_from_hf(hf: dict, n: int) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
 
 
-def interpolate_positions(pos: torch.Tensor, old: int, new: int) -> torch.Tensor:
-    """ViLT's own position interpolation (bilinear, align_corners=True, as ``visual_embed``), done once."""
-    if old == new:
-        return pos
-    d = pos.shape[-1]
-    grid = pos[:, 1:].transpose(1, 2).reshape(1, d, old, old)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bilinear", align_corners=True)
-    return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
-
-
 def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = None, hf_config: dict | None = None):
     """Load a transformers ``ViltForQuestionAnswering`` directory exactly; returns (model, info)."""
-    from .hf_preprocess import load_hf_state_dict, match_state_dict, read_hf_config
-
     path = Path(path)
     hf = hf_config or read_hf_config(path)
     cfg = config_from_hf(hf, str(path), image_size)
@@ -312,15 +284,41 @@ def from_hf_dir(path, image_size: int | None = None, trim: TrimConfig | None = N
         g_old, g_new = cfg.source_image_size // cfg.patch_size, cfg.image_size // cfg.patch_size
         if sd[key].shape[1] != g_old * g_old + 1:
             raise SmartTrimError(f"{path}: {key} has {sd[key].shape[1]} rows, config.json implies {g_old * g_old + 1}")
-        sd[key] = interpolate_positions(sd[key], g_old, g_new)
+        sd[key] = interpolate_positions(sd[key], g_new, *ViltModel.pos_interpolation)
     ignored = match_state_dict(model, sd, path, _ignored, "ViltForQuestionAnswering")
     model.load_state_dict({k: v for k, v in sd.items() if k not in ignored}, strict=False)
     model.attach_trimmers(trim or default_trim_config(cfg))
     model.eval()
     return model, {"ignored_keys": ignored, "source_image_size": cfg.source_image_size, "hf_config": hf,
-                   "labels": labels_from_hf(hf, cfg.num_labels)}
+                   "labels": labels_from_hf(hf, cfg.num_labels), "files": weight_files(path)}
 
 
-# Registry names (backbones/__init__.py)
-Config = ViltConfig
-Model = ViltModel
+# ----- the family contract ---------------------------------------------------------------------------
+# transformers' ViltImageProcessor defaults, for keys a processor config leaves out
+PROCESSOR_DEFAULTS = {"name": "vilt", "mean": IMAGENET_STANDARD_MEAN, "std": IMAGENET_STANDARD_STD, "size": 384,
+                      "resample": "bicubic"}
+
+
+class ViltFamily(HFFamily):
+    name = "vilt"
+    style = "ported"
+    Config = ViltConfig
+    Model = ViltModel
+    tasks = {"vqa": "multilabel"}
+    hf_model_type = "vilt"
+    hf_architectures = ARCHITECTURES
+    processor_defaults = PROCESSOR_DEFAULTS
+
+    def config_from_hf(self, hf: dict, source: str):
+        return config_from_hf(hf, source)
+
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
+        if answers is not None:
+            raise SmartTrimError(f"{source}: --answers applies to BLIP VQA; ViLT's answers are its id2label")
+        return from_hf_dir(source, image_size=image_size, hf_config=hf)
+
+    def default_trim_config(self, config):
+        return default_trim_config(config)
+
+
+FAMILY = ViltFamily()

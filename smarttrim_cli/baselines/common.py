@@ -24,23 +24,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..backbones.base import AttnWeights
 from ..errors import SmartTrimError
 from ..trim.context import LayerCost, count
 from ..trim.cost import total_macs
 from ..trim.topk import keep_topk
 
-STREAM_WIDTH = {"vision": "vision_width", "text": "text_hidden", "xtext": "hidden", "ximage": "hidden"}
-STREAM_HEADS = {"vision": "vision_heads", "text": "text_heads", "xtext": "cross_heads", "ximage": "cross_heads"}
 
-
-# ----- where baselines act --------------------------------------------------------------------------
+# ----- where baselines act (the family's streams, backbones/base.py StreamSpec) -----------------------
 def _trim_config(model):
     if model.trim_config is not None:
         return model.trim_config
-    if getattr(model, "family", "") == "meter":
-        from ..backbones.meter import default_trim_config
-        return default_trim_config(model.config)
-    raise SmartTrimError(f"{type(model).__name__}: no trim config: say which layers the baseline acts on (layers=)")
+    from ..backbones import family_of
+
+    return family_of(model).default_trim_config(model.config)
 
 
 def token_positions(model, layers=None) -> list[str]:
@@ -73,42 +70,40 @@ def head_positions(model, layers=None) -> dict[str, int]:
     c = model.config
     out = {}
     for stream, idx in layers.items():
-        if stream not in STREAM_HEADS:
-            raise SmartTrimError(f"baseline head layers: unknown stream {stream!r}")
-        H = int(getattr(c, STREAM_HEADS[stream]))
+        sp = model.streams.get(stream)
+        if sp is None or sp.heads is None:
+            where = ", ".join(s for s, x in model.streams.items() if x.heads is not None)
+            raise SmartTrimError(f"baseline head layers: no heads on stream {stream!r} (this backbone has them on "
+                                 f"{where})")
+        H = int(getattr(c, sp.heads))
         for i in idx:
-            for sub in (("_self", "_cross") if stream.startswith("x") else ("",)):
+            for sub in sp.head_subs:
                 out[f"{stream}_{int(i)}{sub}"] = H
     return out
 
 
-# ----- attention weights of a position (METER layout) -------------------------------------------------
-@dataclass
-class AttnWeights:
-    ln: torch.nn.Module | None  # pre-LN blocks normalise the attention input; post-LN (BERT) do not
-    wq: torch.Tensor
-    bq: torch.Tensor
-    wk: torch.Tensor
-    bk: torch.Tensor
-    heads: int
-
-
+# ----- attention weights of a position (the family's ``attention_weights``) ------------------------------
 def attention_weights(model, name: str, which: str = "self") -> AttnWeights:
     """q/k weights of the attention at position ``name`` (``vision_3``, ``xtext_0``, ...). ``which``:
-    ``self``, or ``cross`` (the cross-attention of a co-attention layer)."""
-    if getattr(model, "family", "") != "meter":
-        raise SmartTrimError(f"attention-based baselines support the METER family, not {model.family!r}")
+    ``self``, or ``cross`` (the attention through which a stream reads the stream it guides)."""
+    return model.attention_weights(name, which)
+
+
+def reader_position(model, name: str) -> str | None:
+    """The position whose cross-attention reads the tokens at ``name`` (``ximage_2`` -> ``xtext_2``), or
+    None where no stream reads them (StreamSpec.read_by)."""
     stream, i = name.rsplit("_", 1)
-    i = int(i)
-    if stream == "vision":
-        blk = model.vit_model.visual.transformer.resblocks[i]
-        d, w, b = blk.d, blk.attn.in_proj_weight, blk.attn.in_proj_bias
-        return AttnWeights(blk.ln_1, w[:d], b[:d], w[d:2 * d], b[d:2 * d], blk.n_heads)
-    layers = {"text": model.text_transformer.encoder.layer, "xtext": model.cross_modal_text_layers,
-              "ximage": model.cross_modal_image_layers}[stream]
-    att = layers[i].attention if which == "self" else layers[i].crossattention
-    s = att.self
-    return AttnWeights(None, s.query.weight, s.query.bias, s.key.weight, s.key.bias, att.n_heads)
+    sp = model.streams.get(stream)
+    return f"{sp.read_by}_{i}" if sp is not None and sp.read_by else None
+
+
+def key_weights(model, name: str) -> AttnWeights:
+    """The attention whose keys the tokens at ``name`` become: their own self-attention, or, for tokens
+    that only are read (BLIP's image tokens in the text encoder), the reader's cross-attention."""
+    sp = model.streams.get(name.rsplit("_", 1)[0])
+    if sp is not None and not sp.self_attention:
+        return attention_weights(model, reader_position(model, name), "cross")
+    return attention_weights(model, name, "self")
 
 
 # ----- cost bookkeeping --------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Plain image downsampling: the same model at a lower input resolution, nothing trimmed.
 
 ``apply`` rebuilds the backbone at ``image_size`` (a multiple of the patch size) sharing every weight
-with the original except the ViT positional embeddings, which are interpolated bicubically on the
-patch grid (backbones/meter.py ``interpolate_positions``); ``Applied.prepare`` resizes a batch's
+with the original except the ViT positional embeddings, which are resampled on the patch grid as the
+family's original code does (the model's ``at_resolution``, backbones/base.py); ``Applied.prepare`` resizes a batch's
 images (bicubic, antialiased; the resize is preprocessing and not counted). A real deployment would
 preprocess straight to ``image_size``. ``calibrate`` picks the size whose mean GMACs ratio (against
 the original model at its own resolution) is nearest the target: resolution is discrete, so the
@@ -10,9 +10,6 @@ reachable ratios are a grid and the tolerance is whatever the nearest grid point
 """
 from __future__ import annotations
 
-import dataclasses
-
-import torch
 import torch.nn.functional as F
 
 from ..errors import SmartTrimError
@@ -22,28 +19,11 @@ IMAGE_KEYS = ("pixel_values", "pixel_values2")
 
 
 def resized_model(model, image_size: int):
-    """The same METER at another resolution; weights shared with ``model`` (no copy)."""
-    if getattr(model, "family", "") != "meter":
-        raise SmartTrimError(f"downsample supports the METER family, not {model.family!r}")
-    from ..backbones.meter import MeterModel, interpolate_positions
-
-    c = model.config
-    if image_size == c.image_size:
-        return model
-    if image_size < c.patch_size or image_size % c.patch_size:
-        raise SmartTrimError(f"downsample: image size {image_size} is not a positive multiple of the patch size "
-                             f"{c.patch_size}")
-    cfg = dataclasses.replace(c, extra=dict(c.extra))
-    cfg.image_size = int(image_size)
-    with torch.device("meta"):
-        small = MeterModel(cfg, model.trim_config)
-    sd = dict(model.state_dict(keep_vars=True))
-    key = "vit_model.visual.positional_embedding"
-    sd[key] = torch.nn.Parameter(interpolate_positions(sd[key].detach(), image_size // c.patch_size),
-                                 requires_grad=False)
-    small.load_state_dict(sd, strict=True, assign=True)
-    small.threshold = model.threshold
-    return small.eval() if not model.training else small
+    """The same model at another resolution; weights shared with ``model`` (no copy)."""
+    try:
+        return model.at_resolution(int(image_size))
+    except SmartTrimError as e:
+        raise SmartTrimError(f"downsample: {e}") from None
 
 
 def resize_batch(batch: dict, image_size: int) -> dict:

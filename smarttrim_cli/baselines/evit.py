@@ -8,11 +8,14 @@ instead of re-projecting every key; it is recorded in the cost model (``<key>/ev
 
 ``guide``:
 - ``cls``: the stream's own [CLS] query (EViT);
-- ``text_cls``: for the cross-modal image stream, the text [CLS]'s cross-attention to the image
-  tokens (the text co-attention layer's cross-attention weights; its query is the text [CLS] state
-  entering the layer, where the real query comes after the self-attention sub-layer);
+- ``text_cls``: for a stream another one reads (``StreamSpec.read_by``: the image tokens the text
+  reads), the text [CLS]'s attention to those tokens through the reader's attention weights (METER,
+  BLIP: the text layer's cross-attention; ViLT: the joint self-attention, softmax over the image keys
+  alone); its query is the text [CLS] state entering the layer (in a co-attention layer the real query
+  comes after the self-attention sub-layer);
 - ``text``: the same, averaged over every live text token.
-Positions other than the cross-modal image stream always use ``cls``.
+Positions of streams nobody reads always use ``cls``; streams whose tokens do not attend among
+themselves (BLIP's image tokens in the text encoder) always use the text-guided score.
 
 Fusion (hard mode only): the dropped tokens' states, weighted by their attention, are averaged into
 one token carried at the position of the most-attended dropped token (so decisions and overlays
@@ -23,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import SmartTrimError
+from ..trim.context import count
 from .common import (RatioBaseline, TokenPolicy, add_overhead, attention_weights, query_key_attention,
-                     token_positions)
+                     reader_position, token_positions)
 
 GUIDES = ("cls", "text_cls", "text")
 
@@ -34,23 +38,32 @@ class EViTPolicy(TokenPolicy):
         super().__init__(names, keep_ratio, merge)
         self.guide, self.fuse_tokens = guide, fuse
         self.soft_ok = not fuse
-        self._text = {}
+        self._readers = {}
 
     def observe(self, model, name, s, c, ctx, key):
-        if name.startswith("xtext_"):  # the text stream as it enters co-attention layer i (forward order)
-            self._text[key.replace("xtext_", "ximage_")] = s
+        # a reading stream (the text) as it enters layer i, before the stream it reads: kept for ``text``
+        stream, i = name.rsplit("_", 1)
+        for other, sp in model.streams.items():
+            if sp.read_by == stream:
+                self._readers[key[:len(key) - len(name)] + f"{other}_{i}"] = s
 
     def score(self, model, name, s, alive, c, ctx, key):
-        stream = name.rsplit("_", 1)[0]
-        if stream == "ximage" and self.guide != "cls":
-            w = attention_weights(model, name.replace("ximage_", "xtext_"), "cross")
-            t = self._text.get(key) if self.guide == "text" else None
+        reader = reader_position(model, name)
+        own = model.streams[name.rsplit("_", 1)[0]].self_attention
+        if reader is not None and (self.guide != "cls" or not own):
+            w = attention_weights(model, reader, "cross")
+            t = self._readers.get(key) if self.guide == "text" else None
             if t is not None:
                 q, qa = t.x, (t.soft_keep if ctx.mode == "soft" else t.valid)
             else:
                 q = c.unsqueeze(1)
                 qa = torch.ones(q.shape[0], 1, device=q.device)
-            att, macs = query_key_attention(q, qa, s.x, alive, w)
+            h = s.x
+            if w.ln is not None:  # a pre-LN layer reads normalised states (ViLT's joint attention)
+                q, h = w.ln(q), w.ln(s.x)
+            att, macs = query_key_attention(q, qa, h, alive, w)
+            if w.ln is not None:
+                macs = macs + 5 * h.shape[-1] * ((alive > 0).sum(1) + count(qa))
         else:
             w = attention_weights(model, name, "self")
             h = s.x if w.ln is None else w.ln(s.x)

@@ -1,9 +1,9 @@
 """Static head pruning: the same attention heads dropped for every input, chosen by importance.
 
 Importance of a head = the mean, over calibration batches, of how much the model's prediction moves
-when that head alone is removed (label-free: binary KL summed over answers for VQA's sigmoid head,
-KL of the softmax for NLVR2/SNLI-VE, squared score change for retrieval), measured with hard-mode
-forwards that slice the head out (one forward per head and position: cheap on a GPU, minutes for
+when that head alone is removed (label-free, by the head's output kind: binary KL summed over answers
+for a sigmoid head such as VQA's, KL of the softmax for class logits and ranked answers, squared
+change of a retrieval score), measured with hard-mode forwards that slice the head out (one forward per head and position: cheap on a GPU, minutes for
 METER-base on a CPU). Heads are then dropped in increasing order of importance across all positions
 (Michel et al., 2019), keeping at least one per position, and ``calibrate`` bisects on how many are
 dropped to match a mean GMACs ratio. Positions: the model's head-trimmer layers (or ``layers``).
@@ -43,14 +43,15 @@ class StaticHeadPolicy(Policy):
         return None, idx, torch.full((B,), float(idx.numel()), device=cls_own.device)
 
 
-def divergence(task: str, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Per-instance change of the prediction (B,) (label-free), as used for head importance."""
+def divergence(kind: str, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per-instance change of the prediction (B,) (label-free), as used for head importance; ``kind`` is the
+    head's output kind (backbones/base.py OUTPUT_KINDS)."""
     ref, out = ref.float(), out.float()
-    if task == "vqa":
+    if kind == "multilabel":
         p = torch.sigmoid(ref)
         return (p * (F.logsigmoid(ref) - F.logsigmoid(out))
                 + (1 - p) * (F.logsigmoid(-ref) - F.logsigmoid(-out))).sum(-1)
-    if ref.shape[-1] == 1:
+    if kind == "score":
         return (ref - out).pow(2).sum(-1)
     return (F.softmax(ref, -1) * (F.log_softmax(ref, -1) - F.log_softmax(out, -1))).sum(-1)
 
@@ -58,6 +59,9 @@ def divergence(task: str, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def head_importance(model, batches, positions: dict[str, int]) -> dict[str, list[float]]:
     """{position: [importance of each head]} = mean prediction change when that head alone is removed.
     Positions the forward never consults (see the module note) are left out."""
+    from ..backbones import family_of
+
+    kind = family_of(model).tasks[model.config.task]
     n = 0
     with torch.no_grad():
         if batches:
@@ -73,7 +77,7 @@ def head_importance(model, batches, positions: dict[str, int]) -> dict[str, list
                 for h in range(H):
                     policy = StaticHeadPolicy({p: [j for j in range(H) if j != h]}, positions)
                     out, _ = model.run(b, mode="hard", policy=policy)
-                    imp[p][h] += float(divergence(model.config.task, ref, out).sum())
+                    imp[p][h] += float(divergence(kind, ref, out).sum())
     return {p: [v / max(n, 1) for v in vals] for p, vals in imp.items()}
 
 

@@ -3,7 +3,7 @@ live tokens down to ceil(r * n) by bipartite soft matching.
 
 One round: alternate the live tokens into sets A (even slots) and B (odd slots); match every A token
 to its most similar B token (cosine similarity of ``metric``: the states ``x``, or the keys ``k`` of
-the layer about to run); merge the most similar A tokens into their matches by size-weighted
+the attention the tokens enter next); merge the most similar A tokens into their matches by size-weighted
 averaging. [CLS] (slot 0, in A) is never merged. A round merges at most |A| - 1 tokens, so a keep
 ratio below 1/2 takes several rounds at the same position (each one recomputes the similarities).
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import SmartTrimError
 from ..trim.context import count
 from ..trim.gather import gather_rows, kept_order
-from .common import Policy, RatioBaseline, add_overhead, attention_weights, record_tokens, token_positions
+from .common import Policy, RatioBaseline, add_overhead, key_weights, record_tokens, token_positions
 
 METRICS = ("x", "k")
 
@@ -79,7 +79,7 @@ class ToMePolicy(Policy):
         target = torch.ceil(n_live * self.keep_ratio - 1e-6).clamp_min(1)
         remaining = (n_live - target).clamp_min(0).long()
         if self.metric == "k":
-            w = attention_weights(model, name, "self")
+            w = key_weights(model, name)
             h = s.x if w.ln is None else w.ln(s.x)
             metric = F.linear(h, w.wk, w.bk)
             macs = n_live * h.shape[-1] * w.wk.shape[0]

@@ -29,7 +29,7 @@ from .captions import ITM_LABELS, CaptionsDataset, Flickr30kCaptionsDataset
 from .common import ReaderBase
 from .easyvqa import EASYVQA_ANSWERS, EasyVQADataset, easyvqa_data_dir
 from .nlvr2 import NLVR2_LABELS, NLVR2Dataset
-from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+from ..preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 from .snli_ve import SNLI_LABEL2ID, SNLI_LABELS, SNLIVEDataset
 from .vqa_answers import (build_answer_vocab, normalize_answer, soft_score, target_tensor,
                           vqa_score, vqa_targets)

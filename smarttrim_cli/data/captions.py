@@ -36,7 +36,7 @@ import torch
 from ..errors import SmartTrimError
 from .common import (SKIP_BAD_ROW, BadRow, ReaderBase, as_path, get_field, load_image, load_json, one_line,
                      verify_image)
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 
 SPLITS = ("train", "restval", "val", "test")
 SPLIT_ALIASES = {"dev": "val"}

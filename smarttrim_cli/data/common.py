@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import SmartTrimError
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 
 SKIP_BAD_ROW = "bad row"
 SKIP_MISSING_IMAGE = "missing image"

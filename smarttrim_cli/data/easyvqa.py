@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from ..errors import SmartTrimError
 from .common import SKIP_BAD_ROW, BadRow, ReaderBase, as_path, load_image, load_json, one_line
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 from .vqa_answers import target_tensor
 
 EASYVQA_ANSWERS = ("black", "blue", "brown", "circle", "gray", "green", "no", "rectangle", "red",

@@ -27,7 +27,7 @@ import torch
 from ..errors import SmartTrimError
 from .common import (SKIP_BAD_ROW, BadRow, ReaderBase, as_path, index_tree, get_field,
                      iter_json_lines, load_image)
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 
 SPLIT_ALIASES = {"val": "dev", "test": "test1"}
 NLVR2_LABELS = ("False", "True")  # label id = position

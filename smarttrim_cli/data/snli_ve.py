@@ -31,7 +31,7 @@ import torch
 from ..errors import SmartTrimError
 from .common import (SKIP_BAD_ROW, BadRow, ReaderBase, as_path, get_field, iter_json_lines,
                      load_image)
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 
 SPLIT_ALIASES = {"val": "dev"}
 SNLI_LABELS = ("contradiction", "neutral", "entailment")

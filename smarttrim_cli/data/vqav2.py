@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 from ..errors import SmartTrimError
 from .common import (SKIP_BAD_ROW, SKIP_NO_ANNOTATION, SKIP_NO_ANSWER, BadRow, ReaderBase,
                      as_path, get_field, load_image, load_json, one_line)
-from .preprocess import ImagePreprocessor
+from ..preprocess import ImagePreprocessor
 from .vqa_answers import VQA_MIN_COUNT, build_answer_vocab, normalize_answer, target_tensor, vqa_targets
 
 SPLIT_ALIASES = {

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..backbones import family_of
 from ..errors import SmartTrimError
 
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -243,13 +244,14 @@ def metadata_for(model, graph, exporter: str, extra: dict | None = None) -> dict
         "version": __version__,
         "backbone": model.family,
         "task": model.config.task,
+        "output_kind": family_of(model).tasks.get(model.config.task, ""),  # how to read the logits
         "graph": "trimmed" if isinstance(graph, TrimmedGraph) else "full",
         "default_threshold": repr(float(model.trim_config.threshold if model.trim_config else model.threshold)),
         "exporter": exporter,
         "inputs": json.dumps(list(graph.input_names)),
         "outputs": json.dumps(list(graph.output_names)),
         "num_labels": str(model.config.num_labels),
-        "preprocess": json.dumps(cfg.get("preprocess") or _default_preprocess(model)),
+        "preprocess": json.dumps(cfg.get("preprocess") or family_of(model).default_preprocess(model.config)),
         "model_dir": str(Path(source).resolve()) if source else "",
     }
     if isinstance(graph, TrimmedGraph):
@@ -278,13 +280,6 @@ def metadata_for(model, graph, exporter: str, extra: dict | None = None) -> dict
             md["tokenizer_dir"] = str(tok_dir.resolve())
     md.update(extra or {})
     return {META + k: str(v) for k, v in md.items()}
-
-
-def _default_preprocess(model) -> dict:
-    from ..backbones.meter import CLIP_MEAN, CLIP_STD
-
-    c = model.config
-    return {"image_size": c.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "max_text_len": c.max_text_len}
 
 
 def save_onnx(proto, out: Path) -> tuple[int, bool]:

@@ -55,19 +55,17 @@ def blank_image(size: int) -> Image.Image:
 
 
 def preprocess_config(model) -> dict:
-    from ..backbones.meter import CLIP_MEAN, CLIP_STD
+    """The model directory's ``preprocess`` entry, completed by its family's defaults (a model built in code)."""
+    from ..backbones import family_of
 
-    c = model.config
     p = dict((getattr(model, "smarttrim_config", None) or {}).get("preprocess") or {})
-    p.setdefault("image_size", c.image_size)
-    p.setdefault("mean", list(CLIP_MEAN))
-    p.setdefault("std", list(CLIP_STD))
-    p.setdefault("max_text_len", c.max_text_len)
+    for k, v in family_of(model).default_preprocess(model.config).items():
+        p.setdefault(k, v)
     return p
 
 
 def encode_images(model, images) -> torch.Tensor:
-    from ..backbones.hf_preprocess import preprocessor
+    from ..preprocess import preprocessor
 
     pre = preprocessor(preprocess_config(model))  # the model's own transform (CLIP crop or HF squash)
     return torch.stack([pre(im) for im in images])

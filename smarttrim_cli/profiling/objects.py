@@ -287,8 +287,10 @@ def write_outputs(report: dict, out_dir, model, ds, make_batch, threshold: float
     if show:
         from .overlays import denormalize
 
-        mean = pre.get("mean") or [0.48145466, 0.4578275, 0.40821073]
-        std = pre.get("std") or [0.26862954, 0.26130258, 0.27577711]
+        from ..preprocess import CLIP_MEAN, CLIP_STD  # directories from before `preprocess` was recorded
+
+        mean = pre.get("mean") or list(CLIP_MEAN)
+        std = pre.get("std") or list(CLIP_STD)
         examples = []
         with torch.no_grad():
             for i in pick_examples(rows):

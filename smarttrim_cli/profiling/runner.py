@@ -586,8 +586,10 @@ def _write_outputs(s, report, out_dir: Path, model, shows, pre) -> dict:
     files["show"] = []
     if shows:
         show_dir = Path(s.show_dir) if s.show_dir else out_dir / "show"
-        mean = pre.get("mean") or [0.48145466, 0.4578275, 0.40821073]
-        std = pre.get("std") or [0.26862954, 0.26130258, 0.27577711]
+        from ..preprocess import CLIP_MEAN, CLIP_STD  # directories from before `preprocess` was recorded
+
+        mean = pre.get("mean") or list(CLIP_MEAN)
+        std = pre.get("std") or list(CLIP_STD)
         for i, item, decisions, ids, row in shows:
             toks = overlays.question_tokens(model.tokenizer, ids)
             keep = overlays.text_keep(decisions, len(toks))

@@ -1,9 +1,9 @@
 """Training data: the datasets a model's task trains on, their batches (each input's dataset index rides along:
-it seeds the input's Gumbel noise), and a fresh task head when the data's labels are not the model's."""
+it seeds the input's Gumbel noise); a fresh task head (the family's ``new_head``) when the data's labels are
+not the model's."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..errors import SmartTrimError
 from .config import TrainConfig
@@ -104,7 +104,7 @@ def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool)
     labels = list(NLVR2_LABELS) if name == "nlvr2" else list(train.id2label)  # retrieval: no_match, match
     if len(labels) != model.config.num_labels:
         if new_head:
-            replace_head(model, len(labels))
+            model.new_head(len(labels))  # the family's fresh head (backbones/base.py)
         else:
             src = "the model's labels" if model.labels else f"the vocabulary built from {cfg.data_dir or 'the data'}"
             raise SmartTrimError(f"{name}: {src} has {len(labels)} answers but the model's classifier has "
@@ -114,22 +114,3 @@ def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool)
         raise SmartTrimError(f"{name} {tr_split}: no training inputs"
                              + (f" ({train.skipped_summary()})" if train.skipped_summary() else ""))
     return name, train, val, labels
-
-
-def replace_head(model, num_labels: int):
-    """A fresh task head with ``num_labels`` outputs (METER's initialisation: N(0, 0.02), LayerNorm 1/0)."""
-    from ..backbones import meter
-
-    if model.family != "meter" or model.config.task not in ("vqa", "snli", "nlvr2"):
-        raise SmartTrimError(f"--new-head: not supported for {model.family}/{model.config.task}")
-    c = model.config
-    h2 = 2 * c.hidden
-    head = meter._classifier(2 * h2 if c.task == "nlvr2" else h2, h2, num_labels)
-    for mod in head.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, std=0.02)
-            nn.init.zeros_(mod.bias)
-    setattr(model, meter.HEAD_PREFIX[c.task], head)
-    c.num_labels = num_labels
-
-

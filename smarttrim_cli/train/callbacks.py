@@ -95,8 +95,8 @@ def plot_history(history: list[dict], path: Path, title: str):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     x = [r["step"] for r in steps]
     for key, lab in (("loss", "total"), ("task", "task"), ("distill", "distill"), ("cost", "cost penalty")):
-        if steps and key in steps[0]:
-            axes[0].plot(x, [r[key] for r in steps], label=lab)
+        if any(key in r for r in steps):  # distill: absent from the steps that ran no teacher (a faded alpha 0)
+            axes[0].plot(x, [r.get(key, float("nan")) for r in steps], label=lab)
     axes[0].set_xlabel("step"), axes[0].set_title("loss"), axes[0].legend()
     if steps and "target" in steps[0]:
         axes[1].plot(x, [r["ratio"] for r in steps], label="train batch mean (soft)")

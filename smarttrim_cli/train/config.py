@@ -53,11 +53,17 @@ class TrainConfig:
     noise_start: float = 1.0            # scale of the Gumbel (logistic) noise of the keep samples, annealed
     noise_end: float = 0.3              # linearly to this (0: training takes the decisions inference takes;
     noise_frac: float = 0.75            # a little noise keeps the budget gradient alive), at this fraction
-    distill_weight: float = 1.0         # alpha
+    distill_weight: float = 1.0         # alpha (0: no distillation, and no teacher pass at all)
+    distill_schedule: str = "constant"  # constant | fade: alpha goes from distill_weight to distill_weight_end
+    distill_weight_end: float = 0.0     # as the curriculum's target falls (same hold, span and shape), then holds
     teacher: str = "self"               # self: the full-capacity pass of the current weights (the paper's);
                                         # start: a frozen copy of the starting weights (not moved by training)
+    teacher_task_weight: float = 0.0    # teacher self only: + this x the task loss of the full-capacity pass, with
+                                        # gradients through it, so the teacher learns the task with the student
+                                        # (its logits stay detached as distillation targets)
     distill_temperature: float = 1.0
-    feature_weight: float = 0.0         # MSE between pooled features (trimmed vs full)
+    feature_weight: float = 0.0         # MSE between the pooled last-layer [CLS] features (trimmed vs full): the
+                                        # head's input, i.e. last-hidden-state distillation next to the logits
     cost_weight: float = 20.0           # lambda of (mean_b R_b - R_t)^2
     dual_lr: float = 2.0                # Lagrangian step for nu (0 = off)
     nu_max: float = 20.0
@@ -108,6 +114,19 @@ class TrainConfig:
             raise SmartTrimError(f"curriculum_shape must be linear or cosine, got {self.curriculum_shape!r}")
         if self.teacher not in ("self", "start"):
             raise SmartTrimError(f"teacher must be self or start, got {self.teacher!r}")
+        for k in ("distill_weight", "distill_weight_end", "teacher_task_weight", "feature_weight"):
+            if getattr(self, k) < 0:
+                raise SmartTrimError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.distill_temperature <= 0:
+            raise SmartTrimError(f"distill_temperature must be positive, got {self.distill_temperature}")
+        if self.distill_schedule not in ("constant", "fade"):
+            raise SmartTrimError(f"distill_schedule must be constant or fade, got {self.distill_schedule!r}")
+        if self.distill_schedule == "constant" and self.distill_weight_end != 0:
+            raise SmartTrimError(f"distill_weight_end={self.distill_weight_end} needs distill_schedule=fade "
+                                 "(constant keeps distill_weight throughout)")
+        if self.teacher_task_weight > 0 and self.teacher != "self":
+            raise SmartTrimError(f"teacher_task_weight trains the teacher, so it needs teacher=self "
+                                 f"(teacher={self.teacher} is frozen)")
         return self
 
 
@@ -170,10 +189,14 @@ def default_recipe(dataset: str | None, task: str, family: str = "meter"):
 # TrainConfig fields a --no-trim run does not read (benchmarks/pareto.py routes --set keys by it)
 TRIM_ONLY = frozenset({"target_ratio", "curriculum", "curriculum_hold", "curriculum_shape", "tau_start", "tau_end",
                        "tau_frac", "noise_start", "noise_end", "noise_frac", "distill_weight", "distill_temperature",
-                       "teacher", "feature_weight", "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight",
+                       "teacher", "teacher_task_weight", "distill_schedule", "distill_weight_end", "feature_weight",
+                       "cost_weight", "dual_lr", "nu_max", "spread_weight", "floor_weight",
                        "tolerance", "calibrate", "calibrate_tolerance", "calibrate_limit", "lr_mult_trimmer"})
 # ... and fields that change how a run is logged, not what it learns
 BOOKKEEPING = frozenset({"workers", "save_every", "log_every"})
+# fields added after run_settings keys were first cached (demo, pareto), with their defaults: left out of a run's
+# settings while at the default, so a run that does not use them keeps the key (and the cached model) it had
+LATER_DEFAULTS = {"teacher_task_weight": 0.0, "distill_schedule": "constant", "distill_weight_end": 0.0}
 
 
 def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:
@@ -181,7 +204,8 @@ def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:
     for a --no-trim run, less what it does not read: a cache key that changes when the recipe file does."""
     cfg, _ = build_config(recipe, overrides, **kw)
     drop = BOOKKEEPING | (frozenset() if cfg.trim else TRIM_ONLY)
-    return {k: v for k, v in cfg.to_dict().items() if k not in drop}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in drop and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def build_config(recipe=None, overrides: dict | None = None, task: str = "vqa", family: str = "meter",

@@ -25,6 +25,19 @@ def target_ratio(step: int, total: int, final: float, frac: float = 0.5, shape: 
     return start + (final - start) * p
 
 
+def distill_weight(step: int, total: int, start: float, end: float = 0.0, schedule: str = "constant",
+                   frac: float = 0.5, shape: str = "linear", hold: float = 0.0) -> float:
+    """alpha, the distillation weight: ``start`` throughout (constant), or (fade) moving from ``start`` to ``end``
+    while the target ratio falls (``target_ratio``'s hold, span and shape), then held at ``end``: the teacher
+    guides the first cuts and lets go as the student settles at the final budget. curriculum 0 (no fall): ``end``
+    from the first step."""
+    if schedule == "constant":
+        return start
+    if schedule != "fade":
+        raise ValueError(f"distill schedule must be constant or fade, got {schedule!r}")
+    return target_ratio(step, total, end, frac, shape, start=start, hold=hold)
+
+
 def temperature(step: int, total: int, tau_start: float = 1.0, tau_end: float = 1.0, frac: float = 1.0) -> float:
     """Gumbel temperature, annealed geometrically from tau_start to tau_end over ``frac`` of training."""
     p = _progress(step, frac * total)

@@ -32,15 +32,15 @@ from . import curriculum as cur
 from . import distributed as D
 from .batches import Collate, IndexedDataset, check_batch, open_train_val
 from .callbacks import JsonlLog, OnStep, ProgressBar, TrainingPlot
-from .config import TrainConfig, build_config
+from .config import LATER_DEFAULTS, TrainConfig, build_config
 from .evaluation import evaluate
 from .objectives import objective_for
 from .rules import LearnedTrimmers, NoTrim
-from .step import TrainStep
+from .step import TrainStep, distill_weight_at
 
 # Settings that may change between an interrupted run and its resumption.
 RESUME_FREE = {"workers", "save_every", "log_every", "eval_batch_size", "data_dir", "eval_before"}
-LOGGED_PARTS = ("loss", "task", "distill", "feature", "cost", "spread", "floor", "ratio", "ratio_std")
+LOGGED_PARTS = ("loss", "task", "distill", "teacher_task", "feature", "cost", "spread", "floor", "ratio", "ratio_std")
 
 
 @dataclass
@@ -304,7 +304,7 @@ def start(r: Run, resume: bool):
     cfg, info, last = r.cfg, r.info, r.state_dir / "last.pt"
     if resume and last.is_file():
         st = ck.load_state(last)
-        old = st["config"]
+        old = {**LATER_DEFAULTS, **st["config"]}  # a checkpoint from before a setting existed ran at its default
         diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and old.get(k) != v]
         # the rule's own settings (a fixed keep ratio ...); a checkpoint from before rules: SmartTrim or plain
         old_rule = st.get("rule_params") or {"rule": "smarttrim" if old.get("trim") else "plain"}
@@ -378,6 +378,8 @@ def train_step(r: Run, it):
     cfg, info, dev = r.cfg, r.info, r.info.device
     t0 = time.time()
     sched_vals = r.rule.begin_step(r.step)
+    if r.rule.distills and cfg.distill_schedule != "constant":
+        sched_vals["alpha"] = distill_weight_at(cfg, r.step, r.total)  # the step's distillation weight, logged
     acc, waited = {}, 0.0
     for a in range(cfg.grad_accum):
         t_wait = time.time()

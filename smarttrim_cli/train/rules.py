@@ -176,7 +176,7 @@ class LearnedTrimmers(DecisionRule):
         return f", FLOPs ratio {res['ratio_mean']:.3f} ± {res['ratio_std']:.3f} (target {self.cfg.target_ratio})"
 
     def info_line(self, row):
-        return (f"loss {row['loss']:.3f} (task {row['task']:.3f} dist {row['distill']:.3f} cost {row['cost']:.4f})"
+        return (f"loss {row['loss']:.3f} (task {row['task']:.3f}{_dist(row)} cost {row['cost']:.4f})"
                 f" · FLOPs ratio {row['ratio']:.2f}→{row['target']:.2f}")
 
     def state_dict(self):
@@ -224,7 +224,7 @@ class FixedRatio(DecisionRule):
         return f" at keep ratio {self.keep_ratio:.3f} (GMACs ratio {res['ratio_mean']:.3f})"
 
     def info_line(self, row):
-        return f"loss {row['loss']:.3f} (task {row['task']:.3f} dist {row['distill']:.3f}) keep {row['keep_ratio']:.2f}"
+        return f"loss {row['loss']:.3f} (task {row['task']:.3f}{_dist(row)}) keep {row['keep_ratio']:.2f}"
 
 
 class NoTrim(DecisionRule):
@@ -249,6 +249,11 @@ class NoTrim(DecisionRule):
 
     def at_target(self, res, step):
         return True
+
+
+def _dist(row: dict) -> str:
+    """The progress line's distillation part; none when the step ran no teacher (alpha 0)."""
+    return f" dist {row['distill']:.3f}" if "distill" in row else ""
 
 
 def lowest_ratio(model, batch) -> float:

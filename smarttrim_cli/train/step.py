@@ -1,18 +1,37 @@
 """One training forward: the module DDP wraps. The objective gives the batch; the full-capacity teacher runs
-under no_grad; the student runs under the decision rule (soft mode); the loss is
+under no_grad (unless it is trained too, below); the student runs under the decision rule (soft mode); the loss is
 
-    task(student) + distill_weight * distill(student || teacher) + the rule's penalties + feature_weight * feature
+    task(student) + alpha * distill(student || teacher) + teacher_task_weight * task(teacher)
+        + the rule's penalties + feature_weight * feature
 
-A rule that does not distil (--no-trim) runs the student at full capacity and takes the task loss alone.
+alpha is ``distill_weight``, or its ``distill_schedule`` value at the step (curriculum.distill_weight). With
+``teacher_task_weight`` > 0 the teacher pass (teacher self) keeps its graph, so the full-capacity pass is trained
+on the task too; its logits and features enter the distillation terms detached. A step that needs no teacher
+(alpha, feature_weight and teacher_task_weight all 0) skips its pass. A rule that does not distil (--no-trim) runs
+the student at full capacity and takes the task loss alone.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn as nn
 
+from . import curriculum as cur
 from .config import TrainConfig
+
+
+def uses_teacher(cfg: TrainConfig) -> bool:
+    """Does any step of a distilling rule's run need the full-capacity pass?"""
+    return (cfg.distill_weight > 0 or (cfg.distill_schedule == "fade" and cfg.distill_weight_end > 0)
+            or cfg.feature_weight > 0 or cfg.teacher_task_weight > 0)
+
+
+def distill_weight_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """alpha at optimizer step ``step`` of ``total``."""
+    return cur.distill_weight(step, total, cfg.distill_weight, cfg.distill_weight_end, cfg.distill_schedule,
+                              cfg.curriculum, cfg.curriculum_shape, cfg.curriculum_hold)
 
 
 def teacher_model(model, cfg: TrainConfig):
@@ -31,7 +50,7 @@ class TrainStep(nn.Module):
         self._feats: list = []
         # teacher "start": a frozen copy of the weights training starts from (made before a resume loads the
         # checkpoint's), in eval mode; kept out of the module tree so that neither DDP nor the optimizer sees it
-        t = teacher_model(model, cfg) if rule.distills and cfg.distill_weight + cfg.feature_weight > 0 else model
+        t = teacher_model(model, cfg) if rule.distills and uses_teacher(cfg) else model
         self._teacher = () if t is model else (t,)
         if rule.distills and cfg.feature_weight > 0:
             for mod in (*self._teacher, model):  # teacher first: _feats[0] is the teacher's, [-1] the student's
@@ -51,18 +70,30 @@ class TrainStep(nn.Module):
             _, parts = rule.penalties(None, logits)
             return lt, {"task": lt.detach(), **parts}
         self._feats.clear()
-        with torch.no_grad():
+        alpha = distill_weight_at(cfg, rule.step, rule.total)
+        teacher = None
+        if alpha > 0 or cfg.feature_weight > 0 or cfg.teacher_task_weight > 0:
             tm = self._teacher[0] if self._teacher else m
-            teacher = tm(**inputs, ctx=tm.make_context(mode="full"))
+            # trained with the task (teacher self only, config checks): keep the full pass's graph
+            with contextlib.nullcontext() if cfg.teacher_task_weight > 0 else torch.no_grad():
+                teacher = tm(**inputs, ctx=tm.make_context(mode="full"))
         ctx = rule.student_context(m, index)
         logits = m(**inputs, ctx=ctx)
         lt = self.objective.task_loss(logits, target)
-        ld = self.objective.distill_loss(logits, teacher)
-        loss = lt + cfg.distill_weight * ld
+        parts = {"task": lt.detach()}
+        loss = lt
+        if teacher is not None:
+            ld = self.objective.distill_loss(logits, teacher)  # detaches the teacher's logits
+            loss = loss + alpha * ld
+            parts["distill"] = ld.detach()
+            if cfg.teacher_task_weight > 0:
+                ltt = self.objective.task_loss(teacher, target)
+                loss = loss + cfg.teacher_task_weight * ltt
+                parts["teacher_task"] = ltt.detach()
         terms, rparts = rule.penalties(ctx, logits)
         for t in terms:  # one at a time, in the rule's order (the sum's rounding is part of the result)
             loss = loss + t
-        parts = {"task": lt.detach(), "distill": ld.detach(), **rparts}
+        parts.update(rparts)
         if cfg.feature_weight > 0 and len(self._feats) >= 2:
             from .losses import feature_loss
 

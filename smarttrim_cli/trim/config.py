@@ -5,16 +5,15 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import SmartTrimError
 
-STREAMS = ("text", "vision", "xtext", "ximage")
 FUSE_MODES = ("single", "nearest")
 
 
 @dataclass
 class TrimConfig:
-    """Layer indices per stream. Streams: ``text``/``vision`` (uni-modal encoders), ``xtext``/``ximage``
-    (the two streams of the cross-modal encoder). A token trimmer at layer i decides which tokens
-    enter layer i; a head trimmer at layer i gates that layer's attention heads (both self- and
-    cross-attention in the cross-modal streams)."""
+    """Layer indices per stream. The streams are the backbone family's (``streams`` of its model,
+    backbones/base.py StreamSpec; e.g. METER's ``text``/``vision`` uni-modal encoders and ``xtext``/
+    ``ximage`` cross-modal streams). A token trimmer at layer i decides which tokens enter layer i; a
+    head trimmer at layer i gates that layer's attention heads (one per attention of the layer)."""
 
     token_layers: dict = field(default_factory=dict)
     head_layers: dict = field(default_factory=dict)

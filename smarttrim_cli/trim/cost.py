@@ -59,6 +59,20 @@ def layer_macs(rec: LayerCost, full: bool = False):
     raise ValueError(f"unknown layer kind {k!r}")
 
 
+def module_macs(mod, rows: int = 1) -> int:
+    """MACs of a small fixed-size module (a task head, a pooler) over ``rows`` rows: its Linear and
+    LayerNorm layers, in the same convention. Recorded as a ``const`` layer."""
+    import torch.nn as nn
+
+    macs = 0
+    for m in mod.modules():
+        if isinstance(m, nn.Linear):
+            macs += rows * m.in_features * m.out_features
+        elif isinstance(m, nn.LayerNorm):
+            macs += rows * 5 * m.normalized_shape[0]
+    return macs
+
+
 def total_macs(records: list[LayerCost], full: bool = False) -> torch.Tensor:
     """Per-instance total MACs (B,) of a recorded forward."""
     tot = 0

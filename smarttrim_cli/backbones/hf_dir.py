@@ -1,5 +1,5 @@
-"""Hugging Face model directories, offline: config.json, weights, and image preprocessing from the
-processor config.
+"""Hugging Face model directories, offline: config.json, weights, tokenizer, and the image preprocessing
+their processor config describes (the transform itself lives in smarttrim_cli/preprocess.py).
 
 transformers 5 builds BLIP/ViLT image processors on torchvision; without it only the ``*Pil``
 classes work. We need neither: the steps are read from ``preprocessor_config.json`` (or
@@ -14,38 +14,19 @@ smarttrim feeds fixed square images (one ``image_size`` per model, as for METER)
   aspect ratio and pads); the model itself still follows ViLT exactly for the image it is given.
 
 The result is stored in the model directory's ``config.json`` as ``preprocess`` (image_size, mean,
-std, max_text_len, resize, resample, rescale_factor), and ``preprocessor(preprocess_dict)`` rebuilds
-the transform from it.
+std, max_text_len, resize, resample, rescale_factor), and ``preprocess.preprocessor(preprocess_dict)``
+rebuilds the transform from it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import SmartTrimError
-
-# transformers' constants (image_utils), repeated so that no processor class is imported
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
-IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-
-# PILImageResampling values as stored in processor configs
-RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-_PIL = {"nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
-        "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-        "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
-
-# processor defaults per model type, used for keys a config leaves out
-DEFAULTS = {
-    "blip": {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "size": 384, "resample": "bicubic"},
-    "vilt": {"mean": IMAGENET_STANDARD_MEAN, "std": IMAGENET_STANDARD_STD, "size": 384, "resample": "bicubic"},
-}
+from ..preprocess import PIL_FILTERS, RESAMPLE
+from .base import Family, Loaded
 
 
 def read_processor_config(model_dir) -> dict | None:
@@ -69,10 +50,11 @@ def read_processor_config(model_dir) -> dict | None:
     return None
 
 
-def preprocess_config(model_dir, model_type: str, image_size: int | None, max_text_len: int) -> dict:
-    """-> the ``preprocess`` dict stored in a smarttrim model directory."""
+def preprocess_config(model_dir, defaults: dict, image_size: int | None, max_text_len: int) -> dict:
+    """-> the ``preprocess`` dict stored in a smarttrim model directory: the processor config's steps, with
+    ``defaults`` (a family's ``PROCESSOR_DEFAULTS``: name, mean, std, size, resample) for keys it leaves out."""
     proc = read_processor_config(model_dir) or {}
-    dflt = DEFAULTS[model_type]
+    dflt = defaults
     size = proc.get("size", dflt["size"])
     if isinstance(size, dict):
         side = size.get("height") or size.get("shortest_edge") or size.get("width") or dflt["size"]
@@ -80,7 +62,7 @@ def preprocess_config(model_dir, model_type: str, image_size: int | None, max_te
         side = size
     resample = proc.get("resample", dflt["resample"])
     resample = RESAMPLE.get(resample, resample) if isinstance(resample, int) else str(resample).lower()
-    if resample not in _PIL:
+    if resample not in PIL_FILTERS:
         raise SmartTrimError(f"{model_dir}: unsupported resample {resample!r} in the processor config")
     do_norm = proc.get("do_normalize", True)
     mean = list(proc.get("image_mean", dflt["mean"])) if do_norm else [0.0, 0.0, 0.0]
@@ -92,53 +74,7 @@ def preprocess_config(model_dir, model_type: str, image_size: int | None, max_te
     return {"image_size": int(image_size or side), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "max_text_len": int(max_text_len), "resize": "squash", "resample": resample,
             "rescale_factor": float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0,
-            "source": "preprocessor_config.json" if proc else f"{model_type} processor defaults"}
-
-
-class HFImagePreprocessor:
-    """``HFImagePreprocessor(image_size, mean, std)(pil) -> FloatTensor[3, S, S]``, as the PIL backend:
-    RGB, uint8 resize to S x S, ``* rescale_factor``, ``(x - mean) / std``."""
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resample: str = "bicubic",
-                 rescale_factor: float = 1 / 255):
-        self.image_size = int(image_size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.resample = resample
-        self.rescale_factor = float(rescale_factor)
-        self._mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        self._std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-
-    def __repr__(self):
-        return (f"HFImagePreprocessor(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
-                f"resample={self.resample!r})")
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        from ..rgb import to_rgb
-
-        img = to_rgb(img)
-        S = self.image_size
-        if img.size != (S, S):
-            img = img.resize((S, S), resample=_PIL[self.resample])
-        arr = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) * np.float32(self.rescale_factor)
-        arr = (arr - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        m = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        return (x * s + m) / (self.rescale_factor * 255.0)
-
-
-def preprocessor(pre: dict):
-    """The image transform a model directory's ``preprocess`` dict describes: ``resize: squash`` (HF
-    backbones) -> HFImagePreprocessor; otherwise METER/CLIP's shorter-side resize + center crop."""
-    if pre.get("resize") == "squash":
-        return HFImagePreprocessor(pre["image_size"], pre["mean"], pre["std"], pre.get("resample", "bicubic"),
-                                   pre.get("rescale_factor", 1 / 255))
-    from ..data.preprocess import ImagePreprocessor
-
-    return ImagePreprocessor(pre["image_size"], pre["mean"], pre["std"])
+            "source": "preprocessor_config.json" if proc else f"{dflt['name']} processor defaults"}
 
 
 # ----- config and weights of a HF directory -----------------------------------------------------------
@@ -236,3 +172,40 @@ def load_hf_tokenizer(model_dir, vocab_size: int):
     if len(tok) > vocab_size:
         raise SmartTrimError(f"{d}: tokenizer has {len(tok)} tokens but the text embeddings only {vocab_size}")
     return tok
+
+
+# ----- what every family read from a transformers directory shares ------------------------------------
+class HFFamily(Family):
+    """A family whose checkpoints are transformers directories: the architecture from config.json, the
+    directory's own tokenizer, preprocessing from its processor config (``processor_defaults``: what
+    transformers' image processor assumes where the config says nothing). A subclass gives
+    ``config_from_hf(hf, source)`` and ``from_dir(source, hf, image_size, tokenizer, answers)`` ->
+    (model, info with labels, files, source_image_size, ignored_keys)."""
+
+    processor_defaults: dict = {}
+
+    def config_from_hf(self, hf: dict, source: str):
+        raise NotImplementedError
+
+    def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
+        raise NotImplementedError
+
+    def load(self, source: Path, *, image_size=None, tokenizer=None, answers=None, task=None,
+             hf_config=None) -> Loaded:
+        hf = hf_config or read_hf_config(source)
+        tok = self.load_tokenizer(source, tokenizer, self.config_from_hf(hf, str(source)))
+        model, info = self.from_dir(source, hf, image_size=image_size, tokenizer=tok, answers=answers)
+        c = model.config
+        return Loaded(model, tok, info["labels"],
+                      preprocess_config(source, self.processor_defaults, c.image_size, c.max_text_len),
+                      f"hf-{hf['architectures'][0]}", info["files"], info["source_image_size"], info["ignored_keys"],
+                      info)
+
+    def load_tokenizer(self, source: Path, override=None, config=None):
+        return load_hf_tokenizer(Path(override) if override else source, config.vocab_size)
+
+    def default_preprocess(self, config) -> dict:
+        d = self.processor_defaults
+        return {"image_size": config.image_size, "mean": list(d["mean"]), "std": list(d["std"]),
+                "max_text_len": config.max_text_len, "resize": "squash", "resample": d["resample"],
+                "rescale_factor": 1 / 255}
