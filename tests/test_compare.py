@@ -199,3 +199,23 @@ def test_nlvr2_two_images_per_input(tmp_path):
         assert all(s in (0.0, 1.0) for s in m["per_input"]["score"])
     for m in rep["methods"][2:]:
         assert m["matched"], (m["name"], m["gmacs_ratio"], m["target_ratio"])
+
+
+# targets above each tiny model's floor (the default placements' cost with every droppable token dropped)
+@pytest.mark.parametrize("family, ratio", [("vilt", 0.8), ("blip", 0.9)])
+def test_hugging_face_families(tmp_path, family, ratio):
+    """Nothing in compare is METER's: a ViLT and a BLIP VQA directory, attached, against two baselines."""
+    from tiny_hf import write_tiny_blip, write_tiny_vilt
+
+    src = (write_tiny_vilt if family == "vilt" else write_tiny_blip)(tmp_path / family)
+    r = runner.invoke(app, ["attach", str(src), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    res, out = invoke([str(tmp_path / "m"), "--dataset", "easyvqa", "--limit", "8", "--calib-limit", "8",
+                       "--baselines", "evit,tome", "--ratios", str(ratio), *FAST, "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, out
+    rep = report_at(tmp_path / "c.json")
+    assert missing_fields(rep) == [] and rep["settings"]["n_inputs"] == 8
+    at = [m for m in rep["methods"] if m["target_ratio"] == ratio]
+    assert [m["family"] for m in at] == ["evit", "tome"]
+    for m in at:
+        assert m["matched"] and m["gmacs_ratio"] < ratio + 0.05, (m["name"], m["gmacs_ratio"])
