@@ -103,7 +103,7 @@ class EvalSet:
     def evaluate(self, name: str, run, per_input: bool = False, **info) -> dict:
         """Run every batch through ``run(batch) -> (logits, ctx)`` (ctx with cost records) and summarise.
         ``per_input``: the row also holds ``per_input`` = {score, gmacs} lists in input order (paired tests)."""
-        from ..train.losses import score
+        from ..metrics import score
 
         scores, macs, toks = [], [], []
         with torch.no_grad():

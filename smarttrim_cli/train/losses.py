@@ -27,10 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-def is_multilabel(target: torch.Tensor) -> bool:
-    """VQA-style soft-score targets (float [B, L]) vs class ids (integer [B])."""
-    return target.is_floating_point() and target.dim() == 2
+from ..metrics import is_multilabel
 
 
 def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,14 +48,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, multilabel: bool,
 
 def feature_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student_feats.float(), teacher_feats.detach().float())
-
-
-def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-input task score: VQA score (soft score of the argmax) or accuracy."""
-    pred = logits.argmax(-1)
-    if is_multilabel(target):
-        return target.float().gather(1, pred.unsqueeze(1)).squeeze(1)
-    return (pred == target.long()).float()
 
 
 @dataclass

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .losses import distill_loss, score, task_loss
+from ..metrics import score
+from .losses import distill_loss, task_loss
 
 # ----- image-text matching (retrieval) -------------------------------------------------------------------
 ITC_TEMP = 0.07           # BLIP's initial ITC temperature (transformers' BLIP checkpoints do not store the learnt one)
