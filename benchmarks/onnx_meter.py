@@ -42,6 +42,7 @@ from smarttrim_cli.export.onnx_export import TrimmedGraph, export_onnx, graph_ar
 from smarttrim_cli.export.ort_session import feeds_for, make_session
 from smarttrim_cli.export.quantize import quantize_int8
 from smarttrim_cli.export.validate import encode_images, encode_texts, scene_image
+from smarttrim_cli.model_dir import LoadedModel
 from smarttrim_cli.trim.cost import total_macs
 
 # threshold of the "keep everything" setting (decisions are x > logit(t): logit(1e-30) = -69). The run in
@@ -66,10 +67,10 @@ def build(image_size: int, seed: int = 0, tiny: bool = False) -> MeterModel:
 
 
 def inputs(model) -> list[dict]:
-    out = []
+    out, lm = [], LoadedModel.in_memory(model)  # built in code: the family's preprocessing, byte-level ids
     for i, q in enumerate(QUESTIONS):
-        ids, mask = encode_texts(model, [q])
-        out.append({"pixel_values": encode_images(model, [scene_image(model.config.image_size, i)]),
+        ids, mask = encode_texts(lm, [q])
+        out.append({"pixel_values": encode_images(lm, [scene_image(model.config.image_size, i)]),
                     "input_ids": ids, "attention_mask": mask})
     return out
 
@@ -187,11 +188,12 @@ def main():
     wd = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="onnx_meter-"))
     wd.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    trimmed = export_onnx(model, wd / "trimmed.onnx", mode="hard", exporter=a.exporter, opset=a.opset)
+    lm = LoadedModel.in_memory(model)
+    trimmed = export_onnx(lm, wd / "trimmed.onnx", mode="hard", exporter=a.exporter, opset=a.opset)
     log(f"exported trimmed graph ({trimmed.exporter}{', fallback: ' + trimmed.fallback_reason if trimmed.fallback_reason else ''}) "
         f"in {time.perf_counter() - t:.0f}s, {trimmed.size_bytes / 1e9:.2f} GB")
     t = time.perf_counter()
-    full = export_onnx(model, wd / "full.onnx", mode="full", exporter=trimmed.exporter, opset=a.opset)
+    full = export_onnx(lm, wd / "full.onnx", mode="full", exporter=trimmed.exporter, opset=a.opset)
     log(f"exported full graph in {time.perf_counter() - t:.0f}s")
     t = time.perf_counter()
     q = quantize_int8(trimmed.path, wd / "trimmed.int8.onnx")

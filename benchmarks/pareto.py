@@ -230,9 +230,10 @@ def run(args) -> dict:
         timings[f"smarttrim@{r:g}_s"] = time.time() - t
 
     # evaluation data and the base model
-    base = load(pe.base_dir, mode="hard")  # the full model; evit-ft calibrates its keep ratio on it
+    base_loaded = load(pe.base_dir, mode="hard")
+    base = base_loaded.model  # the full model; evit-ft calibrates its keep ratio on it
     limit = args.limit or p.budget["trim"]["val_limit"]
-    ev, cal = eval_data(p, base, limit, args.calib_inputs, args.batch_size)
+    ev, cal = eval_data(p, base_loaded, limit, args.calib_inputs, args.batch_size)
     ev.set_full_gmacs(base)
     _say(f"evaluating on {len(ev)} validation inputs ({p.val_split}); baselines calibrate on {sum(len(b['target']) for b in cal)}")
 
@@ -270,12 +271,12 @@ def run(args) -> dict:
     t = time.time()
     _say("evaluating: full, control, SmartTrim, evit-ft, training-free baselines")
     full = ev.evaluate("full (base)", lambda b: base.run(b, mode="full", record=True), family="full")
-    ctl = load(p0.root / ctl_name, mode="hard")
+    ctl = load(p0.root / ctl_name, mode="hard").model
     control = ev.evaluate("full + equal-steps fine-tune (control)", lambda b: ctl.run(b, mode="full", record=True),
                           family="control")
     rows = []
     for r in ratios:
-        m = load(st_dirs[r], mode="hard")
+        m = load(st_dirs[r], mode="hard").model
         saved, thr = float(m.threshold), smarttrim_threshold(m, cal, r)
         m.threshold = m.trim_config.threshold = thr
         rows.append(ev.evaluate(f"SmartTrim @{r:g}", lambda b, m=m: m.run(b, mode="hard", record=True),
@@ -283,7 +284,7 @@ def run(args) -> dict:
         _print_row(rows[-1], full, control)
     for r in sorted(evit_dirs, reverse=True):
         if r in evit_dirs:
-            m = load(evit_dirs[r], mode="hard")
+            m = load(evit_dirs[r], mode="hard").model
             bl = EViTFinetuned.from_dir(evit_dirs[r])
             trained_keep = bl.keep_ratio
             bl.calibrate(m, cal, r, tol=0.01, strict=False)

@@ -47,9 +47,8 @@ from smarttrim_cli.model_dir import load  # noqa: E402
 
 
 def decisions(p, run: str):
-    base = load(p.base_dir, mode="hard")
-    ev, _ = eval_data(p, base, 256, 8, 64)
-    m = load(p.root / run, mode="hard")
+    ev, _ = eval_data(p, load(p.base_dir, mode="hard"), 256, 8, 64)
+    m = load(p.root / run, mode="hard").model
     m.threshold = m.trim_config.threshold = 0.5
     heads, tokens = {}, {}
     for b in ev.batches[:4]:
@@ -66,21 +65,22 @@ def decisions(p, run: str):
 def scores(p, run: str, ref: str, limit: int):
     from smarttrim_cli.baselines import get_baseline
 
-    base = load(p.base_dir, mode="hard")
-    ev, cal = eval_data(p, base, limit, 128, 64)
+    loaded_base = load(p.base_dir, mode="hard")
+    base = loaded_base.model
+    ev, cal = eval_data(p, loaded_base, limit, 128, 64)
     ev.set_full_gmacs(base)
 
     def show(row):
         print(f"{row['name']:42s} {row['accuracy']:6.2f}%  ratio {row['gmacs_ratio']:.3f}  "
               f"image tokens {row['image_tokens_mean']:.1f}", flush=True)
 
-    m = load(p.root / run, mode="hard")
+    m = load(p.root / run, mode="hard").model
     m.threshold = m.trim_config.threshold = 0.5
     show(ev.evaluate(f"{run} at threshold 0.5", lambda b: m.run(b, mode="hard", record=True)))
     for k in (0.3, 0.35, 0.4, 0.45):
         show(ev.evaluate(f"{run}, own scores, keep share {k}",
                          lambda b, k=k: m.run(b, mode="hard", record=True, keep_ratio=k)))
-    for name, model in ((run, m), (ref, load(p.root / ref, mode="hard"))):
+    for name, model in ((run, m), (ref, load(p.root / ref, mode="hard").model)):
         rules = [("evit", {}), ("evit-fusion", {})] + ([("evit", {"merge": True})] if model.trim_config.fuse else [])
         for rule, kw in rules:  # merge: the size-weighted token fusion the model was trained with (trim/fusion.py)
             a = get_baseline(rule, **kw).calibrate(model, cal, 0.33, tol=0.02, strict=False).apply(model)
@@ -91,10 +91,9 @@ def floor(p, runs: list[str]):
     from smarttrim_cli.train.rules import lowest_ratio
     from smarttrim_cli.trim.cost import macs_ratio
 
-    base = load(p.base_dir, mode="hard")
-    ev, _ = eval_data(p, base, 256, 8, 64)
+    ev, _ = eval_data(p, load(p.base_dir, mode="hard"), 256, 8, 64)
     for run in runs:
-        m = load(p.root / run, mode="hard")
+        m = load(p.root / run, mode="hard").model
         at_half = torch.cat([macs_ratio(m.run(b, mode="hard", threshold=0.5, record=True)[1].records)
                              for b in ev.batches]).mean().item()
         lowest = sum(lowest_ratio(m, b) * len(b["target"]) for b in ev.batches) / len(ev)
@@ -105,19 +104,20 @@ def floor(p, runs: list[str]):
 def counting(p, runs: list[str], limit: int):
     from collections import Counter
 
-    base = load(p.base_dir, mode="hard")
-    ev, _ = eval_data(p, base, limit, 8, 64)
+    loaded_base = load(p.base_dir, mode="hard")
+    ev, _ = eval_data(p, loaded_base, limit, 8, 64)
     scenes = _scenes(p)
     truth = {q["question_id"]: q["answer"] for sc in scenes["scenes"] for q in sc["questions"] if q["kind"] == "count_all"}
     for run in ["base"] + runs:
-        m = base if run == "base" else load(p.root / run, mode="hard")
+        lm = loaded_base if run == "base" else load(p.root / run, mode="hard")
+        m = lm.model
         diff, i = Counter(), 0
         for b in ev.batches:
             pred = m.run(b, mode="full" if run == "base" else "hard")[0].argmax(-1).tolist()
             for j, k in enumerate(pred):
                 ans = truth.get(ev.ids[i + j])
                 if ans is not None:
-                    label = m.labels[k]
+                    label = lm.labels[k]
                     diff[int(label) - int(ans) if label.isdigit() else "not a number"] += 1
             i += len(pred)
         print(f"{run}: predicted - true count on {sum(diff.values())} count-all questions",
@@ -125,10 +125,11 @@ def counting(p, runs: list[str], limit: int):
 
 
 def thresholds(p, run: str, values: list[float], limit: int):
-    base = load(p.base_dir, mode="hard")
-    ev, _ = eval_data(p, base, limit, 8, 64)
+    loaded_base = load(p.base_dir, mode="hard")
+    base = loaded_base.model
+    ev, _ = eval_data(p, loaded_base, limit, 8, 64)
     ev.set_full_gmacs(base)
-    m = load(p.root / run, mode="hard")
+    m = load(p.root / run, mode="hard").model
     for t in values:
         m.threshold = m.trim_config.threshold = t
         r = ev.evaluate(run, lambda b: m.run(b, mode="hard", record=True))
@@ -142,8 +143,9 @@ def coverage(p, run: str, ref: str | None, limit: int):
     from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned
     from smarttrim_cli.profiling.objects import last_image_keep
 
-    base = load(p.base_dir, mode="hard")
-    ev, _ = eval_data(p, base, limit, 8, 64)
+    loaded_base = load(p.base_dir, mode="hard")
+    base = loaded_base.model
+    ev, _ = eval_data(p, loaded_base, limit, 8, 64)
     grid = base.config.image_size // base.config.patch_size
     patch = base.config.patch_size
     scenes = _scenes(p)
@@ -152,10 +154,10 @@ def coverage(p, run: str, ref: str | None, limit: int):
         centres = [int(o["center"][1] // patch) * grid + int(o["center"][0] // patch) for o in sc["objects"]]
         for q in sc["questions"]:
             by_q[q["question_id"]] = (centres, q["kind"])
-    models = [(run, load(p.root / run, mode="hard"), None)]
+    models = [(run, load(p.root / run, mode="hard").model, None)]
     if ref:
         bl = EViTFinetuned.from_dir(p.root / ref)
-        models.append((ref, load(p.root / ref, mode="hard"), bl))
+        models.append((ref, load(p.root / ref, mode="hard").model, bl))
     for name, m, bl in models:
         runner = bl.apply(m) if bl is not None else None
         by_n, by_kind, i = defaultdict(list), defaultdict(list), 0
@@ -191,13 +193,13 @@ def token_only(p, target: float):
 
     src = p.root / "base-tokonly"
     if not (src / "model.safetensors").is_file():
-        m = load(p.base_dir, mode="hard")
-        cfg = m.smarttrim_config
+        loaded = load(p.base_dir, mode="hard")
+        cfg = loaded.config
         m2 = build(cfg["backbone"], cfg["backbone_config"], dict(cfg["trim"], head_layers={}))
-        missing, unexpected = m2.load_state_dict(m.state_dict(), strict=False)
+        missing, unexpected = m2.load_state_dict(loaded.model.state_dict(), strict=False)
         if missing or not all("head_trimmers" in k for k in unexpected):
             raise SystemExit(f"unexpected weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        save_model_dir(m2, src, tokenizer=m.tokenizer, labels=m.labels)
+        save_model_dir(m2, src, tokenizer=loaded.tokenizer, labels=loaded.labels)
     res = finetune(src, p.root / f"tokonly-r{target:g}", recipe=p.recipe, overrides=trim_overrides(p, target),
                    progress=False)
     print(json.dumps({k: res.summary.get(k) for k in ("final", "calibrated")}, indent=1))

@@ -351,7 +351,8 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
     out = p.root / name
     cfg_file = out / "config.json"
     if not cfg_file.is_file() or cfg_file.stat().st_mtime < p.base_stage.stamp.stat().st_mtime:
-        m = load(p.base_dir, mode="full")
+        loaded = load(p.base_dir, mode="full")
+        m = loaded.model
         torch.manual_seed(0)
         t = TrimConfig.from_dict(m.trim_config.to_dict())  # the base's placement; named streams replaced
         t.token_layers.update(layers)
@@ -362,14 +363,14 @@ def with_trimmers(p: Prepared, token_layers: str | None = None, fuse: bool = Fal
         t.fuse_mode = fuse_mode if fuse else "single"
         t.validate(m.stream_layers(), "with_trimmers")
         m.attach_trimmers(t)
-        cfg = m.smarttrim_config
+        cfg = loaded.config
         # the same backbone weights with fresh trimmers: a full model, its own reference
         derived = derived_config(p.base_dir, cfg, "demo.with_trimmers", trains_trimming=False)
-        save_model_dir(m, out, tokenizer=m.tokenizer, labels=m.labels,
+        save_model_dir(m, out, tokenizer=loaded.tokenizer, labels=loaded.labels,
                        provenance={**inherited_provenance(cfg), **derived["provenance"],
                                    "replaced_token_layers": token_layers, "replaced_head_layers": head_layers,
                                    "fuse": fuse, **({"fuse_mode": fuse_mode} if fuse else {})},
-                       extra={"preprocess": cfg.get("preprocess") or {}})
+                       extra={"preprocess": loaded.preprocess})
         say(f"base with token trimmers at {token_layers or 'the same layers'}"
             f"{f', head trimmers at {head_layers}' if head_layers else ''}{' and fusion' if fuse else ''}: {out}")
     return dataclasses.replace(p, base_name=name, base_key={**p.base_key, "token_layers": layers,
@@ -450,10 +451,11 @@ def evaluate_control(p: Prepared, limit: int, console=None) -> dict:
     from .data import open_dataset
     from .profiling.compare import EvalSet
 
-    ctl = load(p.root / control_name(), mode="full")
+    loaded = load(p.root / control_name(), mode="full")
+    ctl = loaded.model
     ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, ctl.config.image_size,
-                      label2id={a: i for i, a in enumerate(ctl.labels)})
-    ev = EvalSet.build(ctl, ds, limit=limit, batch_size=p.budget["baselines"]["batch_size"])
+                      label2id={a: i for i, a in enumerate(loaded.labels)})
+    ev = EvalSet.build(loaded, ds, limit=limit, batch_size=p.budget["baselines"]["batch_size"])
     ev.set_full_gmacs(ctl)
     return ev.evaluate("equal-steps control", lambda b: ctl.run(b, mode="full", record=True), family="control")
 
@@ -519,15 +521,16 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
 
 
 # ----- baselines ---------------------------------------------------------------------------------------
-def eval_data(p: Prepared, model, limit: int, calib_inputs: int, batch_size: int):
+def eval_data(p: Prepared, loaded, limit: int, calib_inputs: int, batch_size: int):
     """(evaluation set of the first ``limit`` validation inputs — the profiled ones —, calibration batches:
-    the next ``calib_inputs`` inputs, or the first ones when the split is too small: benchmarks/pareto.py's rule)."""
+    the next ``calib_inputs`` inputs, or the first ones when the split is too small: benchmarks/pareto.py's rule).
+    ``loaded``: the model_dir.LoadedModel whose labels, tokenizer and image size the inputs are for."""
     from .data import open_dataset
     from .profiling.compare import split_inputs
 
-    label2id = {a: i for i, a in enumerate(model.labels)}
-    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, model.config.image_size, label2id=label2id)
-    ev, cal = split_inputs(model, ds, limit, calib_inputs, batch_size, overlap_ok=True)
+    label2id = {a: i for i, a in enumerate(loaded.labels)}
+    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, loaded.model.config.image_size, label2id=label2id)
+    ev, cal = split_inputs(loaded, ds, limit, calib_inputs, batch_size, overlap_ok=True)
     return ev, cal.batches
 
 
@@ -542,9 +545,9 @@ def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) ->
     root = p.root
     b = p.budget["baselines"]
     base = load(root / "base", mode="hard")
-    trimmed = load(root / "trimmed", mode="hard")
+    trimmed = load(root / "trimmed", mode="hard").model
     ev, cal = eval_data(p, base, limit, b["calib_inputs"], b["batch_size"])
-    res = compare.compare_models(trimmed, base, ev, cal, target=target_ratio, full_name="full (base)",
+    res = compare.compare_models(trimmed, base.model, ev, cal, target=target_ratio, full_name="full (base)",
                                  smarttrim_info={"target_ratio": p.settings.target_ratio}, console=console)
     full, rows = res["full"], [res["smarttrim"]] + res["baselines"]
     for r in [full] + rows:  # summary rows; the per-input scores are `smarttrim compare`'s

@@ -9,7 +9,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 
 from . import __version__
@@ -99,17 +101,63 @@ def read_config(path) -> dict:
     return cfg
 
 
-def image_preprocessor(model):
-    """The image transform the model was trained with, from its config.json ``preprocess`` entry
-    (CLIP mean/std with shorter-side resize and centre crop for METER; the processor config's for
-    BLIP/ViLT). Readers use it so that every backbone sees its own normalisation."""
-    from .preprocess import preprocessor
+@dataclass
+class LoadedModel:
+    """A trimmed-model directory in memory: what ``load`` returns.
 
-    pre = dict((getattr(model, "smarttrim_config", None) or {}).get("preprocess") or {})
-    if not pre.get("mean"):
-        return None
-    pre.setdefault("image_size", model.config.image_size)
-    return preprocessor(pre)
+    ``model``: the TrimmableModel (eval, in the execution mode ``load`` was given; ``threshold`` and the trim
+    config are its own state). ``tokenizer``: from ``tokenizer/`` (None without one). ``labels``: the answer
+    names (None when the directory has none). ``config``: the whole config.json ({} for a model built in code).
+    ``source``: the directory (None for a model built in code).
+
+    ``preprocess`` is config.json's ``preprocess`` entry ({} when absent), written by ``attach`` from the family:
+    ``image_size`` (int), ``mean`` / ``std`` (3 floats), ``resize`` ("squash": square resize; otherwise
+    shorter-side resize and centre crop), ``max_text_len`` (int), and for square resizes ``resample`` and
+    ``rescale_factor``.
+    """
+
+    model: Any
+    tokenizer: Any = None
+    labels: Optional[list] = None
+    config: dict = field(default_factory=dict)
+    source: Optional[Path] = None
+
+    @classmethod
+    def in_memory(cls, model, tokenizer=None, labels=None) -> "LoadedModel":
+        """A model built in code: no directory, so preprocessing falls back on its family's."""
+        return cls(model=model, tokenizer=tokenizer, labels=labels)
+
+    @property
+    def preprocess(self) -> dict:
+        return self.config.get("preprocess") or {}
+
+    @property
+    def max_text_len(self) -> int:
+        """Texts are cut at this many tokens: the ``preprocess`` entry's, else the backbone config's."""
+        return int(self.preprocess.get("max_text_len") or self.model.config.max_text_len)
+
+    def image_preprocessor(self):
+        """The image transform the model was trained with, from the ``preprocess`` entry (CLIP mean/std with
+        shorter-side resize and centre crop for METER; the processor config's for BLIP/ViLT), or None (the
+        data readers' default) when the entry has no mean. Readers use it so that every backbone sees its
+        own normalisation."""
+        from .preprocess import preprocessor
+
+        pre = dict(self.preprocess)
+        if not pre.get("mean"):
+            return None
+        pre.setdefault("image_size", self.model.config.image_size)
+        return preprocessor(pre)
+
+    def full_preprocess(self) -> dict:
+        """The ``preprocess`` entry completed key by key by the family's defaults (a model built in code has
+        only those)."""
+        from .backbones import family_of
+
+        p = dict(self.preprocess)
+        for k, v in family_of(self.model).default_preprocess(self.model.config).items():
+            p.setdefault(k, v)
+        return p
 
 
 def load_tokenizer(path):
@@ -124,11 +172,9 @@ def load_tokenizer(path):
         raise SmartTrimError(f"{tok_dir}: cannot load tokenizer ({type(e).__name__}: {e})".split("\n")[0]) from None
 
 
-def load(path=None, mode: str = "hard", device="cpu"):
-    """Load a trimmed-model directory; returns the model in eval and ``mode`` ('hard': inference).
-
-    Attributes added: ``tokenizer`` (or None), ``labels``, ``smarttrim_config`` (the config.json dict).
-    """
+def load(path=None, mode: str = "hard", device="cpu") -> LoadedModel:
+    """Load a trimmed-model directory (default: the latest one written); the model is in eval, on ``device``,
+    in execution ``mode`` ('hard': inference; 'soft': training; 'full': trimmers off)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -148,9 +194,6 @@ def load(path=None, mode: str = "hard", device="cpu"):
     if missing or unexpected:
         raise SmartTrimError(f"{wpath}: weights do not match config.json "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tokenizer = load_tokenizer(path)
-    model.labels = cfg.get("labels")
-    model.smarttrim_config = cfg
-    model.source_dir = path
     model.mode = mode
-    return model.to(device).eval()
+    return LoadedModel(model=model.to(device).eval(), tokenizer=load_tokenizer(path), labels=cfg.get("labels"),
+                       config=cfg, source=path)

@@ -31,9 +31,10 @@ def test_attach_writes_model_dir_that_load_reads(tmp_path, monkeypatch):
     assert cfg["backbone"] == "meter" and cfg["task"] == "vqa"
     assert cfg["provenance"]["source_sha256"] and len(cfg["provenance"]["source_sha256"]) == 64
     assert (out / "model.safetensors").is_file() and (out / "tokenizer").is_dir()
-    model = smarttrim_cli.load()  # no path: the one attach just wrote
-    assert model.source_dir.resolve() == out.resolve() and model.mode == "hard"
-    assert model.tokenizer is not None and len(model.token_trimmers) > 0 and len(model.head_trimmers) > 0
+    loaded = smarttrim_cli.load()  # no path: the one attach just wrote
+    model = loaded.model
+    assert loaded.source.resolve() == out.resolve() and model.mode == "hard"
+    assert loaded.tokenizer is not None and len(model.token_trimmers) > 0 and len(model.head_trimmers) > 0
     b = batch(model)
     with torch.no_grad():
         full, _ = model.run(b, mode="full")
@@ -55,7 +56,7 @@ def test_attach_options_and_recipe(tmp_path):
     assert cfg["trim"]["token_layers"] == {"vision": [1], "text": [], "xtext": [], "ximage": [1]}
     assert cfg["trim"]["head_layers"]["ximage"] == [0] and cfg["trim"]["threshold"] == 0.4
     assert cfg["backbone_config"]["image_size"] == 48
-    m = smarttrim_cli.load(tmp_path / "out")
+    m = smarttrim_cli.load(tmp_path / "out").model
     assert sorted(m.token_trimmers) == ["vision_1", "ximage_1"]
     assert sorted(m.head_trimmers) == sorted(["xtext_1_cross", "xtext_1_self", "ximage_0_cross", "ximage_0_self"])
     assert cfg["trim"]["fuse"] is False and not m.trim_config.fuse and "fused" not in r.output
@@ -63,25 +64,25 @@ def test_attach_options_and_recipe(tmp_path):
     recipe.write_text(recipe.read_text() + "  fuse: true\n")
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "fused", "--recipe", recipe)
     assert r.exit_code == 0, r.output
-    assert smarttrim_cli.load(tmp_path / "fused").trim_config.fuse and "dropped tokens fused" in r.output
+    assert smarttrim_cli.load(tmp_path / "fused").model.trim_config.fuse and "dropped tokens fused" in r.output
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "unfused", "--recipe", recipe, "--no-fuse")
     assert r.exit_code == 0, r.output
-    assert not smarttrim_cli.load(tmp_path / "unfused").trim_config.fuse
+    assert not smarttrim_cli.load(tmp_path / "unfused").model.trim_config.fuse
     # streams a recipe does not name keep the backbone's default placement
     partial = tmp_path / "partial.yaml"
     partial.write_text("trim:\n  token_layers: {vision: [0]}\n")
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "partial", "--recipe", partial)
     assert r.exit_code == 0, r.output
     assert _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "plain").exit_code == 0
-    dflt = smarttrim_cli.load(tmp_path / "plain").trim_config.token_layers
+    dflt = smarttrim_cli.load(tmp_path / "plain").model.trim_config.token_layers
     got = json.loads((tmp_path / "partial" / "config.json").read_text())["trim"]["token_layers"]
     assert got["vision"] == [0] and {k: v for k, v in got.items() if k != "vision"} == {
         k: v for k, v in dflt.items() if k != "vision"} and dflt["vision"] != [0]
     # the fusion rule: single unless the recipe or --fuse-mode says nearest; an unknown one is a one-line error
-    assert smarttrim_cli.load(tmp_path / "fused").trim_config.fuse_mode == "single"
+    assert smarttrim_cli.load(tmp_path / "fused").model.trim_config.fuse_mode == "single"
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "nearest", "--recipe", recipe, "--fuse-mode", "nearest")
     assert r.exit_code == 0, r.output
-    assert smarttrim_cli.load(tmp_path / "nearest").trim_config.fuse_mode == "nearest" and "(nearest)" in r.output
+    assert smarttrim_cli.load(tmp_path / "nearest").model.trim_config.fuse_mode == "nearest" and "(nearest)" in r.output
     r = _attach(tmp_path / "meter.ckpt", "-o", tmp_path / "bad", "--recipe", recipe, "--fuse-mode", "closest")
     assert r.exit_code != 0 and "fuse_mode must be one of single, nearest" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad").exists()

@@ -170,8 +170,9 @@ def test_attach_cli_vqa_and_retrieval(vqa_dir, itm_dir, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["backbone"] == "blip" and cfg["labels"] == ANSWERS
     assert cfg["preprocess"]["resize"] == "squash" and cfg["preprocess"]["image_size"] == 32
-    m = smarttrim_cli.load(out)
-    assert m.tokenizer is not None and len(m.head_trimmers) > 0
+    loaded = smarttrim_cli.load(out)
+    m = loaded.model
+    assert loaded.tokenizer is not None and len(m.head_trimmers) > 0
     b = batch(m.config, pad_rows=())
     hf = hf_model(vqa_dir)
     with torch.no_grad():
@@ -186,7 +187,7 @@ def test_attach_cli_vqa_and_retrieval(vqa_dir, itm_dir, tmp_path):
     out2 = tmp_path / "itm"
     r = runner.invoke(app, ["attach", str(itm_dir), "-o", str(out2), "--task", "retrieval"])
     assert r.exit_code == 0, r.output
-    m2 = smarttrim_cli.load(out2)
+    m2 = smarttrim_cli.load(out2).model
     with torch.no_grad():
         assert torch.allclose(m2.run(b, mode="full")[0], hf_model(itm_dir)(**b).itm_score, atol=1e-5)
 
@@ -210,7 +211,7 @@ def test_finetune_cli(vqa_dir, tmp_path):
                             "--max-steps", "2", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     m = smarttrim_cli.load(ft)
-    assert m.family == "blip" and m.labels == ANSWERS
+    assert m.model.family == "blip" and m.labels == ANSWERS
 
 
 @pytest.mark.parametrize("name,task", [("blip-vqa.yaml", "vqa"), ("blip-retrieval.yaml", "retrieval")])

@@ -139,7 +139,7 @@ def test_no_input_left_for_calibration_is_an_error(tmp_path):
     from smarttrim_cli.profiling.compare import split_inputs
 
     m = load(easyvqa_model(tmp_path), mode="hard")
-    ds = open_dataset("easyvqa", None, "test", m.config.image_size, label2id=m.labels, limit=10)
+    ds = open_dataset("easyvqa", None, "test", m.model.config.image_size, label2id=m.labels, limit=10)
     ev, cal = split_inputs(m, ds, 7, 8, 4)  # the split ends: a shorter calibration set, still apart
     assert ev.indices == list(range(7)) and cal.indices == [7, 8, 9]
     with pytest.raises(SmartTrimError, match="none is left to calibrate"):

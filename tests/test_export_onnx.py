@@ -52,10 +52,11 @@ def varied_model_dir(path: Path, task: str = "vqa", small: bool = False, fuse: b
         tiny_model_dir(path, task, trim_kw={**SMALL["trim"], "fuse": fuse}, **SMALL["kw"])
     else:
         tiny_model_dir(path, task, trim_kw={"fuse": fuse})
-    m = smarttrim_cli.load(path)
-    spread_trimmers(m)
+    loaded = smarttrim_cli.load(path)
+    spread_trimmers(loaded.model)
     cfg = read_config(path)
-    save_model_dir(m, path, tokenizer=m.tokenizer, labels=m.labels, extra={"preprocess": cfg["preprocess"]})
+    save_model_dir(loaded.model, path, tokenizer=loaded.tokenizer, labels=loaded.labels,
+                   extra={"preprocess": cfg["preprocess"]})
     return path
 
 
@@ -99,7 +100,7 @@ def _extra_cases(m):
     return out
 
 
-def _check_graph_matches_torch(path, m):
+def _check_graph_matches_torch(path, loaded):
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     ops = {n.op_type for n in proto.graph.node}
@@ -108,8 +109,8 @@ def _check_graph_matches_torch(path, m):
     assert isinstance(ins["input_ids"][0], str) and isinstance(ins["input_ids"][1], str), ins  # dynamic batch, text
     assert ins["threshold"] == []  # a 0-d graph input
     sess = make_session(path, "cpu", 2)
-    cases = make_cases(m) + _extra_cases(m)
-    rep = validate_against_torch(sess, m, cases, atol=1e-4)
+    cases = make_cases(loaded) + _extra_cases(loaded.model)
+    rep = validate_against_torch(sess, loaded.model, cases, atol=1e-4)
     assert rep.ok, [c for c in rep.checks if not c.ok]
     # the inputs really ran with different token counts (else the test could not see a frozen shape)
     counts = {tuple(c.kept_tokens) for c in rep.cases}
@@ -123,7 +124,7 @@ def _check_graph_matches_torch(path, m):
 
 def test_dynamo_export_equals_torch_hard_mode(tmp_path_factory, tmp_path):
     m = smarttrim_cli.load(module_model_dir(tmp_path_factory, "small", small=True))
-    assert set(m.token_trimmers) == {"text_0", "vision_1", "xtext_0", "ximage_0"}
+    assert set(m.model.token_trimmers) == {"text_0", "vision_1", "xtext_0", "ximage_0"}
     res = export_onnx(m, tmp_path / "dyn.onnx", exporter="dynamo")
     assert res.exporter == "dynamo" and res.fallback_reason is None
     _check_graph_matches_torch(res.path, m)
@@ -140,16 +141,17 @@ def test_export_with_token_fusion_equals_torch(tmp_path_factory, tmp_path, fuse_
     """Token fusion (merge + log-size attention bias) stays dynamic in the graph and matches PyTorch, for both
     merge rules (one catch-all token; each dropped token into the closest kept one)."""
     m = smarttrim_cli.load(module_model_dir(tmp_path_factory, "fused", fuse=True))
-    assert m.trim_config.fuse
-    m.trim_config.fuse_mode = fuse_mode
+    t = m.model.trim_config
+    assert t.fuse
+    t.fuse_mode = fuse_mode
     res = export_onnx(m, tmp_path / "fused.onnx", exporter="legacy")
     rep = _check_graph_matches_torch(res.path, m)
     # fusion changed the function: the same weights without it give other logits on the same inputs
     b = make_cases(m)[0]
     with torch.no_grad():
-        on, _ = m.run(b.batch, mode="hard", threshold=b.threshold)
-        m.trim_config.fuse = False
-        off, _ = m.run(b.batch, mode="hard", threshold=b.threshold)
+        on, _ = m.model.run(b.batch, mode="hard", threshold=b.threshold)
+        t.fuse = False
+        off, _ = m.model.run(b.batch, mode="hard", threshold=b.threshold)
     assert rep.ok and not torch.allclose(on, off, atol=1e-3)
 
 
@@ -187,7 +189,7 @@ def test_frozen_token_count_is_caught(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("smarttrim_cli.backbones.base.kept_order", frozen)
     res = export_onnx(m, tmp_path / "frozen.onnx", exporter="legacy")
     monkeypatch.undo()
-    rep = validate_against_torch(make_session(res.path, "cpu", 2), m, make_cases(m), atol=1e-4)
+    rep = validate_against_torch(make_session(res.path, "cpu", 2), m.model, make_cases(m), atol=1e-4)
     assert not rep.ok
     assert not [c for c in rep.checks if c.name == "logits"][0].ok
 

@@ -50,8 +50,8 @@ def test_tokenizer_from_the_file_equals_the_model_dirs(exported):
     p = OnnxPredictor(path, "cpu", 1)
     texts = ["what color is the circle?", "", "a very long question " * 10]
     ids, mask = p.tokenizer(texts)
-    ref = m.tokenizer(texts, padding="longest", truncation=True, max_length=m.config.max_text_len, return_tensors="np")
-    assert ids.shape[1] == m.config.max_text_len
+    ref = m.tokenizer(texts, padding="longest", truncation=True, max_length=m.model.config.max_text_len, return_tensors="np")
+    assert ids.shape[1] == m.model.config.max_text_len
     assert (ids == ref["input_ids"]).all() and (mask == ref["attention_mask"]).all()
 
 
@@ -73,11 +73,11 @@ def test_predict_without_torch_matches_pytorch(exported, tmp_path):
     from smarttrim_cli.export.validate import encode_images
 
     m = smarttrim_cli.load(md)
-    enc = m.tokenizer([q], truncation=True, max_length=m.config.max_text_len, return_tensors="pt")
+    enc = m.tokenizer([q], truncation=True, max_length=m.model.config.max_text_len, return_tensors="pt")
     b = {"pixel_values": encode_images(m, [Image.open(img)]), "input_ids": enc["input_ids"],
          "attention_mask": enc["attention_mask"]}
     with torch.no_grad():
-        logits, ctx = m.run(b, mode="hard", threshold=0.45, record=True)
+        logits, ctx = m.model.run(b, mode="hard", threshold=0.45, record=True)
     probs = torch.sigmoid(logits[0]).numpy()
     order = np.argsort(-probs)
     assert [pr["label"] for pr in got["predictions"]] == [m.labels[i] for i in order]

@@ -10,6 +10,7 @@ test_vilt.py. A new family adds its case here.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def vary(m, seed=0, fuse=False):
 
 
 def model(attached, case, fuse=False):
-    return vary(smarttrim_cli.load(attached(case)[0]), fuse=fuse)
+    return vary(smarttrim_cli.load(attached(case)[0]).model, fuse=fuse)
 
 
 class _Forward(torch.nn.Module):
@@ -228,11 +229,13 @@ def test_onnx_equals_torch_hard_mode(attached, case, tmp_path):
     from smarttrim_cli.export.ort_session import make_session
     from smarttrim_cli.export.validate import Case, make_cases, validate_against_torch
 
+    path = attached(case)[0]
     m = model(attached, case)
-    m.smarttrim_config = {}  # built in code: the export falls back on the family's own preprocessing
-    export_onnx(m, tmp_path / "m.onnx", exporter="legacy")  # the dynamo exporter: test_export_onnx.py
+    # no config.json entries (as for a model built in code): the export falls back on the family's own preprocessing
+    lm = dataclasses.replace(smarttrim_cli.load(path), model=m, config={})
+    export_onnx(lm, tmp_path / "m.onnx", exporter="legacy")  # the dynamo exporter: test_export_onnx.py
     # real images and questions at several lengths, plus random ids: a one-token text, padded batches
-    cases = make_cases(m, [0.3, 0.5]) + [Case(f"random B={B} T={T}", batch(m, B=B, T=T, seed=T, pad=B > 1), 0.5)
+    cases = make_cases(lm, [0.3, 0.5]) + [Case(f"random B={B} T={T}", batch(m, B=B, T=T, seed=T, pad=B > 1), 0.5)
                                          for B, T in ((1, 1), (3, 5), (2, 11))]
     rep = validate_against_torch(make_session(tmp_path / "m.onnx", device="cpu"), m, cases, atol=1e-4)
     assert rep.ok, [c for c in rep.checks if not c.ok]
@@ -261,7 +264,7 @@ def test_attention_weights_are_the_ones_the_layers_use(attached, case, monkeypat
     the reader's attention whose keys are these tokens (``cross``)."""
     import smarttrim_cli.nn.layers as layers
 
-    m = smarttrim_cli.load(attached(case)[0])
+    m = smarttrim_cli.load(attached(case)[0]).model
     calls = []
     real = layers.multi_head_attention
 
@@ -301,7 +304,7 @@ def test_attention_weights_are_the_ones_the_layers_use(attached, case, monkeypat
 def test_new_head_gives_the_outputs_asked_or_a_one_line_error(attached, case):
     from smarttrim_cli.errors import SmartTrimError
 
-    m = smarttrim_cli.load(attached(case)[0])
+    m = smarttrim_cli.load(attached(case)[0]).model
     try:
         m.new_head(5)
     except SmartTrimError as e:
@@ -316,7 +319,7 @@ def test_new_head_gives_the_outputs_asked_or_a_one_line_error(attached, case):
 @pytest.mark.parametrize("case", CASES)
 def test_attach_then_load_is_bit_exact(attached, case):
     path, at = attached(case)
-    loaded = smarttrim_cli.load(path)
+    loaded = smarttrim_cli.load(path).model
     sa, sl = at.state_dict(), loaded.state_dict()
     assert sa.keys() == sl.keys() and all(torch.equal(sa[k], sl[k]) for k in sa)
     assert at.trim_config.to_dict() == loaded.trim_config.to_dict()
@@ -345,7 +348,7 @@ BASELINES = {"random": {}, "evit": {}, "evit-fusion": {}, "evit-text": {"guide":
 def test_baseline_runs_meets_its_calibrated_ratio_and_fvcore(attached, case, name):
     from smarttrim_cli.baselines import get_baseline, measure
 
-    m = smarttrim_cli.load(attached(case)[0]).eval()
+    m = smarttrim_cli.load(attached(case)[0]).model.eval()
     batches = [batch(m, B=3, seed=s) for s in (21, 22)]
     base = name.split("-")[0] if name in ("evit-text", "tome-keys") else name
     make = lambda **kw: get_baseline(base, **{**BASELINES[name], **kw})  # noqa: E731
@@ -393,7 +396,7 @@ def test_finetuned_evit_trains_and_runs(attached, case, tmp_path):
     finetune(src, tmp_path / "ft", overrides={"dataset": "easyvqa", "limit": 8, "max_steps": 2, "batch_size": 4},
              device="cpu", progress=False, rule=EViTRule(0.5), new_head=not labelled)
     bl = EViTFinetuned.from_dir(tmp_path / "ft")
-    m = smarttrim_cli.load(tmp_path / "ft")
+    m = smarttrim_cli.load(tmp_path / "ft").model
     with torch.no_grad():
         out, ctx = bl.apply(m).run(batch(m, B=1, pad=False), record=True)
     assert out.shape[0] == 1 and torch.isfinite(out).all()

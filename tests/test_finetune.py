@@ -63,9 +63,10 @@ def test_loss_falls_and_ratio_follows_curriculum(tmp_path):
     # outputs: a model directory that load() takes, log, plot, summary
     out = res.output
     import smarttrim_cli
-    m = smarttrim_cli.load(out)
+    loaded = smarttrim_cli.load(out)
+    m = loaded.model
     assert m.threshold == pytest.approx(cal["threshold"]) and m.trim_config.threshold == m.threshold
-    assert m.labels == ["red", "green", "blue", "yes", "no"] and m.smarttrim_config["finetune"]["mode"] == "smarttrim"
+    assert loaded.labels == ["red", "green", "blue", "yes", "no"] and loaded.config["finetune"]["mode"] == "smarttrim"
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "finetune_log.jsonl").read_text().splitlines()]
     assert rows[0]["event"] == "val_full" and rows[1]["event"] == "step"
@@ -92,11 +93,12 @@ def test_target_below_the_placements_floor_is_reported(tmp_path):
     assert u is not None and u["target"] == 0.01 and 0.01 < u["lowest_ratio"] < 1.0
     assert [r for r in res.history if r["event"] == "unreachable_target"] == [u]
     # it is the floor: at that threshold every trimmer keeps only [CLS], and no threshold goes lower
-    m = smarttrim_cli.load(model, mode="hard")
+    loaded = smarttrim_cli.load(model, mode="hard")
+    m = loaded.model
     from smarttrim_cli.data import open_dataset
     from smarttrim_cli.profiling.compare import EvalSet
-    ds = open_dataset("vqa", data, "val2014", m.config.image_size, label2id={a: i for i, a in enumerate(m.labels)})
-    batch = EvalSet.build(m, ds, limit=8, batch_size=8).batches[0]
+    ds = open_dataset("vqa", data, "val2014", m.config.image_size, label2id={a: i for i, a in enumerate(loaded.labels)})
+    batch = EvalSet.build(loaded, ds, limit=8, batch_size=8).batches[0]
     low = lowest_ratio(m, batch)
     _, ctx = m.run(batch, mode="hard", record=True, threshold=1 - 1e-6)
     assert all(int(v.sum(1).max()) == 1 for k, v in ctx.decisions.items() if k.startswith("tok:"))

@@ -217,7 +217,7 @@ def test_label_count_mismatch_needs_new_head(tmp_path):
     assert cfg["backbone_config"]["num_labels"] == 13 and len(cfg["labels"]) == 13
     import smarttrim_cli
     m = smarttrim_cli.load(tmp_path / "o")
-    assert m.head()[-1].out_features == 13 and m.labels[0] == "black"
+    assert m.model.head()[-1].out_features == 13 and m.labels[0] == "black"
 
 
 def test_vqa_model_without_labels_builds_vocabulary(tmp_path):

@@ -163,7 +163,7 @@ def test_teacher_is_the_current_or_the_starting_weights(tmp_path, teacher):
     from smarttrim_cli.train.rules import LearnedTrimmers
     from smarttrim_cli.train.step import TrainStep
 
-    m = smarttrim_cli.load(model_for(tmp_path, "vqa"), mode="soft").train()
+    m = smarttrim_cli.load(model_for(tmp_path, "vqa"), mode="soft").model.train()
     g = torch.Generator().manual_seed(0)
     B, c = 3, m.config
     pix = torch.randn(B, 3, c.image_size, c.image_size, generator=g)

@@ -111,10 +111,11 @@ def test_evalset_batched_costs_equal_batch_one_and_objects_attached(scene_model,
     from smarttrim_cli.baselines import get_baseline
     from smarttrim_cli.data import open_dataset
     from smarttrim_cli.profiling.compare import EvalSet, markdown_table
-    m = load(scene_model, mode="hard")
-    ds = open_dataset("vqa", scenes, "val", 64, label2id={a: i for i, a in enumerate(m.labels)})
-    ev = EvalSet.build(m, ds, limit=10, batch_size=4)
-    ev1 = EvalSet.build(m, ds, limit=10, batch_size=1)
+    loaded = load(scene_model, mode="hard")
+    m = loaded.model
+    ds = open_dataset("vqa", scenes, "val", 64, label2id={a: i for i, a in enumerate(loaded.labels)})
+    ev = EvalSet.build(loaded, ds, limit=10, batch_size=4)
+    ev1 = EvalSet.build(loaded, ds, limit=10, batch_size=1)
     assert len(ev) == 10 and all(isinstance(o, int) and 1 <= o <= 6 for o in ev.objects)
     full = ev.set_full_gmacs(m)
     assert ev1.set_full_gmacs(m) == pytest.approx(full, rel=1e-9)  # padding is not counted
@@ -150,9 +151,10 @@ def test_evit_soft_training_rule_equals_hard_inference_rule(scene_model, scenes)
     from smarttrim_cli.baselines.evit import EViTPolicy
     from smarttrim_cli.data import collate, open_dataset
 
-    m = load(scene_model, mode="hard")
-    ds = open_dataset("vqa", scenes, "val", 64, label2id={a: i for i, a in enumerate(m.labels)})
-    b = collate([ds[i] for i in range(4)], m.tokenizer, 12)
+    loaded = load(scene_model, mode="hard")
+    m = loaded.model
+    ds = open_dataset("vqa", scenes, "val", 64, label2id={a: i for i, a in enumerate(loaded.labels)})
+    b = collate([ds[i] for i in range(4)], loaded.tokenizer, 12)
     b = {k: b[k] for k in ("pixel_values", "input_ids", "attention_mask")}
     names = token_positions(m)
     with torch.no_grad():
@@ -202,7 +204,7 @@ def test_evit_rule_finetune_trains_backbone_only_and_records_its_rule(scene_mode
     assert changed and not any(k.startswith(("token_trimmers.", "head_trimmers.")) for k in changed)
     bl = EViTFinetuned.from_dir(tmp_path / "evit-ft")
     assert bl.keep_ratio == 0.4 and bl.name == "evit-finetuned"
-    m = load(tmp_path / "evit-ft", mode="hard")
+    m = load(tmp_path / "evit-ft", mode="hard").model
     b = {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": torch.tensor([[0, 50, 60, 2]] * 2),
          "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     _, ctx = bl.apply(m).run(b, record=True)

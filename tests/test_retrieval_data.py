@@ -16,7 +16,6 @@ import smarttrim_cli
 from smarttrim_cli.cli import app
 from smarttrim_cli.data import CaptionsDataset, Flickr30kCaptionsDataset, collate, open_dataset
 from smarttrim_cli.errors import SmartTrimError
-from smarttrim_cli.model_dir import image_preprocessor
 from smarttrim_cli.profiling.accuracy import image_to_text_recall, recall_at_k
 from smarttrim_cli.train.objectives import NEGATIVE_ID, itm_batch, itm_negatives
 
@@ -229,13 +228,14 @@ def test_profile_recall_on_coco_captions(itm_model, coco, tmp_path):
     assert rep["accuracy"]["full"] == rec["full"]["recall@1"] and rep["accuracy"]["drop"] == 0.0
 
     # the same recall, computed here: every caption against the 3 distinct images, ITM "match" logit
-    m = smarttrim_cli.load(itm_model)
-    ds = open_dataset("coco-captions", coco, "val", m.config.image_size, preprocess=image_preprocessor(m))
+    loaded = smarttrim_cli.load(itm_model)
+    m = loaded.model
+    ds = open_dataset("coco-captions", coco, "val", m.config.image_size, preprocess=loaded.image_preprocessor())
     images = [ds[i] for i in (0, 2, 4)]
     scores = torch.zeros(6, 3)
     with torch.no_grad():
         for t in range(6):
-            b = collate([dict(img, text=ds[t]["text"]) for img in images], m.tokenizer, m.config.max_text_len)
+            b = collate([dict(img, text=ds[t]["text"]) for img in images], loaded.tokenizer, m.config.max_text_len)
             scores[t] = m.run(b, mode="full")[0][:, 1]
     pos = [0, 0, 1, 1, 2, 2]
     for k, v in recall_at_k(scores, pos).items():
@@ -274,10 +274,11 @@ def test_finetune_itm_on_coco_captions(itm_model, coco, tmp_path):
     steps = [row for row in log if row["event"] == "step"]
     assert len(steps) == 2 and all(np.isfinite(row["task"]) and row["task"] > 0 for row in steps)
     assert "distill" in steps[0] and "cost" in steps[0]                # the SmartTrim objective, unchanged
-    m = smarttrim_cli.load(ft)
-    assert m.family == "blip" and m.config.task == "retrieval" and m.labels == ["no_match", "match"]
+    loaded = smarttrim_cli.load(ft)
+    m = loaded.model
+    assert m.family == "blip" and m.config.task == "retrieval" and loaded.labels == ["no_match", "match"]
     # the ITC projections only pick negatives: not trained
-    src = smarttrim_cli.load(itm_model)
+    src = smarttrim_cli.load(itm_model).model
     assert torch.equal(m.vision_proj.weight, src.vision_proj.weight)
     assert not torch.equal(m.itm_head.weight, src.itm_head.weight)
 
@@ -299,9 +300,10 @@ def test_objective_trains_itm_on_positives_and_negatives(itm_model, coco):
     from smarttrim_cli.train.rules import LearnedTrimmers
     from smarttrim_cli.train.step import TrainStep
 
-    m = smarttrim_cli.load(itm_model, mode="soft").train()
-    ds = open_dataset("coco-captions", coco, "train", m.config.image_size, preprocess=image_preprocessor(m))
-    b = collate([ds[i] for i in range(4)], m.tokenizer, m.config.max_text_len)
+    loaded = smarttrim_cli.load(itm_model, mode="soft")
+    m = loaded.model.train()
+    ds = open_dataset("coco-captions", coco, "train", m.config.image_size, preprocess=loaded.image_preprocessor())
+    b = collate([ds[i] for i in range(4)], loaded.tokenizer, m.config.max_text_len)
     assert b["image_id"].tolist() == [100, 100, 101, 101]
     seen = []
     m.itm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))

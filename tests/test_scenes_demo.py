@@ -100,10 +100,10 @@ def test_demo_scenes_quick_end_to_end_and_reuse(tmp_path, monkeypatch):
     # nearest rule: SmartTrim was fine-tuned from a copy of the base with those trimmers
     import smarttrim_cli
     for name in ("trimmed", "base-vision0.2_fusenearest"):
-        t = smarttrim_cli.load(out / name).trim_config
+        t = smarttrim_cli.load(out / name).model.trim_config
         assert t.fuse and t.fuse_mode == "nearest" and t.token_layers["vision"] == [0, 2], name
-        assert t.token_layers["ximage"] == smarttrim_cli.load(out / "base").trim_config.token_layers["ximage"]
-    t = smarttrim_cli.load(out / "base").trim_config
+        assert t.token_layers["ximage"] == smarttrim_cli.load(out / "base").model.trim_config.token_layers["ximage"]
+    t = smarttrim_cli.load(out / "base").model.trim_config
     assert not t.fuse and t.token_layers["vision"] != [0, 2]
 
     # a second run regenerates and retrains nothing: it goes straight to profiling

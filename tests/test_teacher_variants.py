@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 def _model(model_dir, trimming=True):
     """The tiny model in training mode; ``trimming``: token trimmers at keep logit 0, so that (with the default
     Gumbel noise) the student drops about half of the tokens and differs from the full-capacity teacher."""
-    m = smarttrim_cli.load(model_dir, mode="soft").train()
+    m = smarttrim_cli.load(model_dir, mode="soft").model.train()
     if trimming:
         with torch.no_grad():
             for t in m.token_trimmers.values():

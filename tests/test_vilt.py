@@ -126,8 +126,9 @@ def test_attach_cli_on_hf_directory(vilt_dir, tmp_path, raster_order):
     assert cfg["provenance"]["source_format"] == "hf-ViltForQuestionAnswering"
     assert len(cfg["provenance"]["source_sha256"]) == 64
     assert cfg["preprocess"]["mean"] == [0.5, 0.5, 0.5] and cfg["preprocess"]["max_text_len"] == 16
-    m = smarttrim_cli.load(out)
-    assert m.tokenizer is not None and m.tokenizer("what color is the ball")["input_ids"][1] != 1  # not [UNK]
+    loaded = smarttrim_cli.load(out)
+    m, tok = loaded.model, loaded.tokenizer
+    assert tok is not None and tok("what color is the ball")["input_ids"][1] != 1  # not [UNK]
     assert len(m.token_trimmers) > 0 and len(m.head_trimmers) > 0
     b = batch(m.config)
     with torch.no_grad():

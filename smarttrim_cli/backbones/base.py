@@ -238,7 +238,7 @@ class TrimmableModel(nn.Module):
         super().__init__()
         self.token_trimmers = nn.ModuleDict()
         self.head_trimmers = nn.ModuleDict()
-        self.mode = "full"
+        self.mode = "full"  # the execution mode a context defaults to (model_dir.load sets the one asked for)
         self.threshold = 0.5
         self.last_ctx: TrimContext | None = None
 

@@ -85,7 +85,7 @@ def open_dataset(name: str, data_dir: str | os.PathLike | None, split: str, imag
     """Open a reader by name: ``vqa``, ``nlvr2``, ``snli``, ``easyvqa``, ``coco-captions`` or ``flickr30k``
     (aliases: vqav2, snli-ve, easy-vqa, coco_captions, flickr ...). ``data_dir=None`` uses
     :func:`default_data_dir`. ``preprocess``: the model's image transform
-    (``model_dir.image_preprocessor(model)``); default METER/CLIP's. ``label2id``: answer vocabulary for
+    (``model_dir.LoadedModel.image_preprocessor()``); default METER/CLIP's. ``label2id``: answer vocabulary for
     vqa/easyvqa (e.g. from the checkpoint), label order for snli; ignored by nlvr2 and the caption readers."""
     key = canonical_name(name)
     explicit = data_dir is not None

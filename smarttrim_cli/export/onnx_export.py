@@ -233,13 +233,13 @@ def _weights_bytes(proto) -> int:
     return total
 
 
-def metadata_for(model, graph, exporter: str, extra: dict | None = None) -> dict:
-    """Key/value strings stored in the ONNX file (``metadata_props``)."""
-    cfg = dict(getattr(model, "smarttrim_config", None) or {})
-    labels = getattr(model, "labels", None)
+def metadata_for(loaded, graph, exporter: str, extra: dict | None = None) -> dict:
+    """Key/value strings stored in the ONNX file (``metadata_props``); ``loaded``: a model_dir.LoadedModel."""
+    model, cfg = loaded.model, dict(loaded.config)
+    labels = loaded.labels
     if labels is None:
         labels = cfg.get("labels")
-    source = getattr(model, "source_dir", None)
+    source = loaded.source
     md = {
         "version": __version__,
         "backbone": model.family,
@@ -324,9 +324,11 @@ def save_onnx(proto, out: Path) -> tuple[int, bool]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def export_onnx(model, out, *, mode: str = "hard", exporter: str = "auto", opset: int = DEFAULT_OPSET,
+def export_onnx(loaded, out, *, mode: str = "hard", exporter: str = "auto", opset: int = DEFAULT_OPSET,
                 metadata: dict | None = None) -> ExportResult:
-    """Export ``model`` (a loaded smarttrim model) to ``out``; ``mode`` hard (trimmed graph) or full."""
+    """Export ``loaded`` (a model_dir.LoadedModel: the model, its preprocessing, labels and tokenizer go into the
+    file's metadata; ``LoadedModel.in_memory`` for a model built in code) to ``out``; ``mode`` hard (trimmed
+    graph) or full."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -335,7 +337,7 @@ def export_onnx(model, out, *, mode: str = "hard", exporter: str = "auto", opset
         raise ValueError(f"mode must be hard or full, got {mode!r}")
     if not 7 <= int(opset) <= 23:
         raise SmartTrimError(f"--opset {opset} is out of the range this exporter supports (7..23)")
-    model = model.eval()
+    model = loaded.model.eval()
     graph = (TrimmedGraph(model) if mode == "hard" else FullGraph(model)).eval()
     args = graph_args(graph, example_batch(model), getattr(model.trim_config, "threshold", 0.5))
     t0 = time.perf_counter()
@@ -362,7 +364,7 @@ def export_onnx(model, out, *, mode: str = "hard", exporter: str = "auto", opset
         raise SmartTrimError(f"{out}: ONNX export failed ({detail})")
     _mark_trimmer_nodes(proto, model, used)
     _strip_debug_metadata(proto)
-    md = metadata_for(model, graph, used, metadata)
+    md = metadata_for(loaded, graph, used, metadata)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, md)
     proto.producer_name = "smarttrim"

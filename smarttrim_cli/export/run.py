@@ -145,10 +145,11 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
     if out.exists() and out.is_dir():
         raise SmartTrimError(f"{out}: is a directory; give the ONNX file to write, e.g. {out / 'model.onnx'}")
     with status("loading the model"):
-        model = load(model_dir, mode="hard")
-    model_dir = str(model.source_dir)
+        loaded = load(model_dir, mode="hard")
+    model = loaded.model
+    model_dir = str(loaded.source)
     with status(f"exporting the trimmed graph to {out} ({exporter} exporter, opset {opset})"):
-        res = export_onnx(model, out, mode="hard", exporter=exporter, opset=opset)
+        res = export_onnx(loaded, out, mode="hard", exporter=exporter, opset=opset)
     report = ExportReport(model_dir, res)
     need_sessions = validate or timing or quantize
     if not need_sessions:
@@ -156,7 +157,7 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
     sess = make_session(out, device, threads)
     report.device = session_device(sess)
     report.threads = sess.get_session_options().intra_op_num_threads
-    cases = make_cases(model, thresholds)
+    cases = make_cases(loaded, thresholds)
     if validate:
         with status(f"validating in onnxruntime against PyTorch hard mode on {len(cases)} inputs"):
             report.validation = validate_against_torch(sess, model, cases, atol)
@@ -176,7 +177,7 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
         td = Path(tempfile.mkdtemp(prefix=f".{out.name}.full-", dir=out.parent))
         try:
             with status(f"exporting the full (untrimmed) graph for the latency baseline ({res.exporter})"):
-                full = export_onnx(model, td / "full.onnx", mode="full", exporter=res.exporter, opset=opset)
+                full = export_onnx(loaded, td / "full.onnx", mode="full", exporter=res.exporter, opset=opset)
             f_sess = make_session(full.path, device, threads)
             sessions = {"full": f_sess, "trimmed": sess}
             if q_sess is not None:

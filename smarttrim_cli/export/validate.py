@@ -54,28 +54,19 @@ def blank_image(size: int) -> Image.Image:
     return Image.new("RGB", (max(int(size), 16), max(int(size), 16)), (128, 128, 128))
 
 
-def preprocess_config(model) -> dict:
-    """The model directory's ``preprocess`` entry, completed by its family's defaults (a model built in code)."""
-    from ..backbones import family_of
-
-    p = dict((getattr(model, "smarttrim_config", None) or {}).get("preprocess") or {})
-    for k, v in family_of(model).default_preprocess(model.config).items():
-        p.setdefault(k, v)
-    return p
-
-
-def encode_images(model, images) -> torch.Tensor:
+def encode_images(loaded, images) -> torch.Tensor:
+    """``loaded``: a model_dir.LoadedModel (``LoadedModel.in_memory`` for a model built in code)."""
     from ..preprocess import preprocessor
 
-    pre = preprocessor(preprocess_config(model))  # the model's own transform (CLIP crop or HF squash)
+    pre = preprocessor(loaded.full_preprocess())  # the model's own transform (CLIP crop or HF squash)
     return torch.stack([pre(im) for im in images])
 
 
-def encode_texts(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_texts(loaded, texts) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize as training does (data.collate): pad to the longest, cut at max_text_len."""
-    c = model.config
-    L = int(preprocess_config(model)["max_text_len"])
-    tok = getattr(model, "tokenizer", None)
+    c = loaded.model.config
+    L = int(loaded.full_preprocess()["max_text_len"])
+    tok = loaded.tokenizer
     if tok is not None:
         enc = tok(list(texts), padding="longest", truncation=True, max_length=L, return_tensors="pt")
         return enc["input_ids"].long(), enc["attention_mask"].long()
@@ -112,19 +103,21 @@ def default_thresholds(model) -> list[float]:
     return sorted({lo, t, hi}, key=lambda v: (v != t, v))
 
 
-def make_cases(model, thresholds=None, seed: int = 0) -> list[Case]:
+def make_cases(loaded, thresholds=None, seed: int = 0) -> list[Case]:
     """Batch-1 inputs of several text lengths and batch-2 padded inputs, each at every threshold, plus a
-    blank image at threshold 0.999 (almost everything pruned) and a question at 0.001 (almost all kept)."""
-    size = int(preprocess_config(model)["image_size"])
+    blank image at threshold 0.999 (almost everything pruned) and a question at 0.001 (almost all kept).
+    ``loaded``: a model_dir.LoadedModel (its preprocessing and tokenizer make the inputs)."""
+    model = loaded.model
+    size = int(loaded.full_preprocess()["image_size"])
     thresholds = list(thresholds) if thresholds else default_thresholds(model)
     nlvr2 = model.config.task == "nlvr2"
     imgs = [scene_image(size, seed + i) for i in range(4)]
 
     def mk(images, texts, images2=None):
-        ids, mask = encode_texts(model, texts)
-        b = {"pixel_values": encode_images(model, images), "input_ids": ids, "attention_mask": mask}
+        ids, mask = encode_texts(loaded, texts)
+        b = {"pixel_values": encode_images(loaded, images), "input_ids": ids, "attention_mask": mask}
         if nlvr2:
-            b["pixel_values2"] = encode_images(model, images2 or list(reversed(images)))
+            b["pixel_values2"] = encode_images(loaded, images2 or list(reversed(images)))
         return b
 
     singles = [("question", mk([imgs[0]], [QUESTIONS["question"]], [imgs[3]])),

@@ -1,6 +1,6 @@
 """Methods side by side on the same inputs: accuracy, per-input cost, kept image tokens, objects.
 
-    ev = EvalSet.build(model, ds, limit=1000, batch_size=32)      # fixed validation inputs, collated once
+    ev = EvalSet.build(loaded, ds, limit=1000, batch_size=32)     # fixed validation inputs, collated once
     full = ev.evaluate("full", lambda b: model.run(b, mode="full", record=True))
     trim = ev.evaluate("smarttrim", lambda b: trimmed.run(b, mode="hard", record=True))
     rows = [full, trim]; table = markdown_table(rows, full)
@@ -62,23 +62,23 @@ class EvalSet:
     indices: list = field(default_factory=list)  # positions in the dataset
 
     @classmethod
-    def build(cls, model, ds, limit: int | None = None, batch_size: int = 32, start: int = 0) -> "EvalSet":
+    def build(cls, loaded, ds, limit: int | None = None, batch_size: int = 32, start: int = 0) -> "EvalSet":
+        """``loaded``: the model_dir.LoadedModel whose tokenizer and inputs the batches are for."""
         from ..data import collate
 
-        pre = model.smarttrim_config.get("preprocess") or {}
-        max_len = int(pre.get("max_text_len") or model.config.max_text_len)
+        max_len = loaded.max_text_len
         n = len(ds) - start if limit is None else min(len(ds) - start, int(limit))
         index = obj.SceneIndex.for_dataset(ds)
         batches, ids = [], []
-        keep = set(model.input_names) | {"target"}
+        keep = set(loaded.model.input_names) | {"target"}
         for b0 in range(start, start + n, batch_size):
             items = [ds[i] for i in range(b0, min(start + n, b0 + batch_size))]
-            b = collate(items, model.tokenizer, max_len)
+            b = collate(items, loaded.tokenizer, max_len)
             batches.append({k: v for k, v in b.items() if k in keep})
             ids += [it.get("question_id", it.get("identifier")) for it in items]
         objs = [index.objects(q) if index is not None else None for q in ids]
         kinds = [index.kind(q) if index is not None else None for q in ids]
-        return cls(batches, ids, objs, int(model.config.n_patches + 1),
+        return cls(batches, ids, objs, int(loaded.model.config.n_patches + 1),
                    str(index.path) if index is not None else None, kinds=kinds, indices=list(range(start, start + n)))
 
     def __len__(self):
@@ -124,7 +124,7 @@ class EvalSet:
         return row
 
 
-def split_inputs(model, ds, limit: int | None, calib_limit: int, batch_size: int,
+def split_inputs(loaded, ds, limit: int | None, calib_limit: int, batch_size: int,
                  overlap_ok: bool = False) -> tuple[EvalSet, EvalSet]:
     """(evaluation set: the first ``limit`` inputs of ``ds`` — the ones ``profile --limit`` reads —, calibration
     set: the next ``calib_limit``). Held apart: when the split ends first the calibration set is shorter, and
@@ -137,8 +137,8 @@ def split_inputs(model, ds, limit: int | None, calib_limit: int, batch_size: int
     if m < 1:
         raise SmartTrimError(f"--limit {limit} takes all {len(ds)} inputs of the split: none is left to calibrate "
                              "the baselines on (--calib-limit); lower --limit")
-    ev = EvalSet.build(model, ds, limit=n, batch_size=batch_size)
-    cal = EvalSet.build(model, ds, limit=m, batch_size=batch_size, start=start)
+    ev = EvalSet.build(loaded, ds, limit=n, batch_size=batch_size)
+    cal = EvalSet.build(loaded, ds, limit=m, batch_size=batch_size, start=start)
     return ev, cal
 
 

@@ -138,19 +138,20 @@ def _run(s: CompareSettings, console) -> CompareResult:
                              "recall@k of the trimmed model)")
     device = resolve_device(s.device)
     threads = lt.set_threads(s.threads)
-    model = load(s.model_dir, mode="hard", device=device)
+    loaded = load(s.model_dir, mode="hard", device=device)
+    model = loaded.model
     if model.config.task == "retrieval":
-        raise SmartTrimError(f"{model.source_dir}: a retrieval model; retrieval is not supported by compare yet")
-    if model.tokenizer is None:
-        raise SmartTrimError(f"{model.source_dir}: no tokenizer/ folder, so questions cannot be tokenized")
+        raise SmartTrimError(f"{loaded.source}: a retrieval model; retrieval is not supported by compare yet")
+    if loaded.tokenizer is None:
+        raise SmartTrimError(f"{loaded.source}: no tokenizer/ folder, so questions cannot be tokenized")
     # training-free baselines need no fine-tune: they act on the model the user brought
-    ref = resolve_reference(model.source_dir, model.smarttrim_config, s.reference)
-    base = model if ref.is_self else load(ref.path, mode="hard", device=device)
+    ref = resolve_reference(loaded.source, loaded.config, s.reference)
+    base = model if ref.is_self else load(ref.path, mode="hard", device=device).model
     total = None if s.limit is None else int(s.limit) + int(s.calib_limit)
     name, split, ds = open_profiled_split(ProfileSettings(dataset=s.dataset, data_dir=s.data_dir, split=s.split, limit=total,
-                                                skip_bad=s.skip_bad), model)
+                                                skip_bad=s.skip_bad), loaded)
     limit = s.limit if s.limit is not None else max(len(ds) - int(s.calib_limit), 0)
-    ev, cal = cmp.split_inputs(model, ds, limit, s.calib_limit, s.batch_size)
+    ev, cal = cmp.split_inputs(loaded, ds, limit, s.calib_limit, s.batch_size)
     ev.to(device)
     cal.to(device)
     thr = float(model.threshold if s.threshold is None else s.threshold)
@@ -160,7 +161,7 @@ def _run(s: CompareSettings, console) -> CompareResult:
         res = cmp.compare_models(model, base, ev, cal.batches, threshold=thr, thresholds=s.thresholds,
                                  ratios=s.ratios, names=s.baselines, tol=s.tol,
                                  on_row=lambda row: prog.advance(tid))
-    report = _assemble(s, model, ref, name, split, ds, ev, cal, res, device, threads)
+    report = _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads)
     out_dir = Path(s.out_dir) if s.out_dir else default_out_dir()
     files = {"json": str(Path(s.json_path) if s.json_path else out_dir / "compare.json"),
              "pareto": str(Path(s.plot_path) if s.plot_path else out_dir / "pareto.png")}
@@ -190,7 +191,7 @@ def _row(r: dict, role: str, match_tol: float) -> dict:
     return out
 
 
-def _assemble(s, model, ref, name, split, ds, ev, cal, res, device, threads) -> dict:
+def _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads) -> dict:
     from .accuracy import metric_name
 
     mt = float(s.match_tol)
@@ -216,7 +217,7 @@ def _assemble(s, model, ref, name, split, ds, ev, cal, res, device, threads) -> 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": s.command or " ".join(sys.argv), "wall_seconds": None,
         "convention": CONVENTION, "machine": lt.machine_info(device), "versions": lt.versions(),
-        "settings": {"model_dir": str(model.source_dir), "dataset": name,
+        "settings": {"model_dir": str(loaded.source), "dataset": name,
                      "data_dir": str(getattr(ds, "data_dir", s.data_dir)), "split": split, "limit": s.limit,
                      "calib_limit": int(s.calib_limit), "n_inputs": len(ev), "calib_inputs": len(cal),
                      "skipped": dict(getattr(ds, "skipped", {}) or {}), "threshold": st["threshold"],
@@ -226,7 +227,7 @@ def _assemble(s, model, ref, name, split, ds, ev, cal, res, device, threads) -> 
                      "threads": threads},
         "inputs": {"evaluated": ev.indices, "calibration": cal.indices, "evaluated_ids": ev_ids,
                    "calibration_ids": cal_ids, "disjoint": not (set(ev.indices) & set(cal.indices))},
-        "reference": ref.to_dict(), "metric": metric_name(model.config.task), "target_ratio": target,
+        "reference": ref.to_dict(), "metric": metric_name(loaded.model.config.task), "target_ratio": target,
         "methods": methods, "comparison": comparison, "gate": None,
         "table": cmp.markdown_table(methods, full), "files": None,
     }

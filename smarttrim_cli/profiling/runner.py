@@ -183,22 +183,24 @@ def _check(s: ProfileSettings):
         raise SmartTrimError(f"--min-speedup must be > 0, got {s.min_speedup}")
 
 
-def open_profiled_split(s: ProfileSettings, model):
-    """The dataset reader for this model; one-line errors for a missing directory or a task mismatch."""
+def open_profiled_split(s: ProfileSettings, loaded):
+    """The dataset reader for this model (``loaded``: a model_dir.LoadedModel); one-line errors for a missing
+    directory or a task mismatch."""
     from ..data import canonical_name, open_dataset
 
     name = canonical_name(s.dataset)
+    model = loaded.model
     task = model.config.task
     if task != "retrieval" and DATASET_TASKS[name] != task:
         want = ", ".join(k for k, v in DATASET_TASKS.items() if v == task) or "none"
         raise SmartTrimError(f"--dataset {name} is a {DATASET_TASKS[name]} dataset but the model in "
-                             f"{model.source_dir} has a {task} head (use: {want})")
-    labels = model.labels
+                             f"{loaded.source} has a {task} head (use: {want})")
+    labels = loaded.labels
     label2id = None
     if name in ("vqa", "easyvqa"):
         if task == "vqa":
             if not labels:
-                raise SmartTrimError(f"{model.source_dir}/config.json: no `labels` (the answer vocabulary), so "
+                raise SmartTrimError(f"{loaded.source}/config.json: no `labels` (the answer vocabulary), so "
                                      "VQA answers cannot be scored")
             label2id = {a: i for i, a in enumerate(labels)}
             if name == "easyvqa":
@@ -206,16 +208,14 @@ def open_profiled_split(s: ProfileSettings, model):
 
                 missing = [a for a in EASYVQA_ANSWERS if a not in label2id]
                 if missing:
-                    raise SmartTrimError(f"{model.source_dir}/config.json: the model's {len(labels)} labels lack the "
+                    raise SmartTrimError(f"{loaded.source}/config.json: the model's {len(labels)} labels lack the "
                                          f"easy-VQA answers {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
                                          f": it was not trained on easy-VQA")
     elif name == "snli" and labels and task == "snli":
         label2id = {a: i for i, a in enumerate(labels)}
     split = s.split or DEFAULT_SPLITS.get(name, "val")
-    from ..model_dir import image_preprocessor
-
     ds = open_dataset(name, s.data_dir, split, image_size=model.config.image_size, label2id=label2id,
-                      limit=s.limit, skip_bad=s.skip_bad, preprocess=image_preprocessor(model))
+                      limit=s.limit, skip_bad=s.skip_bad, preprocess=loaded.image_preprocessor())
     if len(ds) == 0:
         raise SmartTrimError(f"{name} {split}: no inputs to profile"
                              + (f" ({ds.skipped_summary()})" if ds.skipped_summary() else ""))
@@ -241,18 +241,19 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     _check(s)
     device = resolve_device(s.device)
     threads = lt.set_threads(s.threads)
-    model = load(s.model_dir, mode="hard", device=device)
-    if model.tokenizer is None:
-        raise SmartTrimError(f"{model.source_dir}: no tokenizer/ folder, so questions cannot be tokenized")
+    loaded = load(s.model_dir, mode="hard", device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise SmartTrimError(f"{loaded.source}: no tokenizer/ folder, so questions cannot be tokenized")
     # the scores are measured against the model the user brought, not the fine-tuned weights at full capacity
-    ref = resolve_reference(model.source_dir, model.smarttrim_config, s.reference)
-    ref_model = None if ref.is_self else load(ref.path, mode="full", device=device)
+    ref = resolve_reference(loaded.source, loaded.config, s.reference)
+    ref_model = None if ref.is_self else load(ref.path, mode="full", device=device).model
     cfg = model.config
     task = cfg.task
-    pre = model.smarttrim_config.get("preprocess") or {}
-    max_len = int(pre.get("max_text_len") or cfg.max_text_len)
+    pre = loaded.preprocess
+    max_len = loaded.max_text_len
     threshold = float(model.threshold if s.threshold is None else s.threshold)
-    name, split, ds = open_profiled_split(s, model)
+    name, split, ds = open_profiled_split(s, loaded)
     n = len(ds)
     fv_n = n if s.fvcore_limit is None else min(n, int(s.fvcore_limit))
     sweep = sorted({round(float(x), 6) for x in s.sweep} - {round(threshold, 6)})
@@ -263,7 +264,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     keep_items = max(n_lat, n_tp, int(s.show))
 
     def one(item):
-        return batch_to_device(_unpad(collate([item], model.tokenizer, max_len)), device)
+        return batch_to_device(_unpad(collate([item], tokenizer, max_len)), device)
 
     # (1) per input ---------------------------------------------------------------------------------------
     streams = set(model.stream_layers())
@@ -317,9 +318,9 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
                 row["score_same_weights_full"] = float(acc.instance_scores(task, lf, b["target"])[0])
                 row["pred_full"], row["pred_trimmed"] = acc.predictions(lr)[0], acc.predictions(lh)[0]
                 row["pred_same_weights_full"] = acc.predictions(lf)[0]
-                if model.labels:
-                    row["pred_full_label"] = model.labels[row["pred_full"]]
-                    row["pred_trimmed_label"] = model.labels[row["pred_trimmed"]]
+                if loaded.labels:
+                    row["pred_full_label"] = loaded.labels[row["pred_full"]]
+                    row["pred_trimmed_label"] = loaded.labels[row["pred_trimmed"]]
             for t in sweep:
                 ls, cs = model.run(mb, mode="hard", threshold=t, record=True)
                 sweep_macs[t].append(fl.cost_model_macs(cs.records)[0] / 1e9)
@@ -336,7 +337,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
         recall = None
         if task == "retrieval":
             recall, sweep_recall = _retrieval_scores(model, ref_model, ds, retr_items, threshold, sweep, collate,
-                                                     max_len, device, B, prog)
+                                                     tokenizer, max_len, device, B, prog)
             for t in sweep:
                 sweep_scores[t] = sweep_recall[t]
 
@@ -356,7 +357,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     by_cost = sorted(order, key=lambda i: (rows[i]["gmacs_trimmed"], i))
 
     def batches(idx):
-        return [_model_batch(model, batch_to_device(collate([cached[i] for i in idx[k:k + B]], model.tokenizer, max_len), device))
+        return [_model_batch(model, batch_to_device(collate([cached[i] for i in idx[k:k + B]], tokenizer, max_len), device))
                 for k in range(0, len(idx), B)]
 
     tp_full_b, tp_pad_b, tp_bucket_b = batches(order), None, None
@@ -389,10 +390,10 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     # (5) assemble ------------------------------------------------------------------------------------------
     scenes = objects.SceneIndex.for_dataset(ds)  # synthetic scenes: objects per image (else None)
     objects.annotate(rows, scenes)
-    report = _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc,
+    report = _assemble(s, loaded, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc,
                        sweep_macs, sweep_scores, recall, lat_full, lat_trim, full_tp, tp_modes, chosen, mem)
     report["objects"] = objects.summary(rows, scenes, cfg.n_patches + 1) if scenes is not None else None
-    files = _write_outputs(s, report, out_dir, model, shows, pre)
+    files = _write_outputs(s, report, out_dir, tokenizer, shows, pre)
     with torch.no_grad():
         files.update(objects.write_outputs(report, out_dir, model, ds, one, threshold, pre, int(s.show) > 0))
     report["files"] = files
@@ -412,7 +413,7 @@ def _throughput(fn, batches, device) -> dict:
     return {"inputs_per_s": inputs / total if total > 0 else None, "seconds": total, "inputs": inputs}
 
 
-def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, max_len, device, B, prog):
+def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, tokenizer, max_len, device, B, prog):
     """Recall@k over the distinct images of the profiled inputs, reference ("full"), the profiled weights at
     full capacity ("same_weights_full") and trimmed: text-to-image (the headline) and image-to-text from the
     same score matrix (every text against every image, ITM "match" logit as BLIP ranks). ``ref_model`` None:
@@ -433,7 +434,7 @@ def _retrieval_scores(model, ref_model, ds, items, threshold, sweep, collate, ma
         text_item = ds[i]
         for c0 in range(0, len(images), B):
             chunk = [dict(img, text=text_item["text"]) for img in images[c0:c0 + B]]
-            b = _model_batch(model, batch_to_device(collate(chunk, model.tokenizer, max_len), device))
+            b = _model_batch(model, batch_to_device(collate(chunk, tokenizer, max_len), device))
             for k, t in thresholds.items():
                 logits, _ = (ref_model.run(b, mode="full") if t == "reference" else model.run(b, mode="full")
                              if t is None else model.run(b, mode="hard", threshold=t))
@@ -464,8 +465,9 @@ def _layers(layer_acc: dict) -> list[dict]:
     return out
 
 
-def _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc, sweep_macs,
+def _assemble(s, loaded, ref, name, split, ds, threshold, sweep, device, threads, B, fv_n, rows, layer_acc, sweep_macs,
               sweep_scores, recall, lat_full, lat_trim, full_tp, tp_modes, chosen, mem) -> dict:
+    model = loaded.model
     cfg, task = model.config, model.config.task
     n = len(rows)
     metric = acc.metric_name(task)
@@ -520,7 +522,7 @@ def _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads,
         "convention": rp.CONVENTION,
         "machine": lt.machine_info(device),
         "versions": lt.versions(),
-        "settings": {"model_dir": str(model.source_dir), "dataset": name, "data_dir": str(getattr(ds, "data_dir", s.data_dir)),
+        "settings": {"model_dir": str(loaded.source), "dataset": name, "data_dir": str(getattr(ds, "data_dir", s.data_dir)),
                      "split": split, "limit": s.limit, "n_inputs": n, "skipped": dict(getattr(ds, "skipped", {}) or {}),
                      "threshold": threshold, "reference": None if s.reference is None else str(s.reference),
                      "sweep": sweep, "device": str(device), "threads": threads,
@@ -562,7 +564,7 @@ def _assemble(s, model, ref, name, split, ds, threshold, sweep, device, threads,
     }
 
 
-def _write_outputs(s, report, out_dir: Path, model, shows, pre) -> dict:
+def _write_outputs(s, report, out_dir: Path, tokenizer, shows, pre) -> dict:
     from . import overlays, plots
 
     files = {"json": str(Path(s.json_path) if s.json_path else out_dir / "report.json")}
@@ -591,7 +593,7 @@ def _write_outputs(s, report, out_dir: Path, model, shows, pre) -> dict:
         mean = pre.get("mean") or list(CLIP_MEAN)
         std = pre.get("std") or list(CLIP_STD)
         for i, item, decisions, ids, row in shows:
-            toks = overlays.question_tokens(model.tokenizer, ids)
+            toks = overlays.question_tokens(tokenizer, ids)
             keep = overlays.text_keep(decisions, len(toks))
             cap = f"input {i}"
             if row.get("pred_full") is not None:

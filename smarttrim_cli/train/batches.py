@@ -60,10 +60,11 @@ def check_batch(batch):
     return batch
 
 
-def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool):
-    """-> (dataset name, train set, val set, labels)."""
+def open_train_val(loaded, cfg: TrainConfig, recipe: dict | None, new_head: bool):
+    """-> (dataset name, train set, val set, labels). ``loaded``: the model_dir.LoadedModel being fine-tuned."""
     from ..data import NLVR2_LABELS, canonical_name, open_dataset
 
+    model = loaded.model
     task = model.config.task
     name = cfg.dataset or ((recipe or {}).get("data") or {}).get("dataset") or TASK_DEFAULT_DATASET.get(task, task)
     name = canonical_name(name)
@@ -77,7 +78,7 @@ def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool)
                              f"outputs (no_match, match), this model scores a pair with {model.config.num_labels}")
     tr_split, va_split = DEFAULT_SPLITS[name]
     tr_split, va_split = cfg.train_split or tr_split, cfg.val_split or va_split
-    labels = model.labels
+    labels = loaded.labels
     if name == "nlvr2":
         label2id = None
     elif new_head:
@@ -86,10 +87,8 @@ def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool)
         label2id = {l: i for i, l in enumerate(labels)} if labels else None
     else:
         label2id = {l: i for i, l in enumerate(labels)} if labels else None
-    from ..model_dir import image_preprocessor
-
     size = model.config.image_size
-    pre = image_preprocessor(model)
+    pre = loaded.image_preprocessor()
     try:
         train = open_dataset(name, cfg.data_dir, tr_split, size, label2id=label2id, limit=cfg.limit,
                              skip_bad=cfg.skip_bad, preprocess=pre)
@@ -106,7 +105,7 @@ def open_train_val(model, cfg: TrainConfig, recipe: dict | None, new_head: bool)
         if new_head:
             model.new_head(len(labels))  # the family's fresh head (backbones/base.py)
         else:
-            src = "the model's labels" if model.labels else f"the vocabulary built from {cfg.data_dir or 'the data'}"
+            src = "the model's labels" if loaded.labels else f"the vocabulary built from {cfg.data_dir or 'the data'}"
             raise SmartTrimError(f"{name}: {src} has {len(labels)} answers but the model's classifier has "
                                  f"{model.config.num_labels} outputs; pass --new-head to train a fresh head "
                                  "for this label set")

@@ -72,8 +72,8 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
     try:
         src = Path(model_dir) if model_dir is not None else default_model_dir()
         read_config(src)  # one-line error for a wrong directory before anything heavy
-        model = load(src, mode="soft")
-        cfg, rec = build_config(recipe, overrides, task=model.config.task, family=model.family,
+        loaded = load(src, mode="soft")
+        cfg, rec = build_config(recipe, overrides, task=loaded.model.config.task, family=loaded.model.family,
                                 dataset=(overrides or {}).get("dataset"))
         if rule is None:
             rule = LearnedTrimmers() if cfg.trim else NoTrim()
@@ -82,7 +82,7 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
             # the written model is measured against the one it started from: that one must survive
             raise SmartTrimError(f"{out}: the output is the model directory being fine-tuned; write the fine-tuned "
                                  "model elsewhere (-o DIR), so that profile can score it against its starting point")
-        return run(model, src, cfg, rec, info, out, rule, resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step,
+        return run(loaded, src, cfg, rec, info, out, rule, resume=resume, new_head=new_head, progress=progress, console=console, on_step=on_step,
                    callbacks=callbacks)
     finally:
         D.shutdown(info)
@@ -91,7 +91,8 @@ def finetune(model_dir=None, output=None, recipe=None, overrides: dict | None = 
 @dataclass
 class Run:
     """Everything one run holds: set up once (``setup``), then moved by the loop (step, history, best)."""
-    model: object
+    model: object                  # loaded.model (moved to the device, training)
+    loaded: object                 # the model_dir.LoadedModel fine-tuned: tokenizer, labels, preprocess, config
     src: Path
     cfg: TrainConfig
     info: D.DistInfo
@@ -138,9 +139,9 @@ class Run:
         return self.objective.eval_batch(batch_to_device(check_batch(batch), self.info.device))
 
 
-def run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, resume=False,
+def run(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, resume=False,
         new_head=False, progress=True, console=None, on_step=None, callbacks=()) -> FinetuneResult:
-    r = setup(model, src, cfg, rec, info, output, rule, new_head)
+    r = setup(loaded, src, cfg, rec, info, output, rule, new_head)
     start(r, resume)
     if info.main:
         r.callbacks.append(JsonlLog(r.state_dir / "log.jsonl", r.history))
@@ -187,18 +188,18 @@ def run(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path,
 
 
 # ----- setup ----------------------------------------------------------------------------------------
-def setup(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, new_head) -> Run:
+def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, new_head) -> Run:
     t_start = time.time()
     dev = info.device
-    if model.tokenizer is None:
+    model = loaded.model
+    if loaded.tokenizer is None:
         raise SmartTrimError(f"{src}: the model directory has no tokenizer/ folder")
     if rule.trims and not model.trimmer_parameters():
         raise SmartTrimError(f"{src}: the model has no trimmers (attach inserts them); use --no-trim for a plain fine-tune")
     # same initial state on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
-    ds_name, train_ds, val_ds, labels = open_train_val(model, cfg, rec, new_head)
-    pre = dict(model.smarttrim_config.get("preprocess") or {})
-    max_len = int(pre.get("max_text_len") or model.config.max_text_len)
+    ds_name, train_ds, val_ds, labels = open_train_val(loaded, cfg, rec, new_head)
+    max_len = loaded.max_text_len
 
     # what learns: the rule's trimmers, the backbone unless frozen
     for p in model.trimmer_parameters():
@@ -231,7 +232,7 @@ def setup(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pat
         for name in ("vision_proj", "text_proj"):
             if hasattr(model, name):
                 getattr(model, name).requires_grad_(False)
-    loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(model.tokenizer, max_len,
+    loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(loaded.tokenizer, max_len,
                                                                  ("image_id",) if retrieval else ()),
                      pin_memory=dev.type == "cuda", persistent_workers=cfg.workers > 0)
     val_sampler = D.ResumableSampler(len(val_ds), info.rank, info.world, shuffle=False, pad=False)
@@ -255,7 +256,7 @@ def setup(model, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pat
         step_module = DDP(step, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False)
     else:
         step_module = step
-    return Run(model=model, src=Path(src), cfg=cfg, info=info, output=Path(output), rule=rule, objective=objective,
+    return Run(model=model, loaded=loaded, src=Path(src), cfg=cfg, info=info, output=Path(output), rule=rule, objective=objective,
                ds_name=ds_name, train_ds=train_ds, val_ds=val_ds, labels=labels, micro=micro, spe=spe, total=total,
                sampler=sampler, loader_kw=loader_kw, val_loader=val_loader, step_module=step_module,
                opt=opt, sched=sched, scaler=scaler, amp_ctx=amp_ctx, params=[p for g in groups for p in g["params"]],
@@ -489,7 +490,7 @@ def derived_entries(r: Run, mode: str) -> dict:
     a trimming rule's result is measured against: reference.py), the same for every rule."""
     from ..reference import derived_config, inherited_provenance
 
-    src_cfg = r.model.smarttrim_config
+    src_cfg = r.loaded.config
     derived = derived_config(r.src, src_cfg, f"finetune ({mode})", r.rule.trims, r.labels)
     prov = {**inherited_provenance(src_cfg), "finetuned_from": str(Path(r.src).resolve()), "finetune_mode": mode,
             "finetune_dataset": r.ds_name, **derived["provenance"]}
@@ -501,13 +502,13 @@ def write_model(r: Run, summary: dict) -> Path:
     from ..model_dir import save_model_dir
 
     model = r.model
-    pre_out = dict(model.smarttrim_config.get("preprocess") or {})
+    pre_out = dict(r.loaded.preprocess)
     finetune_section = {k: summary[k] for k in ("mode", "dataset", "target_ratio", "selected", "best", "final", "base",
                                                 "calibrated", "steps", "world_size")}
     derived = derived_entries(r, summary["mode"])
     was_training = model.training
     model.eval()
-    out = save_model_dir(model.cpu(), r.output, tokenizer=model.tokenizer, labels=r.labels,
+    out = save_model_dir(model.cpu(), r.output, tokenizer=r.loaded.tokenizer, labels=r.labels,
                          provenance=derived["provenance"],
                          extra={"preprocess": pre_out, "reference": derived["reference"], "finetune": finetune_section,
                                 **r.rule.model_sections(summary)})
