@@ -29,18 +29,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
-from finetune_easyvqa import QUICK, SIZE, build_init  # noqa: E402
+from finetune_easyvqa import QUICK, SIZE, build_init
 
 VARIANTS = {
     "plain": {"trim": False},

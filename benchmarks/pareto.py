@@ -46,13 +46,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, _Stage, control_name,  # noqa: E402
+from smarttrim_cli.demo import (DEMO_BASELINES, DemoSettings, Stage, control_name,
                                 control_overrides, control_stage, eval_data, prepare, recipe_trim, train_control,
                                 train_trimmed, trim_overrides, with_trimmers)
-from smarttrim_cli.train.config import TRIM_ONLY, run_settings  # noqa: E402
+from smarttrim_cli.train.config import TRIM_ONLY, run_settings
 
 GOALS = {"easyvqa": {"max_drop": 1.0, "min_margin": 2.0}, "scenes": {"max_drop": 1.5, "min_margin": 5.0},
          "vqa": {"max_drop": 1.0, "min_margin": 2.0}}
@@ -251,7 +249,7 @@ def run(args) -> dict:
             named = {**{k: v for k, v in extra.items() if k in OBJECTIVE}, **evit_extra}
             name = f"evit-ft-r{r:g}{place_e}" + (f"-{steps}" if steps else "") + (
                 "-" + "-".join(f"{k}{v}" for k, v in named.items()) if named else "")
-            stg = _Stage(pe.root, name, {**pe.base_key, "evit_ft": run_settings(pe.recipe, ov), "keep_ratio": round(keep, 6)},
+            stg = Stage(pe.root, name, {**pe.base_key, "evit_ft": run_settings(pe.recipe, ov), "keep_ratio": round(keep, 6)},
                          args.fresh)
             if not stg.done() or stg.stamp.stat().st_mtime < pe.base_stage.stamp.stat().st_mtime:
                 _say(f"evit-ft at {r:g}: keep ratio {keep:.3f} per pruning position, backbone fine-tuned with "

@@ -33,17 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from smarttrim_cli.demo import DemoSettings, eval_data, prepare, trim_overrides  # noqa: E402
-from smarttrim_cli.model_dir import load  # noqa: E402
+from smarttrim_cli.demo import DemoSettings, eval_data, prepare, trim_overrides
+from smarttrim_cli.model_dir import load
 
 
 def decisions(p, run: str):

@@ -155,7 +155,7 @@ def training_questions(s: DemoSettings, data_dir: Path | None = None) -> tuple[l
     return qs, labels
 
 
-class _Stage:
+class Stage:
     """A cached stage: done when its stamp exists and records the same settings."""
 
     def __init__(self, root: Path, name: str, key: dict, fresh: bool):
@@ -194,7 +194,7 @@ class Prepared:
     base_key: dict
     budget: dict
     common: dict               # finetune overrides shared by every run on this data
-    base_stage: _Stage
+    base_stage: Stage
     timings: dict
     base_name: str = "base"    # the folder the fine-tunes start from (benchmarks may re-place the trimmers)
 
@@ -271,7 +271,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
 
     # 1-2: tokenizer and the randomly initialised METER checkpoint, attached
     t = time.time()
-    st_init = _Stage(root, "init", base_key, s.fresh)
+    st_init = Stage(root, "init", base_key, s.fresh)
     if not st_init.done():
         say("[1/7] vocabulary and a randomly initialised METER-architecture model")
         questions, labels = training_questions(s, data_dir)
@@ -300,7 +300,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     t = time.time()
     base_over = {**common, **budget["base"], "trim": False}
     # the resolved settings are in the key, so that an edited recipe retrains instead of reusing a stale model
-    st_base = _Stage(root, "base", {**base_key, "train": run_settings(recipe, base_over)},
+    st_base = Stage(root, "base", {**base_key, "train": run_settings(recipe, base_over)},
                      s.fresh or not st_init.stamp.is_file())
     if not st_base.done():
         say("[2/7] training the base model (finetune --no-trim): the 'existing VLM'")
@@ -386,7 +386,7 @@ def trim_overrides(p: Prepared, target_ratio: float, extra: dict | None = None) 
 
 
 def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", console=None, say=print,
-                  extra: dict | None = None) -> _Stage:
+                  extra: dict | None = None) -> Stage:
     """Stage 4: SmartTrim fine-tune of the base model at ``target_ratio`` into ``<root>/<name>`` (cached;
     retrained when the base model is newer). ``extra``: more finetune overrides (part of the cache key)."""
     from .train.config import run_settings
@@ -394,7 +394,7 @@ def train_trimmed(p: Prepared, target_ratio: float, name: str = "trimmed", conso
 
     over = trim_overrides(p, target_ratio, extra)
     # the resolved settings hold the budget, the target and ``extra`` too
-    st = _Stage(p.root, name, {**p.base_key, "train": run_settings(p.recipe, over)}, p.settings.fresh)
+    st = Stage(p.root, name, {**p.base_key, "train": run_settings(p.recipe, over)}, p.settings.fresh)
     base = p.base_stage.stamp
     if not st.done() or not base.is_file() or st.stamp.stat().st_mtime < base.stat().st_mtime:
         say(f"[3/7] SmartTrim fine-tune ({p.recipe}): curriculum to {target_ratio:.2f} of the full GMACs")
@@ -418,17 +418,17 @@ def control_name(steps: int | None = None) -> str:
     return "control" + (f"-{steps}" if steps else "")
 
 
-def control_stage(p: Prepared, over: dict, steps: int | None = None) -> _Stage:
+def control_stage(p: Prepared, over: dict, steps: int | None = None) -> Stage:
     """The equal-steps control's cache entry in ``p.root`` (keyed on the settings a no-trim run reads, so that a
     trimming-only setting does not retrain it)."""
     from .train.config import run_settings
 
-    return _Stage(p.root, control_name(steps), {**p.base_key, "control": run_settings(p.recipe, over)},
+    return Stage(p.root, control_name(steps), {**p.base_key, "control": run_settings(p.recipe, over)},
                   p.settings.fresh)
 
 
 def train_control(p: Prepared, steps: int | None = None, extra: dict | None = None, console=None, say=print,
-                  progress: bool = True) -> _Stage:
+                  progress: bool = True) -> Stage:
     """``finetune --no-trim`` from the base with the SmartTrim runs' settings and steps (cached; retrained when the
     base model is newer): the equal-steps control, so that a gain of extra training is not credited to trimming."""
     from .train.loop import finetune
