@@ -175,10 +175,5 @@ def render(report: dict, console) -> None:
                       highlight=False)
     console.print("written: " + ", ".join(str(v) for v in report["files"].values() if v), highlight=False)
     g = report["gate"]
-    if g["min_margin"] is not None or g["max_drop"] is not None:
-        if g["passed"]:
-            console.print(f"[bold green]gate passed[/] (margin {_f(g['margin'], '{:+.2f}')} pts, drop "
-                          f"{_f(g['drop'])} pts)")
-        else:
-            for f in g["failures"]:
-                console.print(f"[bold red]gate failed:[/] {f}", highlight=False)
+    rp.print_gate(console, g, ("min_margin", "max_drop"),
+                  f"margin {_f(g['margin'], '{:+.2f}')} pts, drop {_f(g['drop'])} pts")

@@ -117,19 +117,16 @@ def _check(s: CompareSettings):
     s.baselines = parse_baselines(",".join(s.baselines))
 
 
+@lt.keeps_torch_threads
 def run_compare(s: CompareSettings, console=None) -> CompareResult:
     """Compare (see the module docstring); torch's thread count is restored afterwards."""
-    before = torch.get_num_threads()
-    try:
-        return _run(s, console)
-    finally:
-        torch.set_num_threads(before)
+    return _run(s, console)
 
 
 def _run(s: CompareSettings, console) -> CompareResult:
     from .. import load
     from ..data import canonical_name
-    from .runner import ProfileSettings, _progress, open_profiled_split
+    from .runner import ProfileSettings, progress_bar, open_profiled_split
 
     t0 = time.perf_counter()
     _check(s)
@@ -156,7 +153,7 @@ def _run(s: CompareSettings, console) -> CompareResult:
     cal.to(device)
     thr = float(model.threshold if s.threshold is None else s.threshold)
     steps = 2 + len(set(s.thresholds) - {thr}) + len(s.baselines) * (1 + len(s.ratios))
-    with _progress(console) as prog, torch.no_grad():
+    with progress_bar(console) as prog, torch.no_grad():
         tid = prog.add_task(f"compare on {len(ev)} inputs", total=steps)
         res = cmp.compare_models(model, base, ev, cal.batches, threshold=thr, thresholds=s.thresholds,
                                  ratios=s.ratios, names=s.baselines, tol=s.tol,

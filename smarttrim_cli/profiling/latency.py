@@ -37,6 +37,20 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def keeps_torch_threads(fn):
+    """Run ``fn`` and put torch's intra-op thread count back afterwards (--threads sets it for one run only)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
 def time_calls(calls: Sequence[Callable[[], object]], warmup: int, iters: int, device) -> list[float]:
     """Run ``warmup`` then ``iters`` calls (cycling through ``calls``); seconds per timed call."""
     if not calls:

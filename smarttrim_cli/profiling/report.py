@@ -315,10 +315,16 @@ def render(report: dict, console) -> None:
         written.append(f"{len(files['show'])} overlays in {Path(files['show'][0]).parent}")
     console.print("written: " + ", ".join(str(w) for w in written), highlight=False)
     g = report["gate"]
-    if g["min_speedup"] is not None or g["max_drop"] is not None:
-        if g["passed"]:
-            console.print(f"[bold green]gate passed[/] ({g['speedup_metric']} speedup {_f(g['speedup'], '{:.3f}')}x, "
-                          f"drop {_f(g['drop'], '{:.2f}')} pts)")
-        else:
-            for f in g["failures"]:
-                console.print(f"[bold red]gate failed:[/] {f}", highlight=False)
+    print_gate(console, g, ("min_speedup", "max_drop"),
+               f"{g['speedup_metric']} speedup {_f(g['speedup'], '{:.3f}')}x, drop {_f(g['drop'], '{:.2f}')} pts")
+
+
+def print_gate(console, gate: dict, bounds: tuple, summary: str) -> None:
+    """The gate's verdict, when any of ``bounds`` was given: one green line, or one red line per failed bound."""
+    if all(gate[b] is None for b in bounds):
+        return
+    if gate["passed"]:
+        console.print(f"[bold green]gate passed[/] ({summary})")
+    else:
+        for f in gate["failures"]:
+            console.print(f"[bold red]gate failed:[/] {f}", highlight=False)

@@ -130,7 +130,7 @@ def _image_key(item: dict, index: int):
     return item.get("image_id", item.get("identifier", index))
 
 
-def _progress(console):
+def progress_bar(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -223,14 +223,11 @@ def open_profiled_split(s: ProfileSettings, loaded):
 
 
 # ----- the run ---------------------------------------------------------------------------------------------
+@lt.keeps_torch_threads
 def run_profile(s: ProfileSettings, console=None) -> ProfileResult:
     """Profile the full and the trimmed model (see the module docstring); torch's thread count is
     restored afterwards."""
-    before = torch.get_num_threads()
-    try:
-        return _run(s, console)
-    finally:
-        torch.set_num_threads(before)
+    return _run(s, console)
 
 
 def _run(s: ProfileSettings, console) -> ProfileResult:
@@ -273,7 +270,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     sweep_macs = {t: [] for t in sweep}
     sweep_scores = {t: [] for t in sweep}
     retr_items = []
-    with _progress(console) as prog, torch.no_grad():
+    with progress_bar(console) as prog, torch.no_grad():
         task_id = prog.add_task("per-input FLOPs and scores", total=n)
         for i in range(n):
             item = ds[i]
@@ -343,7 +340,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
 
     # (2) latency at batch 1 ------------------------------------------------------------------------------
     lat_batches = [_model_batch(model, one(cached[i])) for i in range(n_lat)]
-    with torch.no_grad(), _progress(console) as prog:
+    with torch.no_grad(), progress_bar(console) as prog:
         tid = prog.add_task("latency, batch 1", total=2)
         lat_full = lt.time_calls([lambda b=b: model.run(b, mode="full") for b in lat_batches], s.warmup, s.iters,
                                  device)
@@ -363,7 +360,7 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     tp_full_b, tp_pad_b, tp_bucket_b = batches(order), None, None
     modes = ["pad", "bucket"] if s.batch_mode == "auto" else [s.batch_mode]
     tp_modes = {}
-    with torch.no_grad(), _progress(console) as prog:
+    with torch.no_grad(), progress_bar(console) as prog:
         tid = prog.add_task(f"throughput, batch {B}", total=1 + len(modes))
         full_tp = _throughput(lambda b: model.run(b, mode="full"), tp_full_b, device)
         prog.advance(tid)
