@@ -448,14 +448,11 @@ def evaluate_control(p: Prepared, limit: int, console=None) -> dict:
     """The control's score on the profiled inputs (the first ``limit`` of the validation split), with the
     evaluation code of the baselines."""
     from . import load
-    from .data import open_dataset
     from .profiling.compare import EvalSet
 
     loaded = load(p.root / control_name(), mode="full")
     ctl = loaded.model
-    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, ctl.config.image_size,
-                      label2id={a: i for i, a in enumerate(loaded.labels)})
-    ev = EvalSet.build(loaded, ds, limit=limit, batch_size=p.budget["baselines"]["batch_size"])
+    ev = EvalSet.build(loaded, val_dataset(p, loaded), limit=limit, batch_size=p.budget["baselines"]["batch_size"])
     ev.set_full_gmacs(ctl)
     return ev.evaluate("equal-steps control", lambda b: ctl.run(b, mode="full", record=True), family="control")
 
@@ -525,13 +522,18 @@ def eval_data(p: Prepared, loaded, limit: int, calib_inputs: int, batch_size: in
     """(evaluation set of the first ``limit`` validation inputs — the profiled ones —, calibration batches:
     the next ``calib_inputs`` inputs, or the first ones when the split is too small: benchmarks/pareto.py's rule).
     ``loaded``: the model_dir.LoadedModel whose labels, tokenizer and image size the inputs are for."""
-    from .data import open_dataset
     from .profiling.compare import split_inputs
 
-    label2id = {a: i for i, a in enumerate(loaded.labels)}
-    ds = open_dataset(p.dataset, p.common["data_dir"], p.val_split, loaded.model.config.image_size, label2id=label2id)
-    ev, cal = split_inputs(loaded, ds, limit, calib_inputs, batch_size, overlap_ok=True)
+    ev, cal = split_inputs(loaded, val_dataset(p, loaded), limit, calib_inputs, batch_size, overlap_ok=True)
     return ev, cal.batches
+
+
+def val_dataset(p: Prepared, loaded):
+    """The demo's evaluation split, read for ``loaded`` (its labels and image size)."""
+    from .data import open_dataset
+
+    return open_dataset(p.dataset, p.common["data_dir"], p.val_split, loaded.model.config.image_size,
+                        label2id={a: i for i, a in enumerate(loaded.labels)})
 
 
 def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) -> list[dict]:

@@ -22,13 +22,7 @@ TOKEN_CASES = [("random", {}), ("evit", {}), ("evit", {"guide": "text"}), ("evit
                ("tome", {"metric": "k", "prop_attn": False})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(task="vqa"):

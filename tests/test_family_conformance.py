@@ -48,13 +48,7 @@ CASES = {
 MAIN = ["meter-vqa", "meter-nlvr2", "blip-vqa", "blip-retrieval", "vilt-vqa"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are overhead-bound: two OpenMP threads per op on a shared 2-core machine wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from test_finetune_data import model_for, write_nlvr2, write_vqa
 TINY = dict(workers=0, lr=1e-3, lr_mult_trimmer=20, log_every=1, eval_before=False, save_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on the 2 shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_falls_and_ratio_follows_curriculum(tmp_path):

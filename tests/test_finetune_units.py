@@ -10,12 +10,7 @@ from smarttrim_cli.train.distributed import InstanceNoise, ResumableSampler
 from smarttrim_cli.train.losses import budget_loss, distill_loss, global_stats, task_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only spin against other work on the 2 shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_budget_surrogate_gradient_equals_global_penalty():

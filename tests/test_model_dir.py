@@ -2,7 +2,6 @@
 (config.json `preprocess`)."""
 import json
 
-import torch
 from PIL import Image
 
 import smarttrim_cli

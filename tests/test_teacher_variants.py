@@ -17,12 +17,7 @@ from smarttrim_cli.train.rules import LearnedTrimmers
 from smarttrim_cli.train.step import TrainStep
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only spin against other work on the 2 shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,22 @@ class Family:
         return f"<family {self.name} ({self.style}): {', '.join(self.tasks)}>"
 
 
+def check_keys(sd: dict, expected: dict, source, layout: str, ignore=lambda k: False, optional: tuple = ()) -> list[str]:
+    """Compare a source's weight names with the model's (``expected``): a one-line error naming the first missing
+    and unexpected keys. ``ignore``: source keys known to be unused; ``optional``: model key prefixes a source
+    need not have (the trimmers, which attach adds). -> the ignored keys."""
+    ignored = sorted(k for k in sd if k not in expected and ignore(k))
+    unexpected = sorted(k for k in sd if k not in expected and not ignore(k))
+    missing = sorted(k for k in expected if k not in sd and not (optional and k.startswith(optional)))
+    if missing or unexpected:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {what} key(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+        raise SmartTrimError(f"{source}: does not match the {layout} layout: {'; '.join(parts)}")
+    return ignored
+
+
 def interpolate_positions(pos: torch.Tensor, new_grid: int, mode: str = "bicubic",
                           align_corners: bool = False) -> torch.Tensor:
     """ViT positional embeddings ((N, d) or (1, N, d), [CLS] row first) resampled on the patch grid to

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import SmartTrimError
 from ..preprocess import PIL_FILTERS, RESAMPLE
-from .base import Family, Loaded
+from .base import Family, Loaded, check_keys
 
 
 def read_processor_config(model_dir) -> dict | None:
@@ -135,18 +135,7 @@ def match_state_dict(model, sd: dict, source, ignore=lambda k: False, family: st
     """Check the HF keys against the model's (same names); raise a one-line error listing the first
     mismatches. Returns the ignored keys."""
     expected = model.state_dict()
-    trim = ("token_trimmers.", "head_trimmers.")
-    ignored = sorted(k for k in sd if k not in expected and ignore(k))
-    unexpected = sorted(k for k in sd if k not in expected and not ignore(k))
-    missing = sorted(k for k in expected if k not in sd and not k.startswith(trim))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:4])}"
-                         f"{' ...' if len(unexpected) > 4 else ''}")
-        raise SmartTrimError(f"{source}: does not match the {family} layout: {'; '.join(parts)}")
+    ignored = check_keys(sd, expected, source, family, ignore, optional=("token_trimmers.", "head_trimmers."))
     for k, v in expected.items():
         if k in sd and tuple(sd[k].shape) != tuple(v.shape):
             raise SmartTrimError(f"{source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")

@@ -28,7 +28,8 @@ from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
 from ..trim.cost import module_macs
-from .base import AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .base import (AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, check_keys,
+                   interpolate_positions)
 
 TASKS = ("vqa", "nlvr2", "snli", "retrieval")
 HEAD_PREFIX = {"vqa": "vqa_classifier", "nlvr2": "nlvr2_classifier", "snli": "snli_classifier",
@@ -405,17 +406,7 @@ def from_checkpoint(path, image_size: int | None = None, trim: TrimConfig | None
         cfg.image_size = image_size
     model = MeterModel(cfg)
     expected = model.state_dict()
-    ignored = sorted(k for k in sd if is_unused_key(k))
-    unexpected = sorted(k for k in sd if k not in expected and not is_unused_key(k))
-    missing = sorted(k for k in expected if k not in sd)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:4])}"
-                         f"{' ...' if len(unexpected) > 4 else ''}")
-        raise SmartTrimError(f"{path}: does not match the METER layout: {'; '.join(parts)}")
+    ignored = check_keys(sd, expected, path, "METER", is_unused_key)
     state = {k: sd[k] for k in expected}
     state[pos_key] = interpolate_positions(sd[pos_key], cfg.image_size // cfg.patch_size)
     for k, v in state.items():
