@@ -8,7 +8,8 @@
 What runs (every model starts from the same base model, every method is evaluated by the same code on
 the same validation inputs: profiling/compare.py):
   base       the base model of ``smarttrim demo --long`` (its stages, cached in $SMARTTRIM_HOME/demo-<dataset>-long,
-             or -quick with --quick; reused when the demo ran there, else trained here): "full" = this model
+             or -quick with --quick; reused when the demo ran there, else trained here): "full" = this model;
+             ``--budget normal``: the plain ``smarttrim demo``'s base, budgets and folder (demo-<dataset>)
   control    finetune --no-trim continued from the base with exactly the SmartTrim runs' settings and
              steps (same data, order, optimizer, schedule): the equal-steps control, so that the gain of
              extra training is not credited to trimming
@@ -102,6 +103,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="easyvqa", choices=("easyvqa", "scenes"))
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the harness")
+    ap.add_argument("--budget", choices=("long", "normal"), default="long",
+                    help="long: the `demo --long` base and budgets (section 6/7 of BENCHMARKS.md); normal: the plain "
+                    "`smarttrim demo` base and budgets, sharing the demo's cache (what a first-time user sees)")
     ap.add_argument("--ratios", default="0.5,0.33,0.2", help="target mean GMACs ratios (trimmed / full)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every fine-tune (control, "
                     "SmartTrim, evit-ft); default: the demo's SmartTrim budget")
@@ -179,7 +183,8 @@ def run(args) -> dict:
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     extra = parse_sets(args.set)
     evit_extra = parse_sets(args.evit_set)
-    s = DemoSettings(dataset=args.dataset, quick=args.quick, long=not args.quick, threads=args.threads, seed=args.seed,
+    s = DemoSettings(dataset=args.dataset, quick=args.quick,
+                     long=not args.quick and args.budget == "long", threads=args.threads, seed=args.seed,
                      fresh=args.fresh)
     p0 = p = prepare(s, console=None, say=_say)
     r_layers, r_fuse, r_mode = recipe_trim(p.recipe)
