@@ -167,6 +167,15 @@ def smarttrim_threshold(m, cal, target: float) -> float:
     return thr
 
 
+def run_name(ratio: float, place: str, steps: int | None, extra: dict, demo_target: float = 0.33) -> str:
+    """The cached SmartTrim run's folder in the demo folder: the demo's own ``trimmed`` when nothing differs from
+    it, else ``smarttrim-r<ratio><placement>[-<steps>][-<key><value>...]`` (``--set`` order)."""
+    if abs(ratio - demo_target) < 1e-9 and not extra and not steps and not place:
+        return "trimmed"
+    return f"smarttrim-r{ratio:g}{place}" + (f"-{steps}" if steps else "") + (
+        "-" + "-".join(f"{k}{v}" for k, v in extra.items()) if extra else "")
+
+
 def _say(msg):
     print(f"== {msg}", flush=True)
 
@@ -225,8 +234,7 @@ def run(args) -> dict:
         ex = dict(extra)
         if steps:
             ex["max_steps"] = steps
-        name = "trimmed" if (abs(r - s.target_ratio) < 1e-9 and not ex and not place) else f"smarttrim-r{r:g}{place}" + (
-            f"-{steps}" if steps else "") + ("-" + "-".join(f"{k}{v}" for k, v in extra.items()) if extra else "")
+        name = run_name(r, place, steps, extra, s.target_ratio)
         stg = train_trimmed(p, r, name=name, say=lambda m: _say(f"{m} [{name}]"), extra=ex or None)
         st_dirs[r] = p.root / name
         runs[f"smarttrim@{r:g}"] = {"dir": str(p.root / name), "summary": _brief(stg.result())}
