@@ -4,7 +4,11 @@ Below both train/ and profiling/, so neither imports the other for a score.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+from .data.vqa_answers import majority_answer, normalize_answer, soft_score
 
 
 def is_multilabel(target: torch.Tensor) -> bool:
@@ -18,3 +22,35 @@ def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if is_multilabel(target):
         return target.float().gather(1, pred.unsqueeze(1)).squeeze(1)
     return (pred == target.long()).float()
+
+
+# ---- generated answers (decoder VLMs): scored on VQA's normalised strings, as the official evaluation does
+
+def generated_vqa_score(text: str, answers: Sequence[str]) -> float:
+    """VQA soft score of one generated answer against the annotators' answers (``"Two."`` vs ten ``"2"`` ->
+    1.0; an answer 2 of 10 gave -> 0.6). NaN without answers: the score is undefined, not 0."""
+    if not answers:
+        return float("nan")
+    pred = normalize_answer(text)
+    return soft_score(sum(normalize_answer(a) == pred for a in answers))
+
+
+def generated_exact_match(text: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised generated answer equals the most frequent normalised answer (ties: the first);
+    label-free agreement passes ``[full model's answer]``. NaN without answers."""
+    target = majority_answer(answers)
+    return float("nan") if target is None else float(normalize_answer(text) == target)
+
+
+def score_generated(texts: Sequence[str], answers: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Per-input VQA score of generated answers: FloatTensor[B], like :func:`score`."""
+    if len(texts) != len(answers):
+        raise ValueError(f"{len(texts)} generated answers for {len(answers)} answer lists")
+    return torch.tensor([generated_vqa_score(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)
+
+
+def exact_match_generated(texts: Sequence[str], answers: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Per-input exact match of generated answers against the most frequent answer: FloatTensor[B]."""
+    if len(texts) != len(answers):
+        raise ValueError(f"{len(texts)} generated answers for {len(answers)} answer lists")
+    return torch.tensor([generated_exact_match(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)

@@ -1,5 +1,6 @@
-"""Dataset readers (VQAv2, NLVR2, SNLI-VE, easy-VQA, COCO/Flickr30k Karpathy-split captions), METER/CLIP
-image preprocessing, VQA answer normalisation and scoring, and a batch collate function.
+"""Dataset readers (VQAv2, NLVR2, SNLI-VE, easy-VQA, COCO/Flickr30k Karpathy-split captions, label-free
+prompts), METER/CLIP image preprocessing, VQA answer normalisation and scoring, and batch collate functions
+(encoder models: :func:`collate`; decoder VLMs: :class:`GenerativeCollate`).
 
     from smarttrim_cli.data import open_dataset, make_collate
     ds = open_dataset("vqa", None, "val", image_size=576, label2id=ckpt_label2id, skip_bad=True)
@@ -28,11 +29,14 @@ from ..errors import SmartTrimError
 from .captions import ITM_LABELS, CaptionsDataset, Flickr30kCaptionsDataset
 from .common import ReaderBase
 from .easyvqa import EASYVQA_ANSWERS, EasyVQADataset, easyvqa_data_dir
+from .generative import (VQA_SHORT_ANSWER, GenerativeCollate, WithTargetTexts, image_token_count,
+                         load_chat_processor)
 from .nlvr2 import NLVR2_LABELS, NLVR2Dataset
 from ..preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+from .prompts import PromptsDataset
 from .snli_ve import SNLI_LABEL2ID, SNLI_LABELS, SNLIVEDataset
-from .vqa_answers import (build_answer_vocab, normalize_answer, soft_score, target_tensor,
-                          vqa_score, vqa_targets)
+from .vqa_answers import (build_answer_vocab, majority_answer, normalize_answer, soft_score,
+                          target_tensor, vqa_score, vqa_targets)
 from .vqav2 import VQAv2Dataset, build_vqa_vocab
 
 DATASETS: dict[str, type[ReaderBase]] = {
@@ -42,11 +46,13 @@ DATASETS: dict[str, type[ReaderBase]] = {
     "easyvqa": EasyVQADataset,
     "coco-captions": CaptionsDataset,
     "flickr30k": Flickr30kCaptionsDataset,
+    "prompts": PromptsDataset,
 }
 ALIASES = {"vqav2": "vqa", "vqa2": "vqa", "snli-ve": "snli", "snli_ve": "snli", "snlive": "snli",
            "easy-vqa": "easyvqa", "easy_vqa": "easyvqa", "nlvr": "nlvr2",
            "coco_captions": "coco-captions", "coco-karpathy": "coco-captions", "flickr": "flickr30k",
-           "flickr30k-captions": "flickr30k", "flickr30k_captions": "flickr30k", "f30k": "flickr30k"}
+           "flickr30k-captions": "flickr30k", "flickr30k_captions": "flickr30k", "f30k": "flickr30k",
+           "prompt": "prompts", "label-free": "prompts"}
 LAYOUT_HINTS = {
     "vqa": "v2_OpenEnded_mscoco_<split>_questions.json, v2_mscoco_<split>_annotations.json, <split>/COCO_*.jpg",
     "nlvr2": "<split>.json, images/<split>/...-img0.png",
@@ -54,6 +60,7 @@ LAYOUT_HINTS = {
     "easyvqa": "<split>/questions.json, <split>/images/<id>.png",
     "coco-captions": "dataset_coco.json (Karpathy split), <filepath>/<filename> (val2014/COCO_val2014_*.jpg)",
     "flickr30k": "dataset_flickr30k.json (Karpathy split), flickr30k-images/<filename>",
+    "prompts": '<split>.jsonl or prompts.jsonl ({"image": "rel/path.jpg", "prompt": ...} per line), images',
 }
 
 
@@ -82,11 +89,11 @@ def default_data_dir(name: str) -> Path:
 def open_dataset(name: str, data_dir: str | os.PathLike | None, split: str, image_size: int,
                  label2id: Mapping[str, int] | Sequence[str] | None = None, limit: int | None = None,
                  skip_bad: bool = False, preprocess=None) -> ReaderBase:
-    """Open a reader by name: ``vqa``, ``nlvr2``, ``snli``, ``easyvqa``, ``coco-captions`` or ``flickr30k``
+    """Open a reader by name: ``vqa``, ``nlvr2``, ``snli``, ``easyvqa``, ``coco-captions``, ``flickr30k`` or ``prompts``
     (aliases: vqav2, snli-ve, easy-vqa, coco_captions, flickr ...). ``data_dir=None`` uses
     :func:`default_data_dir`. ``preprocess``: the model's image transform
     (``model_dir.LoadedModel.image_preprocessor()``); default METER/CLIP's. ``label2id``: answer vocabulary for
-    vqa/easyvqa (e.g. from the checkpoint), label order for snli; ignored by nlvr2 and the caption readers."""
+    vqa/easyvqa (e.g. from the checkpoint), label order for snli; ignored by nlvr2, the caption readers and prompts."""
     key = canonical_name(name)
     explicit = data_dir is not None
     path = Path(os.path.expanduser(str(data_dir))) if explicit else default_data_dir(key)
@@ -154,5 +161,6 @@ __all__ = [
     "CLIP_MEAN", "CLIP_STD", "build_answer_vocab", "build_vqa_vocab", "normalize_answer",
     "soft_score", "vqa_targets", "target_tensor", "vqa_score", "EASYVQA_ANSWERS", "SNLI_LABELS",
     "SNLI_LABEL2ID", "NLVR2_LABELS", "easyvqa_data_dir", "CaptionsDataset", "Flickr30kCaptionsDataset",
-    "ITM_LABELS",
+    "ITM_LABELS", "PromptsDataset", "GenerativeCollate", "WithTargetTexts", "VQA_SHORT_ANSWER",
+    "image_token_count", "load_chat_processor", "majority_answer",
 ]

@@ -126,6 +126,12 @@ def soft_score(n_matching: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[n] if n < 4 else 1.0
 
 
+def majority_answer(answers: Iterable[str]) -> str | None:
+    """The most frequent normalised answer (ties: the one given first), or None when there is none."""
+    counts: Counter = Counter(normalize_answer(a) for a in answers)
+    return counts.most_common(1)[0][0] if counts else None  # most_common is stable: first wins a tie
+
+
 def vqa_targets(answers: Sequence[str], label2id: Mapping[str, int],
                 normalize: bool = True) -> dict[int, float]:
     """Soft targets ``{label_id: score}`` from the (usually 10) annotator answers of one question.
@@ -175,6 +181,6 @@ def vqa_score(pred_label_ids: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 __all__ = [
-    "normalize_answer", "build_answer_vocab", "soft_score", "vqa_targets", "target_tensor",
+    "normalize_answer", "build_answer_vocab", "majority_answer", "soft_score", "vqa_targets", "target_tensor",
     "vqa_score", "VQA_MIN_COUNT",
 ]
