@@ -23,6 +23,8 @@ EOS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for
                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
                 "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
                 "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+# ChatML-like: a newline after the closing token (must not become a second eos)
+EOS_NEWLINE_TEMPLATE = EOS_TEMPLATE.replace("</s>{% endif %}", "</s>\n{% endif %}")
 # llava-hf's processor template: the answer ends with ' ' and no </s> (the collate must add the eos)
 HF_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}"
                "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -94,7 +96,8 @@ def test_generate_prompt_is_what_llava_processor_builds(tmp_path, strategy, extr
     assert batch["prompt_lengths"].tolist() == [len(real_ids(batch, 0))]
 
 
-@pytest.mark.parametrize("template", [EOS_TEMPLATE, HF_TEMPLATE], ids=["closes-with-eos", "llava-hf"])
+@pytest.mark.parametrize("template", [EOS_TEMPLATE, EOS_NEWLINE_TEMPLATE, HF_TEMPLATE],
+                         ids=["closes-with-eos", "eos-newline", "llava-hf"])
 def test_train_labels_cover_only_answer_and_eos_with_left_padding(tmp_path, template):
     processor = load_chat_processor(make_processor(tmp_path / "p", template=template))
     tok = processor.tokenizer
