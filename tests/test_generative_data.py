@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from smarttrim_cli.data import (VQA_SHORT_ANSWER, GenerativeCollate, PromptsDataset, VQAv2Dataset, WithTargetTexts,
-                                image_token_count, load_chat_processor, majority_answer, open_dataset)
+                                generated_texts, image_token_count, load_chat_processor, majority_answer,
+                                open_dataset)
 from smarttrim_cli.errors import SmartTrimError
 from smarttrim_cli.metrics import exact_match_generated, generated_vqa_score, score_generated
 
@@ -33,7 +34,7 @@ HF_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}"
 
 
 def make_processor(out: Path, template: str | None = EOS_TEMPLATE, image_token: bool = True,
-                   strategy: str = "default", extra: int = 1, crop=(8, 8)):
+                   strategy: str = "default", extra: int = 1, crop=(8, 8), patch: int | None = 2):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def make_processor(out: Path, template: str | None = EOS_TEMPLATE, image_token: 
                                   unk_token="<unk>", chat_template=template,
                                   additional_special_tokens=["<image>"] if image_token else None)
     ip = CLIPImageProcessor(size={"shortest_edge": min(crop)}, crop_size={"height": crop[0], "width": crop[1]})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=2, vision_feature_select_strategy=strategy,
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy=strategy,
                           num_additional_image_tokens=extra, chat_template=template)
     proc.save_pretrained(str(out))
     return out
@@ -120,6 +121,11 @@ def test_train_labels_cover_only_answer_and_eos_with_left_padding(tmp_path, temp
         assert real_ids(train, i)[:-n_answer] == real_ids(gen, i)                 # same prompt as generation
         assert train["prompt_lengths"][i].item() == len(real_ids(gen, i)) == gen["prompt_lengths"][i].item()
     assert train["answers"][1][0] == "two" and gen["text"][1] == "How many dogs?"
+    # what generate() returns: prompt + answer + eos, then pads where a row stopped early
+    L = gen["input_ids"].shape[1]
+    answer_ids = [labels[i][labels[i] != -100].tolist() for i in range(2)]
+    tails = torch.tensor([answer_ids[0] + [tok.pad_token_id] * 2, answer_ids[1] + [tok.pad_token_id] * 2])
+    assert generated_texts(processor, torch.cat([gen["input_ids"], tails], 1), L) == ["red", "3"]
 
 
 def test_target_choice_tie_override_and_label_free(processor):
@@ -146,6 +152,10 @@ def test_missing_chat_template_or_image_token_is_a_one_line_error_naming_the_dir
     with pytest.raises(SmartTrimError, match="no image token") as e:
         load_chat_processor(no_image)
     assert str(no_image) in str(e.value) and "\n" not in str(e.value)
+    no_patch = make_processor(tmp_path / "no-patch", patch=None)
+    with pytest.raises(SmartTrimError, match="no patch_size") as e:
+        load_chat_processor(no_patch)
+    assert str(no_patch) in str(e.value)
     with pytest.raises(SmartTrimError, match="mode must be"):
         GenerativeCollate(load_chat_processor(make_processor(tmp_path / "ok")), mode="eval")
 
@@ -201,6 +211,16 @@ def test_prompts_reader_good_missing_image_and_malformed_row(tmp_path, processor
     assert len(ds) == 1 and ds.skipped == {"bad row": 2}
     with pytest.raises(SmartTrimError, match="prompts file not found"):
         open_dataset("prompts", tmp_path, "prompts", image_size=8)
+
+
+def test_scenes_items_train(tmp_path, processor):
+    from smarttrim_cli.data.scenes import generate_scenes
+
+    generate_scenes(tmp_path / "scenes", n_train=1, n_val=1, image_size=64, questions_per_image=2)
+    ds = open_dataset("vqa", tmp_path / "scenes", "val", image_size=8, label2id=["yes"])
+    batch = GenerativeCollate(processor, mode="train")([ds[0], ds[1]])
+    assert batch["target_text"] == [majority_answer(ds[i]["answers"]) for i in range(2)]
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and ((batch["labels"] != -100).sum(1) >= 2).all()
 
 
 def test_vqav2_test_split_without_annotations_is_usable_label_free(tmp_path, processor):

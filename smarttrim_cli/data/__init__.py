@@ -29,8 +29,8 @@ from ..errors import SmartTrimError
 from .captions import ITM_LABELS, CaptionsDataset, Flickr30kCaptionsDataset
 from .common import ReaderBase
 from .easyvqa import EASYVQA_ANSWERS, EasyVQADataset, easyvqa_data_dir
-from .generative import (VQA_SHORT_ANSWER, GenerativeCollate, WithTargetTexts, image_token_count,
-                         load_chat_processor)
+from .generative import (VQA_SHORT_ANSWER, GenerativeCollate, WithTargetTexts, generated_texts,
+                         image_token_count, load_chat_processor)
 from .nlvr2 import NLVR2_LABELS, NLVR2Dataset
 from ..preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 from .prompts import PromptsDataset
@@ -162,5 +162,5 @@ __all__ = [
     "soft_score", "vqa_targets", "target_tensor", "vqa_score", "EASYVQA_ANSWERS", "SNLI_LABELS",
     "SNLI_LABEL2ID", "NLVR2_LABELS", "easyvqa_data_dir", "CaptionsDataset", "Flickr30kCaptionsDataset",
     "ITM_LABELS", "PromptsDataset", "GenerativeCollate", "WithTargetTexts", "VQA_SHORT_ANSWER",
-    "image_token_count", "load_chat_processor", "majority_answer",
+    "image_token_count", "load_chat_processor", "majority_answer", "generated_texts",
 ]

@@ -6,12 +6,12 @@ token, a CLIP image processor, ``LlavaProcessor``).
 
 A batch is left-padded (generation needs it; training shares it): ``input_ids``/``attention_mask`` (B, L),
 ``pixel_values`` (B, 3, H, W), ``prompt_lengths`` (B; real prompt tokens, pads excluded), ``answers`` (list of
-lists), ``text`` (the questions) and, with ``mode="train"``, ``labels`` (B, L; -100 except the answer tokens and
-the token closing the assistant turn) and ``target_text``. The prompt is the tokenizer's own chat template (user
-turn = image + question [+ "\\n" + instruction]) ending with the assistant prefix; its single ``<image>`` is
-expanded to the model's number of image tokens exactly as ``LlavaProcessor`` does. The training target is
-an item's ``target_text`` when it has one (label-free: the full model's own answer), else the most frequent
-normalised annotator answer.
+lists), ``text`` (the questions) and, with ``mode="train"``, ``labels`` (B, L, unshifted as HF models expect;
+-100 except the answer tokens and the token closing the assistant turn) and ``target_text``. The prompt is the
+tokenizer's own chat template (user turn = image + question [+ "\\n" + instruction]) ending with the assistant
+prefix; its single ``<image>`` is expanded to the model's number of image tokens exactly as ``LlavaProcessor``
+does. The training target is an item's ``target_text`` when it has one (label-free: the full model's own
+answer), else the most frequent normalised annotator answer. Nothing is truncated.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def _template(processor) -> str | None:
 
 def check_chat_processor(processor, where: str | None = None) -> None:
     """One-line SmartTrimError naming ``where`` (default: the tokenizer's directory) when the tokenizer has no
-    chat template, no single image token, or the template does not put exactly one image in the user turn."""
+    chat template or no single image token, the processor no patch size, or the template does not put exactly
+    one image in the user turn."""
     where = where or _where(processor)
     tok = getattr(processor, "tokenizer", processor)
     if not _template(processor):
@@ -54,6 +55,9 @@ def check_chat_processor(processor, where: str | None = None) -> None:
     if tid is None or tid == tok.unk_token_id or tok.encode(image_token, add_special_tokens=False) != [tid]:
         raise SmartTrimError(f"{where}: the tokenizer has no image token {image_token!r} (one token of its "
                              "vocabulary is needed where the image goes)")
+    if hasattr(processor, "image_processor") and not getattr(processor, "patch_size", None):
+        raise SmartTrimError(f"{where}: the processor has no patch_size, so the number of image tokens is "
+                             "unknown (set 'patch_size' in processor_config.json)")
     prompt = _render(processor, "?", None)[0]
     if prompt.count(image_token) != 1:
         raise SmartTrimError(f"{where}: the chat template puts {prompt.count(image_token)} image tokens "
@@ -211,6 +215,14 @@ class GenerativeCollate:
         return out
 
 
+def generated_texts(processor, sequences: torch.Tensor, input_length: int) -> list[str]:
+    """The answers in ``model.generate`` output: the tokens after the (left-padded, so shared) prompt length,
+    decoded without special tokens and stripped; feed them to ``metrics.score_generated`` or, label-free, back
+    as ``target_text``."""
+    tok = getattr(processor, "tokenizer", processor)
+    return [t.strip() for t in tok.batch_decode(sequences[:, int(input_length):], skip_special_tokens=True)]
+
+
 class WithTargetTexts(Dataset):
     """``dataset`` whose item ``i`` also carries ``target_text = texts[i]`` (label-free training on the full
     model's greedy answers)."""
@@ -227,5 +239,5 @@ class WithTargetTexts(Dataset):
         return {**self.dataset[index], "target_text": self.texts[index]}
 
 
-__all__ = ["GenerativeCollate", "WithTargetTexts", "VQA_SHORT_ANSWER", "IGNORE_INDEX", "check_chat_processor",
+__all__ = ["GenerativeCollate", "WithTargetTexts", "generated_texts", "VQA_SHORT_ANSWER", "IGNORE_INDEX", "check_chat_processor",
            "load_chat_processor", "image_token_count"]
