@@ -80,7 +80,8 @@ def test_generate_prompt_is_what_llava_processor_builds(tmp_path, strategy, extr
     processor = load_chat_processor(make_processor(tmp_path / "p", strategy=strategy, extra=extra, crop=crop))
     img = Image.new("RGB", (20, 10), (200, 10, 10))
     question = "How many dogs are there?"
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{VQA_SHORT_ANSWER}"}]}]
+    text = f"{question}\n{VQA_SHORT_ANSWER}"
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     ref = processor(images=[img], text=[processor.apply_chat_template(conv, add_generation_prompt=True)],
                     return_tensors="pt")
     pixels = ref["pixel_values"][0]
@@ -126,6 +127,37 @@ def test_train_labels_cover_only_answer_and_eos_with_left_padding(tmp_path, temp
     answer_ids = [labels[i][labels[i] != -100].tolist() for i in range(2)]
     tails = torch.tensor([answer_ids[0] + [tok.pad_token_id] * 2, answer_ids[1] + [tok.pad_token_id] * 2])
     assert generated_texts(processor, torch.cat([gen["input_ids"], tails], 1), L) == ["red", "3"]
+
+
+def test_token_merged_across_prompt_and_answer_stays_in_the_prompt(tmp_path):
+    """A BPE without pre-tokenizer merges '?▁ASSISTANT:▁' with the answer's leading space: the labels must still
+    hold only the answer, after exactly the generation prompt."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    tk.train_from_iterator(["USER: what color is the cat? ASSISTANT: red"] * 20,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=["<image>"], chat_template=HF_TEMPLATE)
+    ip = CLIPImageProcessor(size={"shortest_edge": 4}, crop_size={"height": 4, "width": 4})
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=2, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=HF_TEMPLATE).save_pretrained(str(tmp_path / "bpe"))
+    processor = load_chat_processor(tmp_path / "bpe")
+    tok = processor.tokenizer
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what color is the cat?"}]}], add_generation_prompt=True)
+    assert tok(prompt)["input_ids"] != tok(prompt + " red</s>")["input_ids"][:len(tok(prompt)["input_ids"])]
+    batch = [item("what color is the cat?", ["red"], size=(4, 4))]
+    train = GenerativeCollate(processor, mode="train")(batch)
+    gen = GenerativeCollate(processor, mode="generate")(batch)
+    n = gen["prompt_lengths"][0].item()
+    assert train["input_ids"][0, :n].tolist() == gen["input_ids"][0].tolist() and train["prompt_lengths"][0] == n
+    assert (train["labels"][0, :n] == -100).all() and (train["labels"][0, n:] != -100).all()
+    assert tok.decode(train["labels"][0, n:], skip_special_tokens=True).strip() == "red"
 
 
 def test_target_choice_tie_override_and_label_free(processor):

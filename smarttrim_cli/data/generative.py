@@ -161,13 +161,15 @@ class GenerativeCollate:
         prompt_ids = tok(expanded, add_special_tokens=special)["input_ids"]
         if full is None:
             return list(prompt_ids), len(prompt_ids)
-        ids = tok(expanded + completion, add_special_tokens=special)["input_ids"]
-        n = 0  # the shared prefix: tokens that merge across the prompt/answer boundary count as answer
-        while n < min(len(ids), len(prompt_ids)) and ids[n] == prompt_ids[n]:
-            n += 1
-        if n >= len(ids):
+        prompt_ids = list(prompt_ids)
+        # tokenised in context, the answer's first token is the one the model emits ("▁red" after "ASSISTANT:")
+        ids = list(tok(expanded + completion, add_special_tokens=special)["input_ids"])
+        if ids[:len(prompt_ids)] != prompt_ids:
+            # a token merged across the boundary: keep generation's exact prompt, so the labels hold answer only
+            ids = prompt_ids + list(tok(completion, add_special_tokens=False)["input_ids"])
+        if len(ids) <= len(prompt_ids):
             raise SmartTrimError(f"question {one_line(question)[:60]!r}: the answer {target!r} adds no tokens")
-        return list(ids), n
+        return ids, len(prompt_ids)
 
     def target_for(self, item: dict) -> str:
         target = item.get("target_text")
@@ -239,5 +241,5 @@ class WithTargetTexts(Dataset):
         return {**self.dataset[index], "target_text": self.texts[index]}
 
 
-__all__ = ["GenerativeCollate", "WithTargetTexts", "generated_texts", "VQA_SHORT_ANSWER", "IGNORE_INDEX", "check_chat_processor",
-           "load_chat_processor", "image_token_count"]
+__all__ = ["GenerativeCollate", "WithTargetTexts", "generated_texts", "VQA_SHORT_ANSWER", "IGNORE_INDEX",
+           "check_chat_processor", "load_chat_processor", "image_token_count"]
