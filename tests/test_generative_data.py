@@ -26,11 +26,14 @@ EOS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for
                 "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 # ChatML-like: a newline after the closing token (must not become a second eos)
 EOS_NEWLINE_TEMPLATE = EOS_TEMPLATE.replace("</s>{% endif %}", "</s>\n{% endif %}")
-# llava-hf's processor template: the answer ends with ' ' and no </s> (the collate must add the eos)
-HF_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}"
-               "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-               "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
-               "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# llava-hf/llava-1.5-7b-hf's processor template: the answer ends with ' ' and no </s> (the collate adds the eos)
+HF_TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+               "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+               "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+               "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+               "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+               "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+               "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 def make_processor(out: Path, template: str | None = EOS_TEMPLATE, image_token: bool = True,
