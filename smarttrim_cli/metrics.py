@@ -42,7 +42,7 @@ def generated_exact_match(text: str, answers: Sequence[str]) -> float:
     return float("nan") if target is None else float(normalize_answer(text) == target)
 
 
-def score_generated(texts: Sequence[str], answers: Sequence[Sequence[str]]) -> torch.Tensor:
+def vqa_score_generated(texts: Sequence[str], answers: Sequence[Sequence[str]]) -> torch.Tensor:
     """Per-input VQA score of generated answers: FloatTensor[B], like :func:`score`."""
     if len(texts) != len(answers):
         raise ValueError(f"{len(texts)} generated answers for {len(answers)} answer lists")

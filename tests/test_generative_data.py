@@ -14,7 +14,7 @@ from smarttrim_cli.data import (VQA_SHORT_ANSWER, GenerativeCollate, PromptsData
                                 generated_texts, image_token_count, load_chat_processor, majority_answer,
                                 open_dataset)
 from smarttrim_cli.errors import SmartTrimError
-from smarttrim_cli.metrics import exact_match_generated, generated_vqa_score, score_generated
+from smarttrim_cli.metrics import exact_match_generated, generated_vqa_score, vqa_score_generated
 
 WORDS = ("user assistant : ? . , how many dogs are there what color is the cat answer question using a single "
          "word or phrase 2 3 red").split()
@@ -201,11 +201,11 @@ def test_generated_answer_scores():
     assert generated_vqa_score("Two.", ["2"] * 10) == 1.0
     assert generated_vqa_score("a cat", ["cat", "cat"] + ["dog"] * 8) == 0.6
     assert generated_vqa_score("zebra", ["2"] * 10) == 0.0
-    s = score_generated(["Two.", "cat", "zebra"], [["2"] * 10, ["cat", "cat"] + ["dog"] * 8, ["2"] * 10])
+    s = vqa_score_generated(["Two.", "cat", "zebra"], [["2"] * 10, ["cat", "cat"] + ["dog"] * 8, ["2"] * 10])
     assert s.dtype == torch.float32 and s.tolist() == pytest.approx([1.0, 0.6, 0.0])
     em = exact_match_generated(["Dog!", "cat", "3"], [["cat", "cat"] + ["dog"] * 8, ["cat", "dog"], ["2"]])
     assert em.tolist() == [1.0, 1.0, 0.0]
-    assert torch.isnan(score_generated(["x"], [[]])).all()   # undefined without answers, not a silent 0
+    assert torch.isnan(vqa_score_generated(["x"], [[]])).all()   # undefined without answers, not a silent 0
 
 
 # ----------------------------------------------------------------------------- label-free readers

@@ -219,7 +219,7 @@ class GenerativeCollate:
 
 def generated_texts(processor, sequences: torch.Tensor, input_length: int) -> list[str]:
     """The answers in ``model.generate`` output: the tokens after the (left-padded, so shared) prompt length,
-    decoded without special tokens and stripped; feed them to ``metrics.score_generated`` or, label-free, back
+    decoded without special tokens and stripped; feed them to ``metrics.vqa_score_generated`` or, label-free, back
     as ``target_text``."""
     tok = getattr(processor, "tokenizer", processor)
     return [t.strip() for t in tok.batch_decode(sequences[:, int(input_length):], skip_special_tokens=True)]
