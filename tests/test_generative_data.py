@@ -258,7 +258,7 @@ def test_scenes_items_train(tmp_path, processor):
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and ((batch["labels"] != -100).sum(1) >= 2).all()
 
 
-def test_vqav2_test_split_without_annotations_is_usable_label_free(tmp_path, processor):
+def test_vqav2_test_split_without_annotations_is_usable_label_free(tmp_path, proc_dir, processor):
     root = tmp_path / "vqa"
     root.mkdir()
     (root / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(
@@ -267,7 +267,7 @@ def test_vqav2_test_split_without_annotations_is_usable_label_free(tmp_path, pro
     Image.new("RGB", (16, 12), (9, 9, 9)).save(root / "test2015" / "COCO_test2015_000000000005.jpg")
     ds = VQAv2Dataset(root, "test", image_size=8, label2id=["red"])
     assert len(ds) == 1 and ds[0]["answers"] == []
-    gen = GenerativeCollate(processor, mode="generate")([ds[0]])
+    gen = GenerativeCollate(proc_dir, mode="generate")([ds[0]])  # from the directory
     assert gen["answers"] == [[]] and gen["question_id"].tolist() == [5000]
     train = GenerativeCollate(processor, mode="train")([WithTargetTexts(ds, ["red"])[0]])
     assert train["target_text"] == ["red"] and (train["labels"] != -100).sum().item() == 2  # "red" + eos

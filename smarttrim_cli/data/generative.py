@@ -112,13 +112,16 @@ def _render(processor, question: str, answer: str | None) -> tuple[str, str | No
 class GenerativeCollate:
     """Picklable ``collate_fn``: reader items -> a left-padded generative batch (see the module docstring).
 
-    ``mode="train"``: prompt + answer + end-of-turn, with ``labels``; ``mode="generate"``: prompt only.
+    ``processor``: a loaded processor or its directory. ``mode="train"``: prompt + answer + end-of-turn, with
+    ``labels``; ``mode="generate"``: prompt only.
     ``instruction``: appended to each question after a newline (e.g. :data:`VQA_SHORT_ANSWER`).
     """
 
     def __init__(self, processor, mode: str = "train", instruction: str | None = None):
         if mode not in MODES:
             raise SmartTrimError(f"generative collate: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if isinstance(processor, (str, os.PathLike)):
+            processor = load_chat_processor(processor)
         check_chat_processor(processor)
         self.processor = processor
         self.mode = mode
