@@ -12,9 +12,10 @@ variant is a ``finetune`` run of ``--steps`` optimizer steps through the library
 
     plain         --no-trim: the full-capacity model, task loss only
     none          distill_weight=0: the student pass alone (no teacher pass)
-    self          the recipe: the full pass of the current weights as teacher, no gradient through it
+    self          the full pass of the current weights as teacher (weight 1), no gradient through it
     start         teacher=start: a frozen copy of the starting weights as teacher
     self_trained  teacher_task_weight=1: the full pass also trained on the task (a second backward)
+    fade          distill_schedule=fade: the self teacher's weight falls to 0 with the curriculum (same passes)
     feature       feature_weight=1: pooled last-hidden-state distillation next to the logits
 
 Recorded per variant: finetune's compute seconds per step (forward, backward and optimizer step, data loading
@@ -37,13 +38,15 @@ import torch
 
 from finetune_easyvqa import QUICK, SIZE, build_init
 
+# explicit distill_weight: each variant means the same whatever the recipe's default
 VARIANTS = {
     "plain": {"trim": False},
     "none": {"distill_weight": 0.0},
-    "self": {},
-    "start": {"teacher": "start"},
-    "self_trained": {"teacher_task_weight": 1.0},
-    "feature": {"feature_weight": 1.0},
+    "self": {"distill_weight": 1.0},
+    "start": {"distill_weight": 1.0, "teacher": "start"},
+    "self_trained": {"distill_weight": 1.0, "teacher_task_weight": 1.0},
+    "fade": {"distill_weight": 1.0, "distill_schedule": "fade"},
+    "feature": {"distill_weight": 1.0, "feature_weight": 1.0},
 }
 GOAL = 2.2  # the self-distillation step at most this many times the plain step
 
