@@ -37,8 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget", default="normal", choices=("normal", "long"))
     ap.add_argument("--ratio", type=float, default=0.33)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--place", default="", help="pareto's placement tag of the runs' base copy (e.g. "
-                    "'-vision0.2_fusenearest' for the scenes recipe), as in their folder names")
+    ap.add_argument("--place", default="", help="pareto's placement tag of the runs' base copy, as in their folder "
+                    "names (the scenes recipe: --place=-vision0.2_fusenearest, with '=' since it starts with '-')")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=SET[;SET...]")
     ap.add_argument("--folder", default=None, help="the demo folder (default: $SMARTTRIM_HOME/demo-<dataset>[-long])")
     ap.add_argument("--out", default=None)

@@ -266,3 +266,22 @@ def test_pareto_quick_end_to_end(tmp_path):
                                                                 "finetune_summary.json").read_text())["config"][
         "distill_temperature"] == 1
     assert res2["full"]["accuracy"] == res["full"]["accuracy"]
+
+    # benchmarks/seed_table.py finds the cached runs by pareto's own naming and reads their stamps (no training)
+    run_dir = Path(res["runs"]["smarttrim@0.6"]["dir"])
+    place = run_dir.name.removeprefix("smarttrim-r0.6")
+    folder = run_dir.parent
+    r3 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_table.py"), "--dataset", "scenes",
+                         "--folder", str(folder), "--ratio", "0.6", "--seeds", "0,1", f"--place={place}",
+                         "--variant", "recipe=", "--variant", "colder=distill_temperature=3",
+                         "--out", str(tmp_path / "seeds" / "t")], capture_output=True, text=True, env=env, timeout=300)
+    assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
+    tab = json.loads((tmp_path / "seeds" / "t.json").read_text())
+    stamp = json.loads((folder / f".{run_dir.name}.done.json").read_text())["result"]
+    rec, colder = tab["variants"]
+    assert [x["run"] for x in rec["runs"]] == [run_dir.name] and rec["missing"] == [run_dir.name + "-seed1"]
+    assert rec["score"]["mean"] == pytest.approx(stamp["calibrated"]["score"] * 100)
+    assert rec["runs"][0]["objective"]["distill_weight"] == stamp["config"]["distill_weight"]
+    assert colder["runs"] == [] and len(colder["missing"]) == 2
+    assert tab["full"] == pytest.approx(json.loads((folder / ".base.done.json").read_text())["result"]["final"]["score"] * 100)
+    assert (tmp_path / "seeds" / "t.png").read_bytes()[:4] == b"\x89PNG"
