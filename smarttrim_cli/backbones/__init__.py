@@ -32,6 +32,7 @@ FAMILIES = {
     "meter": "smarttrim_cli.backbones.meter",
     "vilt": "smarttrim_cli.backbones.vilt",
     "blip": "smarttrim_cli.backbones.blip",
+    "llava": "smarttrim_cli.backbones.llava",
 }
 
 

@@ -140,6 +140,22 @@ class Family:
             model.attach_trimmers(TrimConfig.from_dict(trim_config))
         return model
 
+    def image_tokens(self, config) -> int:
+        """Image tokens of one input as the trimmers see them (summaries): ViT patches + [CLS] by default."""
+        return config.n_patches + 1
+
+    def dummy_batch(self, model, text_len=None, batch: int = 1) -> dict:
+        """A zero image and ``text_len`` text tokens (default ``max_text_len``) in the model's input layout:
+        what ``smarttrim attach`` measures the full model's cost on. A decoder VLM adds its image placeholders."""
+        c = model.config
+        T = text_len or c.max_text_len
+        b = {"pixel_values": torch.zeros(batch, 3, c.image_size, c.image_size),
+             "input_ids": torch.full((batch, T), 5, dtype=torch.long),
+             "attention_mask": torch.ones(batch, T, dtype=torch.long)}
+        if c.task == "nlvr2":  # two images per input
+            b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
+        return b
+
     @property
     def streams(self) -> dict:
         return self.Model.streams
