@@ -73,7 +73,7 @@ def detect_hf_architecture(path: Path, hf: dict, task=None) -> str:
     if archs:
         arch = next((a for a in archs if a in archs_all), None)
         if arch is None:
-            raise SmartTrimError(f"{path}: unsupported architecture {archs[0]} (model_type {mtype!r}); "
+            raise SmartTrimError(f"{path / 'config.json'}: unsupported architecture {archs[0]} (model_type {mtype!r}); "
                                  f"supported: {supported}")
     else:
         want = task if task not in (None, "auto") else None

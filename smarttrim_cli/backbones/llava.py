@@ -330,6 +330,13 @@ class LlavaFamily(HFFamily):
 
     def load(self, source: Path, **kw):
         got = super().load(source, **kw)
+        if kw.get("tokenizer") is None:  # the whole processor (chat template, image token, patch size) when it loads
+            try:
+                from transformers import AutoProcessor
+
+                got.tokenizer = AutoProcessor.from_pretrained(str(source), local_files_only=True)
+            except Exception:  # e.g. a torchvision-backed image processor without torchvision: the tokenizer
+                pass
         proc = read_processor_config(source) or {}
         if proc.get("do_center_crop", True) and proc.get("crop_size"):  # CLIP: shorter side, then centre crop
             got.preprocess["resize"] = "shorter_crop"
