@@ -88,8 +88,10 @@ def test_keep_all_equals_transformers_logits_and_generate(attached, hf, batch):
         assert torch.equal(m.generate(batch, mode="hard", max_new_tokens=6, do_sample=False), ref)
 
 
-def test_hard_equals_soft_given_the_same_decisions(attached, batch):
-    m = attached[1]
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hard_equals_soft_given_the_same_decisions(attached, batch, attn):
+    m = smarttrim_cli.load(attached[0]).model
+    m.hf.set_attn_implementation(attn)
     g = torch.Generator().manual_seed(3)
     forced = {KEY: (torch.rand(len(PROMPTS), m.config.image_tokens, generator=g) > 0.5).float()}
     with torch.no_grad():
@@ -117,6 +119,11 @@ def test_batch_keeping_different_counts_equals_each_input_alone(attached, batch)
             assert (alone[0][rows[i][keep]] - logits[i][rows[i]]).abs().max() < 1e-5
             g1 = m.generate(b, max_new_tokens=5, do_sample=False)
             assert torch.equal(g1[0], gen[i])
+        # right-padded prompts are packed to the left the same way
+        order = torch.argsort((batch["attention_mask"] == 0).long(), dim=1, stable=True)
+        right = {k: (v.gather(1, order) if k != "pixel_values" else v) for k, v in batch.items()}
+        assert bool((right["attention_mask"][:, 0] == 1).all()) and bool((right["attention_mask"][:, -1] == 0).any())
+        assert torch.equal(m.generate(right, max_new_tokens=5, do_sample=False), gen)
 
 
 def test_kept_tokens_keep_their_original_positions(attached, hf, batch):
@@ -243,3 +250,25 @@ def test_qwen2_siglip_keep_all_equals_transformers(tmp_path):
         assert (got - hf(**one(b, 0)).logits).abs().max() < 1e-5
         ref = hf.generate(**b, max_new_tokens=4, do_sample=False)[:, b["input_ids"].shape[1]:]
         assert torch.equal(m.generate(b, mode="hard", threshold=1e-12, max_new_tokens=4, do_sample=False), ref)
+
+
+def test_tied_bf16_source_round_trips_and_keeps_its_dtype(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    src = write_tiny_llava(tmp_path / "tied", seed=3, tie=True, dtype=torch.bfloat16)
+    m = attach(src, out_dir=tmp_path / "o").model
+    loaded = smarttrim_cli.load(tmp_path / "o").model
+    hf = loaded.hf
+    assert hf.dtype == torch.bfloat16 and hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    a, b = m.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    batch = tiny_inputs(src, PROMPTS[:2])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    ref_model = LlavaForConditionalGeneration.from_pretrained(str(src), local_files_only=True).eval()
+    with torch.no_grad():
+        ref = ref_model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(loaded.generate(batch, mode="hard", threshold=1e-12, max_new_tokens=4, do_sample=False), ref)
+        forced = {KEY: (torch.rand(2, loaded.config.image_tokens, generator=torch.Generator().manual_seed(0)) > 0.5)}
+        forced[KEY][:, 0] = True  # the first image token is always kept
+        logits, ctx = loaded.run(batch, mode="hard", forced=forced, record=True)
+    assert logits.dtype == torch.bfloat16 and torch.equal(ctx.decisions[KEY].bool(), forced[KEY])

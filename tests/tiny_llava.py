@@ -33,29 +33,32 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_llava_config(text="llama", vision="clip", image_size=16, patch=4, **kw):
+def tiny_llava_config(text="llama", vision="clip", image_size=16, patch=4, tie=False, **kw):
     from transformers import LlavaConfig
 
     text_cfg = dict(model_type=text, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
-                    bos_token_id=BOS, eos_token_id=EOS)
+                    bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=tie)
     vis_cfg = dict(model_type="clip_vision_model" if vision == "clip" else "siglip_vision_model", hidden_size=24,
                    intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
                    patch_size=patch)
     if vision == "clip":
         vis_cfg["projection_dim"] = 16
     return LlavaConfig(text_config=text_cfg, vision_config=vis_cfg, image_token_id=IMAGE, pad_token_id=PAD,
-                       vision_feature_select_strategy="default" if vision == "clip" else "full", **kw)
+                       vision_feature_select_strategy="default" if vision == "clip" else "full",
+                       tie_word_embeddings=tie, **kw)
 
 
-def write_tiny_llava(path: Path, seed=0, text="llama", vision="clip", image_size=16, patch=4) -> Path:
+def write_tiny_llava(path: Path, seed=0, text="llama", vision="clip", image_size=16, patch=4, tie=False,
+                     dtype=torch.float32) -> Path:
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
-    hf = LlavaForConditionalGeneration(tiny_llava_config(text, vision, image_size, patch)).eval()
+    hf = LlavaForConditionalGeneration(tiny_llava_config(text, vision, image_size, patch, tie)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    hf = hf.to(dtype)
     hf.save_pretrained(str(path))
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     LlavaProcessor(image_processor=ip, tokenizer=tiny_tokenizer(), patch_size=patch, chat_template=CHAT_TEMPLATE,

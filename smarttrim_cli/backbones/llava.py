@@ -158,19 +158,21 @@ class LlavaModel(TrimmableModel):
         feats = self.image_features(pixel_values).to(text.dtype)
         B, N, _ = feats.shape
         self._record_vision(ctx, B, N, feats.device)
-        tmask = (valid & ~is_img).unsqueeze(-1).to(text.dtype)
-        guide = (text * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
-        s = Stream.start(feats, torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        # the trimmer decides in fp32 whatever the model's dtype (bf16 -> fp32 -> bf16 leaves the features exact)
+        tmask = (valid & ~is_img).unsqueeze(-1).float()
+        guide = (text.float() * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
+        s = Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
         self.token_step("image_0", s, guide, ctx)
         if ctx.mode == "hard":  # back to the (B, N) layout: kept rows in place, the rest unused
             kept_img = s.kept_positions() > 0
-            feats = torch.zeros_like(feats).scatter(1, s.pos.unsqueeze(-1).expand(-1, -1, feats.shape[-1]), s.x)
+            feats = torch.zeros_like(feats).scatter(1, s.pos.unsqueeze(-1).expand(-1, -1, feats.shape[-1]),
+                                                    s.x.to(feats.dtype))
         else:
             kept_img = torch.ones(B, N, dtype=torch.bool, device=feats.device)
         embeds = torch.where(is_img.unsqueeze(-1), gather_rows(feats, img_idx), text)
         n_full = count(valid)
         if ctx.mode == "soft":
-            keyw = torch.where(is_img, s.soft_keep.gather(1, img_idx), valid.to(feats.dtype))
+            keyw = torch.where(is_img, s.soft_keep.gather(1, img_idx), valid.float())
             return Prefill(embeds, soft_mask(keyw, valid, embeds.dtype), pos, None, keyw.sum(1), n_full)
         keep = valid & (~is_img | kept_img.gather(1, img_idx))
         if ctx.mode == "full" and not pack:
