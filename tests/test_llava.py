@@ -181,6 +181,35 @@ def test_cost_records_measure_the_prefill(attached, batch):
     assert bool((total_macs(ctx.records) < total_macs(ctx.records, full=True)).all())
 
 
+class _Forward(torch.nn.Module):
+    """A positional-argument forward in one mode, for fvcore's tracer."""
+
+    def __init__(self, m, mode):
+        super().__init__()
+        self.m, self.mode = m, mode
+
+    def forward(self, ids, mask, pixels):
+        return self.m(ids, mask, pixels, ctx=self.m.make_context(mode=self.mode))
+
+
+def test_cost_model_equals_fvcore(attached, batch):
+    """fvcore counts the traced graph (eager attention: it has no count for SDPA's fused kernel)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    m = varied(smarttrim_cli.load(attached[0]).model, batch)
+    m.hf.set_attn_implementation("eager")
+    for i in range(2):
+        b = one(batch, i)
+        for mode in ("full", "hard"):
+            fa = FlopCountAnalysis(_Forward(m, mode), (b["input_ids"], b["attention_mask"], b["pixel_values"]))
+            fa.unsupported_ops_warnings(False)
+            fa.uncalled_modules_warnings(False)
+            with torch.no_grad():
+                _, ctx = m.run(b, mode=mode, record=True)
+            assert float(total_macs(ctx.records)[0]) == pytest.approx(float(fa.total()), rel=1e-9), (i, mode)
+        assert total_macs(ctx.records)[0] < total_macs(ctx.records, full=True)[0]  # hard mode dropped tokens
+
+
 def test_attach_then_load_is_bit_exact(attached, batch):
     out, m = attached
     cfg = json.loads((out / "config.json").read_text())
@@ -250,6 +279,17 @@ def test_qwen2_siglip_keep_all_equals_transformers(tmp_path):
         assert (got - hf(**one(b, 0)).logits).abs().max() < 1e-5
         ref = hf.generate(**b, max_new_tokens=4, do_sample=False)[:, b["input_ids"].shape[1]:]
         assert torch.equal(m.generate(b, mode="hard", threshold=1e-12, max_new_tokens=4, do_sample=False), ref)
+    from fvcore.nn import FlopCountAnalysis
+
+    m.hf.set_attn_implementation("eager")
+    b = one(b, 1)
+    fa = FlopCountAnalysis(_Forward(m, "full"), (b["input_ids"], b["attention_mask"], b["pixel_values"]))
+    fa.unsupported_ops_warnings(False)
+    with torch.no_grad():
+        _, ctx = m.run(b, mode="full", record=True)
+    # fvcore does not count SigLIP's patch embedding (a conv2d with padding="valid" traces to an op it has no handle for)
+    counted = [r for r in ctx.records if r.name != "vision_patch"]
+    assert float(total_macs(counted)[0]) == pytest.approx(float(fa.total()), rel=1e-9)
 
 
 def test_tied_bf16_source_round_trips_and_keeps_its_dtype(tmp_path):

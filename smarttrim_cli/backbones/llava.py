@@ -210,17 +210,25 @@ class LlavaModel(TrimmableModel):
 
     # ----- cost records (trim/cost.py) ----------------------------------------------------------------------
     def _record_vision(self, ctx, B, N, device):
+        """The tower up to the feature layer (what the features depend on: fvcore's count of the traced graph;
+        transformers also runs the layers after it, whose output nothing reads), then the projector."""
         if not ctx.record:
             return
         hc = self.hf.config
         v = hc.vision_config
-        n_tok = (v.image_size // v.patch_size) ** 2 + (1 if v.model_type == "clip_vision_model" else 0)
+        n_patch = (v.image_size // v.patch_size) ** 2
+        clip = v.model_type == "clip_vision_model"
+        n_tok = n_patch + (1 if clip else 0)
+        k = hc.vision_feature_layer
+        layers = k if k >= 0 else v.num_hidden_layers + 1 + k  # hidden_states[0] is the embeddings
         ones = torch.ones(B, device=device)
         dims = {"d": v.hidden_size, "dff": v.intermediate_size, "dh": v.hidden_size // v.num_attention_heads,
                 "H": v.num_attention_heads}
         ctx.add(LayerCost("vision_patch", "linear", {"din": 3 * v.patch_size ** 2, "dout": v.hidden_size},
-                          n=ones * n_tok, n_full=ones * n_tok))
-        for i in range(v.num_hidden_layers):
+                          n=ones * n_patch, n_full=ones * n_patch))
+        if clip:  # CLIP's pre-LayerNorm
+            ctx.add(LayerCost("vision_pre_ln", "ln", {"d": v.hidden_size}, n=ones * n_tok, n_full=ones * n_tok))
+        for i in range(layers):
             ctx.add(LayerCost(f"vision_{i}", "clip_block", dims, n=ones * n_tok, n_full=ones * n_tok))
         proj = self.hf.model.multi_modal_projector
         for lin in (proj.linear_1, proj.linear_2):
