@@ -162,6 +162,20 @@ def test_kept_tokens_keep_their_original_positions(attached, hf, batch):
         got = logits[i][real][keep]
         assert (got[~is_img[keep]] - ref[~is_img[keep]]).abs().max() < 1e-5
 
+    # decoding continues from the untrimmed length: RoPE distances stay those of the full layout
+    calls = []
+    h = m.hf.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(kw["position_ids"].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m.generate(batch, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    finally:
+        h.remove()
+    assert torch.equal(calls[0], pos) and len(calls) == 3
+    untrimmed = am.sum(1, keepdim=True)
+    for t, p in enumerate(calls[1:]):
+        assert torch.equal(p, untrimmed + t)
+
 
 def test_soft_mode_gradients_reach_the_trimmer_and_the_cost(attached, batch):
     m = varied(smarttrim_cli.load(attached[0]).model, batch).train()

@@ -93,10 +93,12 @@ class Family:
     Both styles fit: a "ported" family (METER, BLIP, ViLT) rebuilds the original layers from nn/layers.py
     and calls ``token_step``/``head_step`` inside its forward. A "wrapped" family (decoder VLMs) keeps the
     transformers model as a submodule of its ``Model`` (still a TrimmableModel: the trimmers, modes and
-    decision steps are the same) and calls the steps from forward hooks at its boundaries (after the
-    projector, in the vision tower); its ``streams`` name those boundaries, ``attention_weights`` and
+    decision steps are the same) and calls the steps at its boundaries (after the projector, in the vision
+    tower), from its own forward around the wrapped model's parts or from hooks; its ``streams`` name those
+    boundaries, ``attention_weights`` and
     ``at_resolution`` may stay unimplemented (the baselines that need them then say so), and its
-    ``tasks`` may give ``text`` (generated ids)."""
+    ``tasks`` may give ``text`` (generated ids), and ``dummy_batch`` / ``image_tokens`` say what its inputs
+    look like (backbones/llava.py)."""
 
     name: str = ""                   # the ``backbone`` field of a model directory
     style: str = "ported"            # STYLES
