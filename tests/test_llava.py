@@ -281,6 +281,11 @@ def test_missing_projector_or_unsupported_architecture_is_a_one_line_error(src, 
     assert "config.json" in line and "gpt2" in line
 
 
+def test_fusion_is_refused(src, tmp_path):
+    r = CliRunner().invoke(app, ["attach", str(src), "-o", str(tmp_path / "o"), "--fuse"])
+    assert r.exit_code == 2 and "fusion" in r.output and "Traceback" not in r.output
+
+
 def test_qwen2_siglip_keep_all_equals_transformers(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -301,7 +306,7 @@ def test_qwen2_siglip_keep_all_equals_transformers(tmp_path):
     fa.unsupported_ops_warnings(False)
     with torch.no_grad():
         _, ctx = m.run(b, mode="full", record=True)
-    # fvcore does not count SigLIP's patch embedding (a conv2d with padding="valid" traces to an op it has no handle for)
+    # fvcore does not count SigLIP's patch embedding (its conv2d with padding="valid" traces to an op fvcore skips)
     counted = [r for r in ctx.records if r.name != "vision_patch"]
     assert float(total_macs(counted)[0]) == pytest.approx(float(fa.total()), rel=1e-9)
 

@@ -27,7 +27,8 @@ def tiny_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", padding_side="left", extra_special_tokens={"image_token": "<image>"})
+                                  pad_token="<pad>", padding_side="left",
+                                  extra_special_tokens={"image_token": "<image>"})
     tok.padding_side = "left"
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -60,7 +61,8 @@ def write_tiny_llava(path: Path, seed=0, text="llama", vision="clip", image_size
             p.add_(torch.randn_like(p) * 0.05)
     hf = hf.to(dtype)
     hf.save_pretrained(str(path))
-    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size})
     LlavaProcessor(image_processor=ip, tokenizer=tiny_tokenizer(), patch_size=patch, chat_template=CHAT_TEMPLATE,
                    vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
                    num_additional_image_tokens=1 if vision == "clip" else 0).save_pretrained(str(path))

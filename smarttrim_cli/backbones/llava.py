@@ -128,6 +128,11 @@ class LlavaModel(TrimmableModel):
         self.hf = hf if hf is not None else _hf_model(config.hf)
         self.attach_trimmers(trim or default_trim_config(config))
 
+    def attach_trimmers(self, trim):
+        if trim.fuse:  # a merged token has no original position, and the wrapped attention takes no size bias
+            raise SmartTrimError("llava: token fusion (--fuse) is not supported; dropped image tokens are removed")
+        return super().attach_trimmers(trim)
+
     # ----- the sequence the LM sees ----------------------------------------------------------------------
     def _layout(self, ids, mask):
         c = self.config
@@ -335,7 +340,7 @@ class LlavaFamily(HFFamily):
 
     def from_dir(self, source: Path, hf: dict, image_size=None, tokenizer=None, answers=None):
         if image_size is not None:
-            raise SmartTrimError(f"{source}: --image-size is not supported for LLaVA (the projector reads a fixed grid)")
+            raise SmartTrimError(f"{source}: --image-size is not supported for LLaVA (its projector reads one grid)")
         return from_hf_dir(source, hf)
 
     def load(self, source: Path, **kw):
