@@ -48,14 +48,9 @@ def trim_config_for(model, recipe=None, token_layers=None, head_layers=None, thr
 
 
 def dummy_batch(model, text_len=None, batch=1):
-    c = model.config
-    T = text_len or c.max_text_len
-    b = {"pixel_values": torch.zeros(batch, 3, c.image_size, c.image_size),
-         "input_ids": torch.full((batch, T), 5, dtype=torch.long),
-         "attention_mask": torch.ones(batch, T, dtype=torch.long)}
-    if c.task == "nlvr2":
-        b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
-    return b
+    from .backbones import family_of
+
+    return family_of(model).dummy_batch(model, text_len, batch)
 
 
 def full_macs(model, text_len=None) -> float:
@@ -66,13 +61,15 @@ def full_macs(model, text_len=None) -> float:
 
 
 def summary(model) -> dict:
+    from .backbones import family_of
+
     c = model.config
     n_backbone = sum(p.numel() for p in model.backbone_parameters())
     n_added = sum(p.numel() for p in model.trimmer_parameters())
     t = model.trim_config
     return {
         "backbone": model.family, "task": c.task, "image_size": c.image_size, "patch_size": c.patch_size,
-        "image_tokens": c.n_patches + 1, "text_tokens": c.max_text_len,
+        "image_tokens": family_of(model).image_tokens(c), "text_tokens": c.max_text_len,
         "token_trimmers": {k: v for k, v in t.token_layers.items() if v},
         "head_trimmers": {k: v for k, v in t.head_layers.items() if v},
         "n_token_trimmers": len(model.token_trimmers), "n_head_trimmers": len(model.head_trimmers),

@@ -55,7 +55,13 @@ def save_model_dir(model, out_dir, *, tokenizer=None, labels=None, provenance=No
         **(extra or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            # tied weights (e.g. an LM head sharing the word embeddings) are one tensor under two names:
+            # safetensors stores each name's own copy
+            state[k] = v.clone() if (v.data_ptr(), v.nbytes) in seen else v
+            seen.add((v.data_ptr(), v.nbytes))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))

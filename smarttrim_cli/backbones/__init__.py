@@ -1,6 +1,6 @@
 """Backbone families: the registry, and how a source checkpoint finds its family.
 
-Each family module (meter.py, blip.py, vilt.py) declares in one place what the project asks of a
+Each family module (meter.py, blip.py, vilt.py, llava.py) declares in one place what the project asks of a
 backbone, as a ``Family`` (base.py) named ``FAMILY``:
 
 - ``name``, ``style`` ("ported": the original layers rebuilt on the core, trimmed inside; "wrapped":
@@ -12,7 +12,8 @@ backbone, as a ``Family`` (base.py) named ``FAMILY``:
   and provenance;
 - ``tasks``: each task head and the kind of output it gives (base.OUTPUT_KINDS);
 - ``default_trim_config`` (where trimmers go by default), ``default_preprocess`` (for a model built
-  in code), ``build`` (a model from the config of a model directory);
+  in code), ``build`` (a model from the config of a model directory), ``dummy_batch`` / ``image_tokens``
+  (the inputs attach measures the full model's cost on, and how many image tokens it reports);
 - through ``Model``: ``streams`` (StreamSpec per stream: layers, widths, heads, where trimmers may go,
   which stream reads which), ``attention_weights`` (how baselines score tokens by attention),
   ``at_resolution`` (the model at another input size), ``new_head``, ``input_names``.
@@ -32,6 +33,7 @@ FAMILIES = {
     "meter": "smarttrim_cli.backbones.meter",
     "vilt": "smarttrim_cli.backbones.vilt",
     "blip": "smarttrim_cli.backbones.blip",
+    "llava": "smarttrim_cli.backbones.llava",
 }
 
 
@@ -72,7 +74,7 @@ def detect_hf_architecture(path: Path, hf: dict, task=None) -> str:
     if archs:
         arch = next((a for a in archs if a in archs_all), None)
         if arch is None:
-            raise SmartTrimError(f"{path}: unsupported architecture {archs[0]} (model_type {mtype!r}); "
+            raise SmartTrimError(f"{path / 'config.json'}: unsupported architecture {archs[0]} (model_type {mtype!r}); "
                                  f"supported: {supported}")
     else:
         want = task if task not in (None, "auto") else None

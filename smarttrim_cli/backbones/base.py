@@ -93,10 +93,12 @@ class Family:
     Both styles fit: a "ported" family (METER, BLIP, ViLT) rebuilds the original layers from nn/layers.py
     and calls ``token_step``/``head_step`` inside its forward. A "wrapped" family (decoder VLMs) keeps the
     transformers model as a submodule of its ``Model`` (still a TrimmableModel: the trimmers, modes and
-    decision steps are the same) and calls the steps from forward hooks at its boundaries (after the
-    projector, in the vision tower); its ``streams`` name those boundaries, ``attention_weights`` and
+    decision steps are the same) and calls the steps at its boundaries (after the projector, in the vision
+    tower), from its own forward around the wrapped model's parts or from hooks; its ``streams`` name those
+    boundaries, ``attention_weights`` and
     ``at_resolution`` may stay unimplemented (the baselines that need them then say so), and its
-    ``tasks`` may give ``text`` (generated ids)."""
+    ``tasks`` may give ``text`` (generated ids), and ``dummy_batch`` / ``image_tokens`` say what its inputs
+    look like (backbones/llava.py)."""
 
     name: str = ""                   # the ``backbone`` field of a model directory
     style: str = "ported"            # STYLES
@@ -139,6 +141,22 @@ class Family:
         if trim_config is not None:
             model.attach_trimmers(TrimConfig.from_dict(trim_config))
         return model
+
+    def image_tokens(self, config) -> int:
+        """Image tokens of one input as the trimmers see them (summaries): ViT patches + [CLS] by default."""
+        return config.n_patches + 1
+
+    def dummy_batch(self, model, text_len=None, batch: int = 1) -> dict:
+        """A zero image and ``text_len`` text tokens (default ``max_text_len``) in the model's input layout:
+        what ``smarttrim attach`` measures the full model's cost on. A decoder VLM adds its image placeholders."""
+        c = model.config
+        T = text_len or c.max_text_len
+        b = {"pixel_values": torch.zeros(batch, 3, c.image_size, c.image_size),
+             "input_ids": torch.full((batch, T), 5, dtype=torch.long),
+             "attention_mask": torch.ones(batch, T, dtype=torch.long)}
+        if c.task == "nlvr2":  # two images per input
+            b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
+        return b
 
     @property
     def streams(self) -> dict:

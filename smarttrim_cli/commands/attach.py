@@ -15,7 +15,8 @@ from ..cli import app, console, user_errors
 def attach(
     checkpoint: Path = typer.Argument(..., help="A released METER checkpoint (PyTorch Lightning .ckpt) or a local "
                                       "Hugging Face model directory (BlipForQuestionAnswering, "
-                                      "BlipForImageTextRetrieval, ViltForQuestionAnswering)."),
+                                      "BlipForImageTextRetrieval, ViltForQuestionAnswering, "
+                                      "LlavaForConditionalGeneration)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Model directory to write (default: ./smarttrim-out/model)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer folder (roberta-base: "
@@ -36,7 +37,7 @@ def attach(
                                             "tokens into one; 'nearest' merges each into the kept token closest to "
                                             "it, or into that one (default: the recipe's `trim: fuse_mode`, else "
                                             "single)."),
-    task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa or retrieval; checked "
+    task: Optional[str] = typer.Option(None, "--task", help="Hugging Face directories: vqa, retrieval or generate; checked "
                                        "against config.json (needed only when it names no architecture)."),
     answers: Optional[Path] = typer.Option(None, "--answers", help="Answer names as a JSON list or one per line. "
                                            "METER: the labels of its classifier, in order (its files carry none). "

@@ -32,6 +32,11 @@ def layer_macs(rec: LayerCost, full: bool = False):
         d, dkv, dff, dh = dm["d"], dm["dkv"], dm["dff"], dm["dh"]
         return (_attn(n, n, d, d, h, dh) + _attn(n, m, d, dkv, h2, dh)
                 + 2 * n * d * dff + 3 * 5 * n * d)
+    if k == "decoder_layer":
+        # pre-norm decoder layer (Llama/Mistral/Qwen2): grouped-query attention over m keys, gated MLP (three
+        # projections); RMSNorm is element-wise (0, as fvcore counts it)
+        d, dff, dh, kvh = dm["d"], dm["dff"], dm["dh"], dm["KVH"]
+        return n * d * h * dh + 2 * m * d * kvh * dh + 2 * n * m * h * dh + n * h * dh * d + 3 * n * d * dff
     if k == "token_trimmer":
         if full:
             return 0 * n
