@@ -54,6 +54,22 @@ class StreamSpec:
     note: str = ""                  # said when a trimmer is put where it cannot go
 
 
+class FamilyConfig:
+    """What every family's config dataclass shares: the dict stored in a model directory and back (unknown keys
+    ignored, so an older directory still loads), and the patch count of its image grid."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
 @dataclass
 class AttnWeights:
     """q/k weights of one attention, for rules that score tokens by attention (baselines/)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from ..nn.layers import BertCrossLayer, BlipVisionLayer
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
-from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .base import AttnWeights, FamilyConfig, Stream, StreamSpec, TrimmableModel, interpolate_positions
 from .hf_dir import (HFFamily, load_hf_state_dict, load_hf_tokenizer, match_state_dict, read_hf_config,
                      weight_files)
 
@@ -52,7 +52,7 @@ ANSWER_FILES = ("answer_list.json", "answer_list.txt", "answers.json", "answers.
 
 
 @dataclass
-class BlipConfig:
+class BlipConfig(FamilyConfig):
     task: str = "vqa"
     num_labels: int = 3128            # vqa: answers in the ranked list; retrieval: 2 (ITM)
     image_size: int = 384
@@ -79,17 +79,6 @@ class BlipConfig:
     itm_hidden: int = 256
     source_image_size: int = 384
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def default_trim_config(cfg: BlipConfig) -> TrimConfig:

@@ -23,7 +23,7 @@ so RoPE sees distances of the layout the model was trained on; dropped tokens le
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext, count
 from ..trim.gather import gather_rows, kept_order
-from .base import Stream, StreamSpec, TrimmableModel
+from .base import FamilyConfig, Stream, StreamSpec, TrimmableModel
 from .hf_dir import HFFamily, load_hf_tokenizer, read_hf_config, read_processor_config, weight_files
 
 ARCHITECTURES = {"LlavaForConditionalGeneration": "generate"}
@@ -43,7 +43,7 @@ VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
 
 
 @dataclass
-class LlavaConfig:
+class LlavaConfig(FamilyConfig):
     task: str = "generate"
     hf: dict = field(default_factory=dict)   # transformers' LlavaConfig.to_dict(): rebuilds the wrapped model
     image_size: int = 336
@@ -55,17 +55,6 @@ class LlavaConfig:
     boundaries: int = 1                      # trimmer positions on the image stream (after the projector)
     max_text_len: int = 64                   # text tokens of the prompt used for cost summaries
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def default_trim_config(cfg: LlavaConfig) -> TrimConfig:

@@ -16,7 +16,7 @@ and retrieval (one score).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
 from ..trim.cost import module_macs
-from .base import (AttnWeights, Family, Loaded, Stream, StreamSpec, TrimmableModel, check_keys,
+from .base import (AttnWeights, Family, FamilyConfig, Loaded, Stream, StreamSpec, TrimmableModel, check_keys,
                    interpolate_positions)
 
 TASKS = ("vqa", "nlvr2", "snli", "retrieval")
@@ -43,7 +43,7 @@ UNUSED_PREFIXES = ("vit_model.ln_final.", "text_transformer.pooler.")
 
 
 @dataclass
-class MeterConfig:
+class MeterConfig(FamilyConfig):
     task: str = "vqa"
     num_labels: int = 3129
     image_size: int = 288
@@ -72,17 +72,6 @@ class MeterConfig:
     num_token_types: int = 2
     has_itm: bool = False
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def default_trim_config(cfg: MeterConfig) -> TrimConfig:

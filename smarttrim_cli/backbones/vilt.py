@@ -25,7 +25,7 @@ The family contract (``FAMILY`` at the end; backbones/base.py ``Family``): trans
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from ..preprocess import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext
 from ..trim.cost import module_macs
-from .base import AttnWeights, Stream, StreamSpec, TrimmableModel, interpolate_positions
+from .base import AttnWeights, FamilyConfig, Stream, StreamSpec, TrimmableModel, interpolate_positions
 from .hf_dir import HFFamily, load_hf_state_dict, match_state_dict, read_hf_config, weight_files
 
 TASKS = ("vqa",)
@@ -45,7 +45,7 @@ ARCHITECTURES = {"ViltForQuestionAnswering": "vqa"}
 
 
 @dataclass
-class ViltConfig:
+class ViltConfig(FamilyConfig):
     task: str = "vqa"
     num_labels: int = 3129
     image_size: int = 384
@@ -64,17 +64,6 @@ class ViltConfig:
     pad_token_id: int = 0
     source_image_size: int = 384     # the checkpoint's position grid is source_image_size / patch_size
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def default_trim_config(cfg: ViltConfig) -> TrimConfig:
