@@ -19,7 +19,7 @@ from smarttrim_cli.cli import app
 from smarttrim_cli.profiling.report import FIELDS, missing_fields
 
 from tiny_hf import center_token_trimmers
-from tiny_llava import tiny_inputs, write_tiny_llava
+from tiny_llava import SPECIAL, WORDS, tiny_inputs, write_tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,20 +46,34 @@ def model_dir(tmp_path_factory):
         for _, p in sorted(m.token_trimmers.named_parameters()):
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
     center_token_trimmers(m, tiny_inputs(src, [p for p, _ in PROMPTS]))
+    with torch.no_grad():  # only words can be emitted (not special or out-of-vocabulary ids): answers are text
+        w = m.hf.lm_head.weight
+        w[:len(SPECIAL)] = 0
+        w[len(SPECIAL) + len(WORDS):] = 0
     save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(out / "model.safetensors"))
     return out
 
 
+def _write_prompts(d, answers):
+    with open(d / "prompts.jsonl", "w") as f:
+        for i, ((q, _), a) in enumerate(zip(PROMPTS, answers)):
+            f.write(json.dumps({"image": f"im{i}.png", "prompt": q, "answer": a}) + "\n")
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(model_dir, tmp_path_factory):
+    """Four images and prompts; answers built from the model's own greedy answers, so that scores are neither
+    all 0 nor equal for both models (a full/trimmed mix-up or a wrong scoring shows)."""
     from PIL import Image
 
     d = tmp_path_factory.mktemp("prompts")
     rng = np.random.default_rng(1)
-    with open(d / "prompts.jsonl", "w") as f:
-        for i, (q, a) in enumerate(PROMPTS):
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"im{i}.png")
-            f.write(json.dumps({"image": f"im{i}.png", "prompt": q, "answer": a}) + "\n")
+    for i in range(len(PROMPTS)):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+    _write_prompts(d, [a for _, a in PROMPTS])
+    _, rows = _by_hand(model_dir, d)
+    f, h = [r["texts"]["full"] for r in rows], [r["texts"]["hard"] for r in rows]
+    _write_prompts(d, [[f[0]] * 3 + [h[0]] * 7, [h[1]] * 2 + ["square"] * 8, ["circle"], [f[3]] * 10])
     return d
 
 
@@ -72,3 +86,121 @@ def profiled(model_dir, data_dir, tmp_path_factory):
                                      "--out", str(out), "--max-new-tokens", str(N_NEW), "--iters", "2",
                                      "--warmup", "1", "--throughput-batches", "1", "--fvcore-limit", "2"])
     return r, out
+
+
+@pytest.fixture(scope="module")
+def report(profiled):
+    r, out = profiled
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def by_hand(model_dir, data_dir):
+    return _by_hand(model_dir, data_dir)
+
+
+def _by_hand(model_dir, data_dir):
+    """Each input alone through the model's own ``generate`` (both modes) and its recorded prefill forward."""
+    from smarttrim_cli.data import open_dataset
+    from smarttrim_cli.data.generative import GenerativeCollate, generated_texts, load_chat_processor
+
+    loaded = smarttrim_cli.load(model_dir)
+    m = loaded.model
+    proc = load_chat_processor(model_dir / "tokenizer")
+    collate = GenerativeCollate(proc, mode="generate")
+    ds = open_dataset("prompts", data_dir, "prompts", m.config.image_size, preprocess=loaded.image_preprocessor())
+    rows = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            b = collate([ds[i]])
+            texts = {mode: generated_texts(proc, m.generate(b, mode=mode, max_new_tokens=N_NEW), 0)[0]
+                     for mode in ("full", "hard")}
+            _, ctx = m.run(b, mode="hard", record=True)
+            rows.append({"texts": texts, "answers": ds[i]["answers"], "kept": int(ctx.decisions["tok:image_0"].sum()),
+                         "ctx": ctx, "batch": b})
+    return m, rows
+
+
+def test_cli_writes_a_complete_report_for_full_and_trimmed(profiled, report):
+    _, out = profiled
+    assert sorted(p.name for p in out.iterdir() if p.name != "home") == ["flops_hist.png", "report.json"]  # no temp
+    assert missing_fields(report) == [] and report["schema_version"] == 3
+    g = report["generation"]
+    assert g["max_new_tokens"] == N_NEW and report["settings"]["n_inputs"] == len(PROMPTS)
+    for pair in (g["ttft_ms"], g["e2e_ms"]):
+        assert pair["full"]["n"] == pair["trimmed"]["n"] == 2 and pair["full"]["p50"] > 0 < pair["trimmed"]["p50"]
+    assert g["e2e_ms"]["full"]["p50"] > g["ttft_ms"]["full"]["p50"]  # N_NEW tokens take longer than one
+    assert g["decode_tokens_per_s"]["full"] > 0 < g["decode_tokens_per_s"]["trimmed"]
+    tp = g["throughput"]
+    assert tp["batch_size"] == len(PROMPTS) and tp["batch_n"]["full"]["inputs"] == len(PROMPTS)
+    for k in ("batch_1", "batch_n"):
+        assert tp[k]["full"]["tokens_per_s"] > 0 < tp[k]["trimmed"]["tokens_per_s"]
+        assert g["peak_memory_mb"][k]["full"] > 0 < g["peak_memory_mb"][k]["trimmed"]
+    # a batch of 4 decoding holds more (KV cache, activations) than a batch of 1
+    assert g["peak_memory_mb"]["batch_n"]["full"] > g["peak_memory_mb"]["batch_1"]["full"]
+    assert report["latency"]["full"] == g["ttft_ms"]["full"] and report["speedup"]["latency"] == g["ttft_ms"]["speedup"]
+
+
+def test_accuracy_equals_scoring_generate_by_hand(report, by_hand):
+    from smarttrim_cli.data.vqa_answers import normalize_answer
+    from smarttrim_cli.metrics import generated_exact_match, generated_vqa_score
+
+    _, rows = by_hand
+    assert any(h["texts"]["full"] != h["texts"]["hard"] for h in rows)  # the two models answer differently
+    assert 0 < report["accuracy"]["trimmed"] != report["accuracy"]["full"] > 0
+    for r, h in zip(report["per_input"], rows):
+        assert r["pred_full_label"] == h["texts"]["full"] and r["pred_trimmed_label"] == h["texts"]["hard"]
+        assert r["pred_trimmed"] == normalize_answer(h["texts"]["hard"])
+        assert r["score_full"] == pytest.approx(generated_vqa_score(h["texts"]["full"], h["answers"]))
+        assert r["score_trimmed"] == pytest.approx(generated_vqa_score(h["texts"]["hard"], h["answers"]))
+        assert r["exact_trimmed"] == pytest.approx(generated_exact_match(h["texts"]["hard"], h["answers"]))
+    for key, fn in (("full", generated_vqa_score), ("hard", generated_vqa_score)):
+        want = 100 * np.mean([fn(h["texts"][key], h["answers"]) for h in rows])
+        assert report["accuracy"]["full" if key == "full" else "trimmed"] == pytest.approx(want)
+    want = 100 * np.mean([generated_exact_match(h["texts"]["hard"], h["answers"]) for h in rows])
+    assert report["generation"]["exact_match"]["trimmed"] == pytest.approx(want)
+
+
+def test_trimmed_prefill_costs_less_and_equals_fvcore(report, by_hand):
+    from smarttrim_cli.profiling.flops import fvcore_macs
+    from smarttrim_cli.trim.cost import total_macs
+
+    m, rows = by_hand
+    per = report["per_input"]
+    for r, h in zip(per, rows):
+        assert r["gmacs_trimmed"] == pytest.approx(float(total_macs(h["ctx"].records)[0]) / 1e9, rel=1e-9)
+        assert r["gmacs_trimmed"] < r["gmacs_full"] if h["kept"] < r["image_tokens_full"] else True
+    assert report["flops"]["trimmed"]["mean"] < report["flops"]["full"]["mean"]
+    checked = [r for r in per if r["fvcore_gmacs_trimmed"] is not None]
+    assert len(checked) == 2 and report["flops"]["fvcore_check"]["max_rel_diff"] < 1e-9
+    for r in checked:
+        assert r["fvcore_gmacs_trimmed"] == pytest.approx(r["gmacs_trimmed"], rel=1e-9)
+        assert r["fvcore_gmacs_full"] == pytest.approx(r["gmacs_full"], rel=1e-9)
+    # fvcore counted here, independently of the report, on the first input
+    b = {k: rows[0]["batch"][k] for k in m.input_names}
+    assert fvcore_macs(m, b, mode="hard") / 1e9 == pytest.approx(per[0]["gmacs_trimmed"], rel=1e-9)
+
+
+def test_kept_image_tokens_match_the_decisions(report, by_hand):
+    _, rows = by_hand
+    per = report["per_input"]
+    kept = [h["kept"] for h in rows]
+    assert [r["image_tokens_final"] for r in per] == kept
+    N = per[0]["image_tokens_full"]
+    assert len(set(kept)) > 1 and max(kept) < N  # the trimmer is input-dependent and trims
+    assert [r["image_keep_ratio"] for r in per] == pytest.approx([k / N for k in kept])
+    st = report["generation"]["image_tokens"]
+    assert st["kept"]["mean"] == pytest.approx(np.mean(kept)) and st["kept"]["p10"] == pytest.approx(np.percentile(kept, 10))
+    assert st["keep_ratio"] == pytest.approx(np.mean(kept) / N)
+
+
+@pytest.mark.parametrize("opt", [["--sweep", "0.3"], ["--show", "1"], ["--batch-mode", "bucket"]])
+def test_classification_only_option_is_a_one_line_error(model_dir, data_dir, tmp_path, monkeypatch, opt):
+    monkeypatch.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(app, ["profile", str(model_dir), "--dataset", "prompts", "--data-dir", str(data_dir),
+                                 "--out", str(tmp_path / "o"), *opt])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and opt[0] in lines[0] and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "report.json").exists()

@@ -533,7 +533,7 @@ def _assemble(s, loaded, ref, name, split, ds, threshold, sweep, device, threads
                      "sweep": sweep, "device": str(device), "threads": threads,
                      "batch_size": B, "warmup": int(s.warmup), "iters": int(s.iters),
                      "throughput_batches": int(s.throughput_batches), "fvcore_inputs": fv_n,
-                     "batch_mode": s.batch_mode},
+                     "batch_mode": s.batch_mode, "max_new_tokens": None},
         "model": {"backbone": model.family, "task": task, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
                   "image_tokens": cfg.n_patches + 1, "max_text_len": cfg.max_text_len, "params": n_params,
                   "params_trimmers": n_trim, "weights_mb": _mb(lt.param_bytes(model)),
