@@ -204,3 +204,23 @@ def test_classification_only_option_is_a_one_line_error(model_dir, data_dir, tmp
     lines = [x for x in r.output.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and opt[0] in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_llava_prefill_benchmark_quick_writes_the_four_ratios(tmp_path):
+    out = tmp_path / "prefill.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llava_prefill.py"), "--quick", "--threads", "1",
+                        "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ratios"] == [1.0, 0.5, 0.25, 0.11] and res["batches"] == [1, 8] and res["quick"] is True
+    N = res["model"]["image_tokens"]
+    for B in (1, 8):
+        rows = {row["keep_ratio"]: row for row in res["rows"] if row["batch"] == B}
+        assert set(rows) == {None, 1.0, 0.5, 0.25, 0.11}
+        for ratio in (1.0, 0.5, 0.25, 0.11):  # forced decisions keep that share; fewer tokens, fewer GMACs
+            assert rows[ratio]["image_tokens_kept"] == max(1, round(ratio * N))
+            assert rows[ratio]["prefill_ms"] > 0 and rows[ratio]["ttft_ms"] > 0
+        cuts = [rows[x]["gmac_cut"] for x in (1.0, 0.5, 0.25, 0.11)]
+        assert cuts == sorted(cuts) and cuts[-1] > 1.2
+    assert "goal" in r.stdout and Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
