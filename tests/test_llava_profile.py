@@ -224,3 +224,21 @@ def test_llava_prefill_benchmark_quick_writes_the_four_ratios(tmp_path):
         cuts = [rows[x]["gmac_cut"] for x in (1.0, 0.5, 0.25, 0.11)]
         assert cuts == sorted(cuts) and cuts[-1] > 1.2
     assert "goal" in r.stdout and Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scenes_folder_scores_ten_answers_and_counts_objects(model_dir, tmp_path, monkeypatch):
+    """--dataset scenes: the VQAv2 layout with ten answers a question; no classifier vocabulary is needed."""
+    from smarttrim_cli.data.scenes import generate_scenes
+
+    monkeypatch.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+    generate_scenes(tmp_path / "scenes", n_train=1, n_val=2, image_size=64, questions_per_image=2)
+    r = CliRunner().invoke(app, ["profile", str(model_dir), "--dataset", "scenes", "--data-dir",
+                                 str(tmp_path / "scenes"), "--limit", "3", "--out", str(tmp_path / "o"),
+                                 "--iters", "1", "--warmup", "0", "--throughput-batches", "1", "--fvcore-limit", "0",
+                                 "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    assert "time to first token" in r.output and "decode b=1" in r.output
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert missing_fields(rep) == [] and rep["settings"]["dataset"] == "scenes" and rep["settings"]["n_inputs"] == 3
+    assert rep["generation"]["instruction"] and rep["flops"]["source"] == "cost_model"
+    assert all(isinstance(x["objects"], int) for x in rep["per_input"]) and rep["objects"]["n_inputs"] == 3

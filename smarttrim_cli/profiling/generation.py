@@ -32,7 +32,7 @@ from . import report as rp
 
 GEN_BATCH = 8                       # the batched throughput/memory measurement (LLaVA serving's usual size)
 KEY = "tok:image_0"                 # the image-token decisions of a text model's one trimmer
-VQA_LIKE = ("vqa", "easyvqa")       # datasets whose questions get the short-answer instruction (LLaVA-1.5 eval)
+VQA_LIKE = ("vqa", "easyvqa", "scenes")  # datasets whose questions get the short-answer instruction (LLaVA-1.5 eval)
 
 
 def _nanmean_pct(values):
@@ -59,15 +59,18 @@ def open_split(s, loaded):
     from ..data import canonical_name, open_dataset
 
     key = "vqa" if str(s.dataset).strip().lower() == "scenes" else canonical_name(s.dataset)  # scenes: VQAv2 layout
-    if key not in VQA_LIKE + ("prompts",):
+    if key not in VQA_LIKE + ("prompts",):  # the ones with free-form questions
         raise SmartTrimError(f"--dataset {s.dataset}: a text-generating model is profiled on vqa, scenes, easyvqa "
                              "or prompts")
     split = s.split or {"easyvqa": "test", "prompts": "prompts"}.get(key, "val")
-    ds = open_dataset(key, s.data_dir, split, image_size=loaded.model.config.image_size, limit=s.limit,
-                      skip_bad=s.skip_bad, preprocess=loaded.image_preprocessor())
+    # generated answers are scored against the raw answers; a one-entry placeholder vocabulary keeps VQAv2 from
+    # building one (which needs its train split), its targets are unused
+    ds = open_dataset(key, s.data_dir, split, image_size=loaded.model.config.image_size,
+                      label2id={"yes": 0} if key == "vqa" else None, limit=s.limit, skip_bad=s.skip_bad,
+                      preprocess=loaded.image_preprocessor())
     if len(ds) == 0:
         raise SmartTrimError(f"{s.dataset} {split}: no inputs to profile")
-    return key, split, ds
+    return ("scenes" if key == "vqa" and str(s.dataset).strip().lower() == "scenes" else key), split, ds
 
 
 def chat_processor(source):

@@ -317,6 +317,8 @@ def render(report: dict, console) -> None:
               f"{_f(mem['trimmed']['batch_1'], '{:.1f}')} / {_f(mem['trimmed']['batch_n'], '{:.1f}')}",
               f"{_f(report['ratios']['memory_batch_1'])} / {_f(report['ratios']['memory_batch_n'])}")
     console.print(t)
+    if report.get("generation"):
+        render_generation(report["generation"], console)
     console.print(f"full = {ref.get('why', 'the full-capacity model')}"
                   + ("" if ref.get("model_dir") is None else "; its cost, latency and memory are those of the same "
                      f"architecture at full capacity. The profiled weights at full capacity score "
@@ -357,6 +359,36 @@ def render(report: dict, console) -> None:
     g = report["gate"]
     print_gate(console, g, ("min_speedup", "max_drop"),
                f"{g['speedup_metric']} speedup {_f(g['speedup'], '{:.3f}')}x, drop {_f(g['drop'], '{:.2f}')} pts")
+
+
+def render_generation(g: dict, console) -> None:
+    """Text-generating models: the generation measurements, full vs trimmed."""
+    from rich.table import Table
+
+    t = Table(title=f"greedy generation ({g['max_new_tokens']} new tokens)", title_justify="left")
+    for c in ("measure", "full", "trimmed", "speed-up"):
+        t.add_column(c, justify="right" if c != "measure" else "left")
+    em = g["exact_match"]
+    t.add_row("exact match (%)", _f(em["full"], "{:.2f}"), _f(em["trimmed"], "{:.2f}"),
+              "drop " + _f(em["drop"], "{:+.2f} pts"))
+    it = g["image_tokens"]
+    t.add_row("image tokens mean (p10 / p90)", str(it["full"]), f"{_f(it['kept']['mean'], '{:.1f}')} "
+              f"({_f(it['kept']['p10'], '{:.0f}')} / {_f(it['kept']['p90'], '{:.0f}')})",
+              "keep " + _f(it["keep_ratio"], "{:.3f}"))
+    for key, label in (("ttft_ms", "time to first token p50 (ms)"), ("e2e_ms", "end to end b=1 p50 (ms)")):
+        t.add_row(label, _f(g[key]["full"]["p50"], "{:.1f}"), _f(g[key]["trimmed"]["p50"], "{:.1f}"),
+                  _f(g[key]["speedup"], "{:.2f}x"))
+    d = g["decode_tokens_per_s"]
+    t.add_row("decode b=1 (tokens/s)", _f(d["full"], "{:.1f}"), _f(d["trimmed"], "{:.1f}"), _f(d["speedup"], "{:.2f}x"))
+    tp = g["throughput"]
+    for k, b in (("batch_1", 1), ("batch_n", tp["batch_size"])):
+        t.add_row(f"throughput b={b} (inputs/s)", _f(tp[k]["full"]["inputs_per_s"], "{:.2f}"),
+                  _f(tp[k]["trimmed"]["inputs_per_s"], "{:.2f}"), _f(tp[k]["speedup"], "{:.2f}x"))
+    m = g["peak_memory_mb"]
+    t.add_row(f"peak memory incl. KV cache b=1 / b={tp['batch_size']} (MB)",
+              f"{_f(m['batch_1']['full'], '{:.1f}')} / {_f(m['batch_n']['full'], '{:.1f}')}",
+              f"{_f(m['batch_1']['trimmed'], '{:.1f}')} / {_f(m['batch_n']['trimmed'], '{:.1f}')}", "")
+    console.print(t)
 
 
 def print_gate(console, gate: dict, bounds: tuple, summary: str) -> None:
