@@ -22,7 +22,6 @@ convention). Median of ``--repeats`` after one warm-up. Not a test: a real run n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

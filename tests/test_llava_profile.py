@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import smarttrim_cli
 from smarttrim_cli.attach import attach
 from smarttrim_cli.cli import app
-from smarttrim_cli.profiling.report import FIELDS, missing_fields
+from smarttrim_cli.profiling.report import missing_fields
 
 from tiny_hf import center_token_trimmers
 from tiny_llava import SPECIAL, WORDS, tiny_inputs, write_tiny_llava

@@ -29,9 +29,9 @@ from . import flops as fl
 from . import latency as lt
 from . import objects
 from . import report as rp
+from .runner import ProfileResult, _div, _item_id, _mb, _stats, default_out_dir, progress_bar  # runner imports us lazily
 
 GEN_BATCH = 8                       # the batched throughput/memory measurement (LLaVA serving's usual size)
-KEY = "tok:image_0"                 # the image-token decisions of a text model's one trimmer
 VQA_LIKE = ("vqa", "easyvqa", "scenes")  # datasets whose questions get the short-answer instruction (LLaVA-1.5 eval)
 
 
@@ -42,6 +42,15 @@ def _nanmean_pct(values):
 
 def _none_nan(x):
     return None if x is None or math.isnan(x) else float(x)
+
+
+def kept_tokens(ctx) -> int:
+    """Image tokens kept by the last token trimmer of a recorded batch-1 context (a decoder VLM trims only the
+    image tokens entering its LM; decisions are (1, N) masks in the original positions)."""
+    keys = [k for k in ctx.decisions if k.startswith("tok:")]
+    if not keys:
+        raise SmartTrimError("the model recorded no token decisions: nothing is trimmed")
+    return int(ctx.decisions[keys[-1]].sum())
 
 
 def check_options(s) -> None:
@@ -139,10 +148,10 @@ def measure_speed(gen: Generator, singles, batches, n_new, warmup, device) -> di
 
 
 def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start):
+    from ..backbones import family_of
     from ..data.generative import VQA_SHORT_ANSWER, GenerativeCollate, generated_texts
     from ..data.vqa_answers import normalize_answer
     from ..metrics import generated_exact_match, generated_vqa_score
-    from .runner import ProfileResult, _item_id, _mb, _stats, _div, default_out_dir, progress_bar
 
     check_options(s)
     model = loaded.model
@@ -159,7 +168,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
     full_gen = Generator(ref_model or model, False, threshold)
     trim_gen = Generator(model, True, threshold)
     same_gen = Generator(model, False, threshold)
-    N = cfg.image_tokens
+    N = family_of(model).image_tokens(cfg)
 
     def one(item):
         return batch_to_device(collate([item]), device)
@@ -180,10 +189,10 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
             t_full, _ = answer(full_gen, b)
             with recording(model):
                 t_trim, _ = answer(trim_gen, b)
-            kept = int(model.last_ctx.decisions[KEY].sum())
-            if kept != int(ch.decisions[KEY].sum()):  # generate and the costed forward must see one decision
+            kept = kept_tokens(model.last_ctx)
+            if kept != kept_tokens(ch):  # generate and the costed forward must take one decision
                 raise SmartTrimError(f"input {i}: generate kept {kept} image tokens, the prefill forward "
-                                     f"{int(ch.decisions[KEY].sum())}")
+                                     f"{kept_tokens(ch)}")
             t_same = t_full if ref_model is None else answer(same_gen, b)[0]
             answers = list(item.get("answers") or [])
             row = {"index": i, "id": _item_id(item), "text_tokens": int(b["attention_mask"].sum()) - N,
@@ -225,7 +234,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
     scenes = objects.SceneIndex.for_dataset(ds)
     objects.annotate(rows, scenes)
     report = _assemble(s, loaded, ref, name, split, ds, threshold, device, threads, B, fv_n, n_new, instruction,
-                       rows, sp_full, sp_trim, mem, _stats, _div, _mb)
+                       rows, sp_full, sp_trim, mem, N)
     report["objects"] = objects.summary(rows, scenes, N) if scenes is not None else None
     files = {"json": str(Path(s.json_path) if s.json_path else out_dir / "report.json"), "flops_hist": None,
              "layers": None, "pareto": None, "show": []}
@@ -248,7 +257,7 @@ def _pair(full, trim, speed):
 
 
 def _assemble(s, loaded, ref, name, split, ds, threshold, device, threads, B, fv_n, n_new, instruction, rows,
-              spf, spt, mem, _stats, _div, _mb) -> dict:
+              spf, spt, mem, N) -> dict:
     model = loaded.model
     cfg = model.config
     n = len(rows)
@@ -286,7 +295,7 @@ def _assemble(s, loaded, ref, name, split, ds, threshold, device, threads, B, fv
                      "iters": int(s.iters), "throughput_batches": int(s.throughput_batches), "fvcore_inputs": fv_n,
                      "batch_mode": "pad", "max_new_tokens": n_new},
         "model": {"backbone": model.family, "task": cfg.task, "image_size": cfg.image_size,
-                  "patch_size": cfg.patch_size, "image_tokens": cfg.image_tokens, "max_text_len": cfg.max_text_len,
+                  "patch_size": cfg.patch_size, "image_tokens": N, "max_text_len": cfg.max_text_len,
                   "params": sum(p.numel() for p in model.backbone_parameters()),
                   "params_trimmers": sum(p.numel() for p in model.trimmer_parameters()), "weights_mb": weights,
                   "token_layers": {k: v for k, v in (tc.token_layers if tc else {}).items() if v},
@@ -317,8 +326,7 @@ def _assemble(s, loaded, ref, name, split, ds, threshold, device, threads, B, fv
             "max_new_tokens": n_new, "instruction": instruction,
             "exact_match": {"full": em_full, "trimmed": em_trim,
                             "drop": None if em_full is None or em_trim is None else em_full - em_trim},
-            "image_tokens": {"full": cfg.image_tokens, "kept": _stats(kept),
-                             "keep_ratio": float(np.mean(kept)) / cfg.image_tokens},
+            "image_tokens": {"full": N, "kept": _stats(kept), "keep_ratio": float(np.mean(kept)) / N},
             "prefill_gmacs": {"full": _stats(r["gmacs_full"] for r in rows),
                               "trimmed": _stats(r["gmacs_trimmed"] for r in rows)},
             "ttft_ms": _pair(ttf, ttt, ttft_speed),

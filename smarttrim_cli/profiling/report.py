@@ -54,7 +54,8 @@ FIELDS: dict[str, str] = {
     "settings.sweep": "thresholds of the sweep (may be empty)",
     "settings.device": "--device",
     "settings.threads": "torch intra-op threads",
-    "settings.batch_size": "batch size of the throughput measurement (capped at n_inputs)",
+    "settings.batch_size": "batch size of the throughput measurement (capped at n_inputs; text models: 8, not "
+                           "--batch-size)",
     "settings.warmup": "warm-up calls before the batch-1 latency timing",
     "settings.iters": "timed batch-1 calls per model",
     "settings.throughput_batches": "timed batches per model and mode",
