@@ -237,8 +237,33 @@ def test_scenes_folder_scores_ten_answers_and_counts_objects(model_dir, tmp_path
                                  "--iters", "1", "--warmup", "0", "--throughput-batches", "1", "--fvcore-limit", "0",
                                  "--max-new-tokens", "2"])
     assert r.exit_code == 0, r.output
-    assert "time to first token" in r.output and "decode b=1" in r.output
+    assert "time to first token b=1 p50" in r.output and "decode b=1" in r.output
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert missing_fields(rep) == [] and rep["settings"]["dataset"] == "scenes" and rep["settings"]["n_inputs"] == 3
     assert rep["generation"]["instruction"] and rep["flops"]["source"] == "cost_model"
     assert all(isinstance(x["objects"], int) for x in rep["per_input"]) and rep["objects"]["n_inputs"] == 3
+
+
+def test_report_write_is_atomic(model_dir, data_dir, tmp_path, monkeypatch):
+    """A write failing half-way leaves the previous report whole and no partial file beside it."""
+    import pathlib
+
+    monkeypatch.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text('{"old": true}\n')
+    real = pathlib.Path.write_text
+
+    def half_then_fail(self, data, *a, **kw):
+        if "smarttrim-profile" in data:
+            real(self, data[:100], *a, **kw)
+            raise OSError("disk full")
+        return real(self, data, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_fail)
+    r = CliRunner().invoke(app, ["profile", str(model_dir), "--dataset", "prompts", "--data-dir", str(data_dir),
+                                 "--out", str(out), "--limit", "1", "--iters", "1", "--warmup", "0",
+                                 "--throughput-batches", "1", "--fvcore-limit", "0", "--max-new-tokens", "1"])
+    assert r.exit_code != 0 and "disk full" in repr(r.exception)
+    assert (out / "report.json").read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["flops_hist.png", "report.json"]

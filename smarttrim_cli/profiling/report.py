@@ -307,7 +307,7 @@ def render(report: dict, console) -> None:
               _f(fl["ratio"], "{:.3f}") + f"  ({_f(fl['speedup'], '{:.2f}')}x)")
     t.add_row("GMACs p10 / p50 / p90", " / ".join(_g(fl["full"][k]) for k in ("p10", "p50", "p90")),
               " / ".join(_g(fl["trimmed"][k]) for k in ("p10", "p50", "p90")), "")
-    t.add_row("latency b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
+    t.add_row(("time to first token" if report.get("generation") else "latency") + " b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               " / ".join(_f(lat["trimmed"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               _f(report["ratios"]["latency_p50"]) + f"  ({_f(lat['speedup'], '{:.2f}')}x)")
     t.add_row(f"throughput b={tp['batch_size']} (inputs/s)", _f(tp["full"]["inputs_per_s"], "{:.2f}"),
