@@ -237,7 +237,7 @@ def test_scenes_folder_scores_ten_answers_and_counts_objects(model_dir, tmp_path
                                  "--iters", "1", "--warmup", "0", "--throughput-batches", "1", "--fvcore-limit", "0",
                                  "--max-new-tokens", "2"])
     assert r.exit_code == 0, r.output
-    assert "time to first token b=1 p50" in r.output and "decode b=1" in r.output
+    assert "time to first" in r.output and "decode b=1" in r.output  # the generation table (narrow: wrapped)
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert missing_fields(rep) == [] and rep["settings"]["dataset"] == "scenes" and rep["settings"]["n_inputs"] == 3
     assert rep["generation"]["instruction"] and rep["flops"]["source"] == "cost_model"
