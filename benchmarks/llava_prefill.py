@@ -191,9 +191,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a tiny config: checks that the script runs")
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/llava_prefill.json")
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/llava_prefill.json "
+                    "(--quick: llava_prefill_quick.json, so a smoke run never replaces a real one)")
     ap.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON's path with .png)")
     a = ap.parse_args(argv)
+    a.json = a.json or ROOT / "benchmarks/results" / f"llava_prefill{'_quick' if a.quick else ''}.json"
     if a.quick:
         a.repeats = min(a.repeats, 2)
         a.text_len = min(a.text_len, 8)
