@@ -59,6 +59,8 @@ def profile(
                                             "capacity)."),
     speedup_metric: str = typer.Option("gmacs", "--speedup-metric", help="Speedup the gate reads: gmacs "
                                        "(deterministic), latency (batch-1 p50) or throughput."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Text-generating models (LLaVA): greedy "
+                                       "tokens per answer; timings decode exactly this many."),
 ):
     """Measure the full and the trimmed model on the same inputs: score, GMACs, latency, throughput, memory."""
     from ..profiling.report import raise_if_failed, render
@@ -70,7 +72,7 @@ def profile(
                         fvcore_limit=fvcore_limit, batch_mode=batch_mode, show=show, skip_bad=skip_bad,
                         out_dir=out_dir, json_path=json_path, plot_path=plot, layers_path=layers_plot,
                         pareto_path=pareto_plot, show_dir=show_dir, min_speedup=min_speedup, max_drop=max_drop,
-                        speedup_metric=speedup_metric, command="smarttrim " + " ".join(sys.argv[1:]))
+                        speedup_metric=speedup_metric, max_new_tokens=max_new_tokens, command="smarttrim " + " ".join(sys.argv[1:]))
     res = run_profile(s, console=console)
     render(res.report, console)
     raise_if_failed(res.report)

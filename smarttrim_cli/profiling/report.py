@@ -16,11 +16,14 @@ from pathlib import Path
 from ..errors import ValidationFailed
 
 SCHEMA = "smarttrim-profile"
-SCHEMA_VERSION = 2  # 2: accuracy.full / drop / per_input score_full are the reference model's
+SCHEMA_VERSION = 3  # 2: accuracy.full / drop / per_input score_full are the reference model's
+# 3: text-generating models (output kind "text"): the shared sections describe the prefill and greedy generate,
+#    plus the `generation` section (null for the others) and per_input exact_* / image_keep_ratio
 CONVENTION = ("GMACs = 1e9 multiply-adds as fvcore counts them (one multiply-add = 1; LayerNorm 5 per "
               "element; softmax, element-wise ops and gathers 0; fused SDPA counted by a registered "
               "handle). torch.utils.flop_counter reports 2x these numbers (FLOPs).")
 SPEEDUP_METRICS = ("gmacs", "latency", "throughput")
+NULL_SECTIONS = ("generation",)  # sections null in the reports they do not apply to
 
 _STATS = "{n, mean, p10, p50, p90, min, max}"
 _MS = "{n, mean, p50, p90, p99, min, max} in ms"
@@ -51,17 +54,20 @@ FIELDS: dict[str, str] = {
     "settings.sweep": "thresholds of the sweep (may be empty)",
     "settings.device": "--device",
     "settings.threads": "torch intra-op threads",
-    "settings.batch_size": "batch size of the throughput measurement (capped at n_inputs)",
+    "settings.batch_size": "batch size of the throughput measurement (capped at n_inputs; text models: 8, not "
+                           "--batch-size)",
     "settings.warmup": "warm-up calls before the batch-1 latency timing",
     "settings.iters": "timed batch-1 calls per model",
     "settings.throughput_batches": "timed batches per model and mode",
     "settings.fvcore_inputs": "inputs whose FLOPs fvcore counted (the rest: cost model only)",
-    "settings.batch_mode": "--batch-mode (auto, pad or bucket)",
+    "settings.batch_mode": "--batch-mode (auto, pad or bucket; text models: pad)",
+    "settings.max_new_tokens": "text models: --max-new-tokens, greedy tokens per answer (else null)",
     "model": "backbone, task, image_size, patch_size, image_tokens, max_text_len, params, "
              "params_trimmers, weights_mb, token_layers, head_layers, default_threshold",
     "model.task": "the model's task head",
     "accuracy": "task scores (percent)",
-    "accuracy.metric": "vqa_score, accuracy or recall@1",
+    "accuracy.metric": "vqa_score, accuracy or recall@1; text models: vqa_score_generated (the VQA score of the "
+                       "normalised greedy answer against the answers; inputs without answers left out)",
     "accuracy.full": "score of the reference model (accuracy.reference: the model the user brought) at full capacity",
     "accuracy.trimmed": "score of the trimmed model (the profiled directory) at settings.threshold",
     "accuracy.drop": "full - trimmed, in points: the loss against the reference; --max-drop reads it",
@@ -76,7 +82,8 @@ FIELDS: dict[str, str] = {
     "accuracy.recall": "retrieval only: text-to-image {recall@1, recall@5, recall@10} for full (the reference), "
                        "trimmed and same_weights_full, plus image_to_text (same keys), texts and images counts; "
                        "else null",
-    "flops": "per-input cost at batch 1 (unpadded text)",
+    "flops": "per-input cost at batch 1 (unpadded text); text models: the prefill (one forward of the prompt, "
+             "LM head on every prompt token, as fvcore counts that forward)",
     "flops.unit": '"GMACs"',
     "flops.source": "fvcore (every input counted by fvcore) or cost_model (analytic, trim/cost.py)",
     "flops.full": f"full-capacity GMACs per input {_STATS} (the reference has the same architecture, checked, "
@@ -86,11 +93,13 @@ FIELDS: dict[str, str] = {
     "flops.speedup": "1 / flops.ratio",
     "flops.fvcore_check": "{n_inputs, max_rel_diff, mean_rel_diff}: fvcore vs the cost model over the "
                           "inputs fvcore counted (both models)",
-    "latency": "batch-1 wall-clock latency, per input, cycling through the first `iters` inputs",
+    "latency": "batch-1 wall-clock latency, per input, cycling through the first `iters` inputs; text models: time "
+               "to first token (generation.ttft_ms)",
     "latency.full": f"full model {_MS}",
     "latency.trimmed": f"trimmed model {_MS}",
     "latency.speedup": "full p50 / trimmed p50",
-    "throughput": "batched inference over the same inputs for both models",
+    "throughput": "batched inference over the same inputs for both models; text models: greedy generate of "
+                  "settings.max_new_tokens tokens at batch_size (generation.throughput.batch_n)",
     "throughput.batch_size": "inputs per batch",
     "throughput.full": "{inputs_per_s, seconds, inputs} of the full model (text padded to the batch's longest)",
     "throughput.trimmed": "{inputs_per_s, seconds, inputs, mode} of the trimmed model in the faster mode",
@@ -98,7 +107,8 @@ FIELDS: dict[str, str] = {
                         "batch max with a mask) and bucket (inputs sorted by their trimmed cost from the "
                         "batch-1 pass, then batched; an upper bound for a cost-aware scheduler)",
     "throughput.speedup": "trimmed inputs/s / full inputs/s",
-    "memory": "peak bytes allocated by one forward beyond the weights (activations), MB",
+    "memory": "peak bytes allocated by one forward beyond the weights (activations), MB; text models: by one "
+              "generate call (activations and KV cache)",
     "memory.method": "how it was measured",
     "memory.weights_mb": "parameter bytes, MB",
     "memory.full": "{batch_1, batch_n} MB of the full model",
@@ -134,12 +144,20 @@ FIELDS: dict[str, str] = {
     "per_input[].fvcore_gmacs_full": "full model, fvcore (null if not counted)",
     "per_input[].fvcore_gmacs_trimmed": "trimmed model, fvcore (null if not counted)",
     "per_input[].image_tokens_final": "image tokens ([CLS] included) alive after the last image-stream token "
-                                      "trimmer (model.image_tokens when there is none)",
+                                      "trimmer (model.image_tokens when there is none); text models: image "
+                                      "tokens the trimmed model kept (its decisions)",
+    "per_input[].image_tokens_full": "text models: image tokens of the untrimmed prompt (else null)",
+    "per_input[].image_keep_ratio": "text models: image_tokens_final / image_tokens_full (else null)",
     "per_input[].score_full": "per-input score of the reference model (0-1; null for retrieval)",
     "per_input[].score_trimmed": "same, trimmed",
-    "per_input[].pred_full": "arg-max label id of the reference model (null for retrieval)",
+    "per_input[].pred_full": "arg-max label id of the reference model (null for retrieval; text models: its "
+                             "normalised greedy answer)",
     "per_input[].pred_trimmed": "same, trimmed",
-    "per_input[].pred_full_label": "its label string when the model has labels, else null",
+    "per_input[].pred_full_label": "its label string when the model has labels, else null (text models: the "
+                                   "decoded answer as generated)",
+    "per_input[].exact_full": "text models: 1/0 exact match of the reference's normalised answer with the most "
+                              "frequent answer (null without answers; else null)",
+    "per_input[].exact_trimmed": "same, trimmed",
     "per_input[].pred_trimmed_label": "same, trimmed",
     "per_input[].score_same_weights_full": "per-input score of the profiled weights at full capacity (null for "
                                            "retrieval)",
@@ -160,6 +178,26 @@ FIELDS: dict[str, str] = {
     "gate.drop": "accuracy.drop (against the reference)",
     "gate.passed": "true when every given bound holds",
     "gate.failures": "one message per failed bound",
+    "generation": "text-generating models (output kind text), else null; full = the reference, trimmed = the "
+                  "profiled model at settings.threshold, both greedy, on the same inputs",
+    "generation.max_new_tokens": "greedy tokens per answer; every timing decodes exactly this many (EOS ignored) so "
+                                 "both models decode the same count",
+    "generation.instruction": "text appended to each question (vqa, scenes, easyvqa: LLaVA-1.5's short-answer "
+                              "instruction; prompts: null)",
+    "generation.exact_match": "{full, trimmed, drop}: percent exact match of the normalised answer with the most "
+                              "frequent answer",
+    "generation.image_tokens": f"{{full (image tokens per prompt), kept {_STATS} per input, keep_ratio (mean kept "
+                               "/ full)}}",
+    "generation.prefill_gmacs": f"{{full, trimmed}} prefill GMACs per input by the cost model {_STATS}",
+    "generation.ttft_ms": f"{{full, trimmed, speedup}}: time to first token at batch 1 (prefill + one token) {_MS}; "
+                          "speedup full p50 / trimmed p50",
+    "generation.e2e_ms": f"{{full, trimmed, speedup}}: end to end at batch 1 (prefill + max_new_tokens tokens) {_MS}",
+    "generation.decode_tokens_per_s": "{full, trimmed, speedup}: (max_new_tokens - 1) per input / (end to end - "
+                                      "time to first token), paired on the same inputs, batch 1",
+    "generation.throughput": "{batch_1, batch_n: {full, trimmed: {inputs_per_s, tokens_per_s, seconds, inputs}, "
+                             "speedup}, batch_size}: greedy generate of max_new_tokens tokens",
+    "generation.peak_memory_mb": "{method, batch_1: {full, trimmed}, batch_n: {full, trimmed}}: peak MB of one "
+                                 "generate call beyond what was allocated before it (activations and KV cache)",
     "files": "paths written: json, flops_hist, layers, pareto (null when no sweep), show (list), objects and "
              "objects_show (scenes only: kept tokens/GMACs against objects; one overlay per object count when "
              "--show > 0; else null)",
@@ -188,6 +226,9 @@ def missing_fields(report: dict, fields: dict | None = None) -> list[str]:
     """Documented paths of ``fields`` (default: this report's FIELDS) absent from ``report``."""
     out = []
     for p in FIELDS if fields is None else fields:
+        top = p.split(".")[0]
+        if top in NULL_SECTIONS and "." in p and top in report and report[top] is None:
+            continue  # a section that does not apply to this report: documented null, its fields with it
         try:
             get_path(report, p)
         except (KeyError, TypeError):
@@ -266,7 +307,7 @@ def render(report: dict, console) -> None:
               _f(fl["ratio"], "{:.3f}") + f"  ({_f(fl['speedup'], '{:.2f}')}x)")
     t.add_row("GMACs p10 / p50 / p90", " / ".join(_g(fl["full"][k]) for k in ("p10", "p50", "p90")),
               " / ".join(_g(fl["trimmed"][k]) for k in ("p10", "p50", "p90")), "")
-    t.add_row("latency b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
+    t.add_row(("time to first token" if report.get("generation") else "latency") + " b=1 p50 / p90 / p99 (ms)", " / ".join(_f(lat["full"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               " / ".join(_f(lat["trimmed"][k], "{:.1f}") for k in ("p50", "p90", "p99")),
               _f(report["ratios"]["latency_p50"]) + f"  ({_f(lat['speedup'], '{:.2f}')}x)")
     t.add_row(f"throughput b={tp['batch_size']} (inputs/s)", _f(tp["full"]["inputs_per_s"], "{:.2f}"),
@@ -277,6 +318,8 @@ def render(report: dict, console) -> None:
               f"{_f(mem['trimmed']['batch_1'], '{:.1f}')} / {_f(mem['trimmed']['batch_n'], '{:.1f}')}",
               f"{_f(report['ratios']['memory_batch_1'])} / {_f(report['ratios']['memory_batch_n'])}")
     console.print(t)
+    if report.get("generation"):
+        render_generation(report["generation"], console)
     console.print(f"full = {ref.get('why', 'the full-capacity model')}"
                   + ("" if ref.get("model_dir") is None else "; its cost, latency and memory are those of the same "
                      f"architecture at full capacity. The profiled weights at full capacity score "
@@ -317,6 +360,36 @@ def render(report: dict, console) -> None:
     g = report["gate"]
     print_gate(console, g, ("min_speedup", "max_drop"),
                f"{g['speedup_metric']} speedup {_f(g['speedup'], '{:.3f}')}x, drop {_f(g['drop'], '{:.2f}')} pts")
+
+
+def render_generation(g: dict, console) -> None:
+    """Text-generating models: the generation measurements, full vs trimmed."""
+    from rich.table import Table
+
+    t = Table(title=f"greedy generation ({g['max_new_tokens']} new tokens)", title_justify="left")
+    for c in ("measure", "full", "trimmed", "speed-up"):
+        t.add_column(c, justify="right" if c != "measure" else "left")
+    em = g["exact_match"]
+    t.add_row("exact match (%)", _f(em["full"], "{:.2f}"), _f(em["trimmed"], "{:.2f}"),
+              "drop " + _f(em["drop"], "{:+.2f} pts"))
+    it = g["image_tokens"]
+    t.add_row("image tokens mean (p10 / p90)", str(it["full"]), f"{_f(it['kept']['mean'], '{:.1f}')} "
+              f"({_f(it['kept']['p10'], '{:.0f}')} / {_f(it['kept']['p90'], '{:.0f}')})",
+              "keep " + _f(it["keep_ratio"], "{:.3f}"))
+    for key, label in (("ttft_ms", "time to first token p50 (ms)"), ("e2e_ms", "end to end b=1 p50 (ms)")):
+        t.add_row(label, _f(g[key]["full"]["p50"], "{:.1f}"), _f(g[key]["trimmed"]["p50"], "{:.1f}"),
+                  _f(g[key]["speedup"], "{:.2f}x"))
+    d = g["decode_tokens_per_s"]
+    t.add_row("decode b=1 (tokens/s)", _f(d["full"], "{:.1f}"), _f(d["trimmed"], "{:.1f}"), _f(d["speedup"], "{:.2f}x"))
+    tp = g["throughput"]
+    for k, b in (("batch_1", 1), ("batch_n", tp["batch_size"])):
+        t.add_row(f"throughput b={b} (inputs/s)", _f(tp[k]["full"]["inputs_per_s"], "{:.2f}"),
+                  _f(tp[k]["trimmed"]["inputs_per_s"], "{:.2f}"), _f(tp[k]["speedup"], "{:.2f}x"))
+    m = g["peak_memory_mb"]
+    t.add_row(f"peak memory incl. KV cache b=1 / b={tp['batch_size']} (MB)",
+              f"{_f(m['batch_1']['full'], '{:.1f}')} / {_f(m['batch_n']['full'], '{:.1f}')}",
+              f"{_f(m['batch_1']['trimmed'], '{:.1f}')} / {_f(m['batch_n']['trimmed'], '{:.1f}')}", "")
+    console.print(t)
 
 
 def print_gate(console, gate: dict, bounds: tuple, summary: str) -> None:

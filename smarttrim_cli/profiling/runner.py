@@ -74,6 +74,7 @@ class ProfileSettings:
     min_speedup: float | None = None
     max_drop: float | None = None
     speedup_metric: str = "gmacs"
+    max_new_tokens: int = 16                # text-generating models: greedy tokens per answer
     command: str | None = None
 
 
@@ -245,6 +246,12 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
     # the scores are measured against the model the user brought, not the fine-tuned weights at full capacity
     ref = resolve_reference(loaded.source, loaded.config, s.reference)
     ref_model = None if ref.is_self else load(ref.path, mode="full", device=device).model
+    from ..backbones import family_of
+
+    if family_of(model).tasks.get(model.config.task) == "text":  # decoder VLMs: greedy generation, prefill cost
+        from .generation import run_generation
+
+        return run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
     cfg = model.config
     task = cfg.task
     pre = loaded.preprocess
@@ -292,7 +299,8 @@ def _run(s: ProfileSettings, console) -> ProfileResult:
                    "fvcore_gmacs_full": fv_full, "fvcore_gmacs_trimmed": fv_trim, "image_tokens_final": None,
                    "score_full": None, "score_trimmed": None, "pred_full": None, "pred_trimmed": None,
                    "pred_full_label": None, "pred_trimmed_label": None, "score_same_weights_full": None,
-                   "pred_same_weights_full": None}
+                   "pred_same_weights_full": None,
+                   "image_tokens_full": None, "image_keep_ratio": None, "exact_full": None, "exact_trimmed": None}
             img_keys = [k for k in ch.decisions if _IMAGE_TOKENS.match(k)]
             row["image_tokens_final"] = (int(ch.decisions[img_keys[-1]].sum()) if img_keys
                                          else int(cfg.n_patches + 1))
@@ -525,7 +533,7 @@ def _assemble(s, loaded, ref, name, split, ds, threshold, sweep, device, threads
                      "sweep": sweep, "device": str(device), "threads": threads,
                      "batch_size": B, "warmup": int(s.warmup), "iters": int(s.iters),
                      "throughput_batches": int(s.throughput_batches), "fvcore_inputs": fv_n,
-                     "batch_mode": s.batch_mode},
+                     "batch_mode": s.batch_mode, "max_new_tokens": None},
         "model": {"backbone": model.family, "task": task, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
                   "image_tokens": cfg.n_patches + 1, "max_text_len": cfg.max_text_len, "params": n_params,
                   "params_trimmers": n_trim, "weights_mb": _mb(lt.param_bytes(model)),
@@ -558,6 +566,7 @@ def _assemble(s, loaded, ref, name, split, ds, threshold, sweep, device, threads
         "objects": None,
         "gate": None,
         "files": None,
+        "generation": None,
     }
 
 
