@@ -15,11 +15,16 @@ from typing import Callable
 from ..errors import SmartTrimError
 from .ablations import TrainingAblation, no_curriculum, no_distill
 from .common import Applied, Baseline, Policy, full_costs, measure
+from .dart import DART
+from .divprune import DivPrune
 from .downsample import Downsample
+from .fastv import FastV
 from .evit import EViT
+from .pool import Pool
 from .random_drop import RandomDrop
 from .static_heads import StaticHeads
 from .tome import ToMe
+from .visionzip import VisionZip
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ BASELINES: dict[str, BaselineInfo] = {
     "tome": BaselineInfo(ToMe, "token", "ToMe-style bipartite token merging (training-free)"),
     "static-heads": BaselineInfo(StaticHeads, "head", "the same least-important heads dropped for every input"),
     "downsample": BaselineInfo(Downsample, "resolution", "the full model at a lower input resolution"),
+    # decoder VLMs (image_tokens.py): which projected image tokens enter the language model, per input
+    "pool": BaselineInfo(Pool, "token", "image-token grid average-pooled to g x g windows (mode=stride: one token "
+                         "per window)"),
+    "visionzip": BaselineInfo(VisionZip, "token", "VisionZip dominant tokens: the vision tower's [CLS] attention "
+                              "at the feature layer (no contextual tokens)"),
+    "divprune": BaselineInfo(DivPrune, "token", "DivPrune: greedy max-min cosine diversity of the projected "
+                             "image features"),
+    "dart": BaselineInfo(DART, "token", "DART: max-norm pivot tokens, then the tokens least similar to each pivot"),
+    "fastv": BaselineInfo(FastV, "token", "FastV: the last prompt token's attention to the image tokens at LM "
+                          "layer K (two passes; the first K layers counted at full length)"),
     "evit-finetuned": BaselineInfo(lambda **kw: _evit_finetuned(**kw), "training",
                                    "training run: fixed-ratio EViT top-k whose backbone is fine-tuned with "
                                    "SmartTrim's training loop and self-distillation objective for the same steps "
@@ -87,5 +102,5 @@ def calibrate_all(model, batches, target_macs_ratio: float, names=None, tol: flo
     return out
 
 
-__all__ = ["BASELINES", "Applied", "Baseline", "BaselineInfo", "Downsample", "EViT", "Policy", "RandomDrop",
-           "StaticHeads", "ToMe", "TrainingAblation", "apply", "calibrate", "calibrate_all", "full_costs", "get_baseline", "measure"]
+__all__ = ["BASELINES", "DART", "Applied", "Baseline", "BaselineInfo", "DivPrune", "Downsample", "EViT", "FastV",
+           "Policy", "Pool", "RandomDrop", "StaticHeads", "ToMe", "VisionZip", "TrainingAblation", "apply", "calibrate", "calibrate_all", "full_costs", "get_baseline", "measure"]

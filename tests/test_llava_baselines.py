@@ -1,0 +1,259 @@
+"""Training-free image-token baselines on the wrapped LLaVA family (baselines/image_tokens.py and one module per
+rule), on a tiny real ``LlavaForConditionalGeneration`` (tests/tiny_llava.py): each keeps its count per input and
+runs exactly as the model's forced decisions do; calibration reaches a GMACs target and the recorded cost is
+fvcore's; each rule selects what its method says; a batch decides as its inputs alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smarttrim_cli.backbones.llava import from_hf_dir
+from smarttrim_cli.baselines import BASELINES, calibrate, get_baseline, measure
+from smarttrim_cli.baselines.dart import dart_select
+from smarttrim_cli.baselines.divprune import cosine_distances
+from smarttrim_cli.baselines.fastv import fastv_scores
+from smarttrim_cli.baselines.image_tokens import n_keep
+from smarttrim_cli.baselines.pool import grid_windows
+from smarttrim_cli.baselines.visionzip import feature_layer, tower_attention
+from smarttrim_cli.trim.cost import total_macs
+
+from tiny_llava import IMAGE, tiny_inputs, write_tiny_llava
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["what color is the shape ?", "is there a red circle in the image ?", "what is in the image ?"]
+KEY = "tok:image_0"
+R = 0.3
+CASES = [("random", {}), ("pool", {"mode": "stride"}), ("pool", {}), ("divprune", {}), ("dart", {"pivots": 2}),
+         ("visionzip", {}), ("fastv", {}), ("fastv", {"K": 1})]
+ids_ = lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default"  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    src = write_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", image_size=24)  # 6 x 6 image tokens
+    m = from_hf_dir(src)[0].eval()
+    return m, tiny_inputs(src, PROMPTS)  # left-padded
+
+
+def one(b, i):
+    keep = b["attention_mask"][i] > 0
+    return {"input_ids": b["input_ids"][i:i + 1, keep], "attention_mask": b["attention_mask"][i:i + 1, keep],
+            "pixel_values": b["pixel_values"][i:i + 1]}
+
+
+def text_rows(b):
+    return (b["attention_mask"] > 0) & (b["input_ids"] != IMAGE)
+
+
+def feats(m, b):
+    with torch.no_grad():
+        return m.image_features(b["pixel_values"]).float()
+
+
+def eager(m):
+    class Eager:
+        def __enter__(self):
+            m.hf.set_attn_implementation("eager")
+
+        def __exit__(self, *a):
+            m.hf.set_attn_implementation("sdpa")
+    return Eager()
+
+
+def test_registry():
+    for name in ("random", "pool", "visionzip", "divprune", "dart", "fastv"):
+        assert name in BASELINES and get_baseline(name).name == name
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=ids_)
+def test_keeps_its_count_and_runs_as_the_forced_decisions(model, name, kw):
+    m, b = model
+    N = m.config.image_tokens
+    applied = get_baseline(name, keep_ratio=R, **kw).apply(m)
+    with torch.no_grad():
+        logits, ctx = applied.run(b, record=True)
+        dec = ctx.decisions[KEY]
+        forced, cf = m.run(b, mode="hard", forced={KEY: dec}, record=True)
+    k = 9 if name == "pool" else n_keep(R, N)  # pool: round(6 * sqrt(0.3)) = 3 -> 3 x 3 windows
+    assert dec.shape == (3, N) and torch.equal(dec.sum(1), torch.full((3,), float(k))) and bool((dec[:, 0] == 1).all())
+    if name not in ("pool",):  # per-input decisions
+        assert not all(torch.equal(dec[0], dec[i]) for i in (1, 2)), dec
+    rows = text_rows(b)
+    same = (logits[rows] - forced[rows]).abs().max()
+    if kw.get("mode", "avg") == "avg" and name == "pool":
+        assert same > 1e-4  # pooled states differ from the kept tokens' own
+    else:
+        assert same < 1e-5
+    # the same cost accounting: the baseline's overhead rows where the forced run has the trimmer's
+    base = [r for r in ctx.records if r.kind != "const"]
+    own = [r for r in cf.records if r.kind != "token_trimmer"]
+    assert torch.allclose(total_macs(base), total_macs(own))
+    extra = [r.name for r in ctx.records if r.kind == "const"]
+    assert extra == ([] if name in ("random", "pool") else [f"{KEY}/{name}" + {
+        "divprune": "-distances", "dart": "-similarity", "visionzip": "-scores",
+        "fastv": f"-first-{kw.get('K', 2)}-layers"}[name]]), extra
+    if name == "fastv" and "K" not in kw:
+        with torch.no_grad():
+            g = applied.generate(b, max_new_tokens=3, do_sample=False)
+            assert torch.equal(g, m.generate(b, mode="hard", forced={KEY: dec}, max_new_tokens=3, do_sample=False))
+
+
+def test_pool_gives_the_language_model_window_means(model):
+    m, b = model
+    seen = {}
+    h = m.hf.model.language_model.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            _, ctx = get_baseline("pool", keep_ratio=0.25).apply(m).run(b, record=True)  # 6 x 6 -> 3 x 3
+    finally:
+        h.remove()
+    f = feats(m, b)
+    win = grid_windows(6, 3)
+    assert torch.equal(win.reshape(6, 6)[:2, :2], torch.zeros(2, 2, dtype=torch.long)) and int(win.max()) == 8
+    dec = ctx.decisions[KEY] > 0.5
+    assert torch.equal(dec[0].nonzero().squeeze(1), torch.tensor([0, 2, 4, 12, 14, 16, 24, 26, 28]))
+    emb = seen["inputs_embeds"]
+    for i in range(3):
+        real = seen["attention_mask"][i] > 0
+        ids = b["input_ids"][i][b["attention_mask"][i] > 0][seen["position_ids"][i][real]]  # packed: original ids
+        got = emb[i][real][ids == IMAGE]  # the 9 pooled tokens, in grid order
+        want = torch.stack([f[i][win == w].mean(0) for w in range(9)])
+        assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["divprune", "fastv"])
+def test_calibration_reaches_the_target(model, name):
+    m, b = model
+    bl = get_baseline(name)
+    lo = measure(m, get_baseline(name, keep_ratio=0.0), [b])["ratio"]
+    hi = measure(m, get_baseline(name, keep_ratio=1.0), [b])["ratio"]
+    target = (lo + hi) / 2
+    calibrate(m, bl, [b], target, tol=0.02)
+    assert bl.calibration["reached"] and abs(measure(m, bl, [b])["ratio"] - target) <= 0.02, (lo, hi, bl.calibration)
+    assert 0.0 < bl.keep_ratio < 1.0
+
+
+class _Traced(torch.nn.Module):
+    def __init__(self, m, policy):
+        super().__init__()
+        self.m, self.policy = m, policy
+
+    def forward(self, ids, mask, pixels):
+        return self.m(ids, mask, pixels, ctx=self.m.make_context(mode="hard", policy=self.policy))
+
+
+@pytest.mark.parametrize("name", ["divprune", "dart", "pool"])
+def test_recorded_cost_equals_fvcore(model, name):
+    """fvcore counts the traced hard forward with the rule inside it (its similarity products included)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    m, b = model
+    applied = get_baseline(name, keep_ratio=R).apply(m)
+    with eager(m):
+        for i in range(2):
+            x = one(b, i)
+            with torch.no_grad():
+                _, ctx = applied.run(x, record=True)
+                fa = FlopCountAnalysis(_Traced(m, applied.kwargs["policy"]),
+                                       (x["input_ids"], x["attention_mask"], x["pixel_values"]))
+                fa.unsupported_ops_warnings(False)
+                fa.uncalled_modules_warnings(False)
+                fa.tracer_warnings("none")
+                counted = fa.total()
+            assert float(total_macs(ctx.records)[0]) == pytest.approx(float(counted), rel=1e-9), (name, i)
+            assert total_macs(ctx.records)[0] < total_macs(ctx.records, full=True)[0]
+
+
+def min_pairwise(d, keep):
+    idx = keep.nonzero().squeeze(1)
+    sub = d[idx][:, idx] + torch.eye(len(idx)) * 1e9
+    return float(sub.min())
+
+
+def test_divprune_keeps_a_more_diverse_set_than_random(model):
+    m, b = model
+    with torch.no_grad():
+        _, ctx = get_baseline("divprune", keep_ratio=R).apply(m).run(b, record=True)
+    d = cosine_distances(feats(m, b))
+    N, k = m.config.image_tokens, n_keep(R, m.config.image_tokens)
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        div = min_pairwise(d[i], ctx.decisions[KEY][i] > 0.5)
+        rand = []
+        for _ in range(20):
+            keep = torch.zeros(N, dtype=torch.bool)
+            keep[torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N - 1, generator=g)[:k - 1]])] = True
+            rand.append(min_pairwise(d[i], keep))
+        assert div > max(rand), (div, rand)
+
+
+def test_dart_keeps_the_pivots_and_the_tokens_least_like_them(model):
+    m, b = model
+    f = feats(m, b)
+    N, k = m.config.image_tokens, n_keep(R, m.config.image_tokens)
+    for p in (1, 3):
+        with torch.no_grad():
+            _, ctx = get_baseline("dart", keep_ratio=R, pivots=p).apply(m).run(b, record=True)
+        dec = ctx.decisions[KEY] > 0.5
+        for i in range(3):
+            piv = 1 + f[i, 1:].norm(dim=-1).argsort(descending=True)[:p]  # largest norms, token 0 aside
+            assert bool(dec[i, piv].all())
+            if p == 1:  # one pivot: the rest are the k - 2 tokens least similar to it
+                sim = torch.nn.functional.cosine_similarity(f[i], f[i, piv], dim=-1)
+                sim[0], sim[piv] = float("inf"), float("inf")
+                want = set(sim.argsort()[:k - 2].tolist()) | {0, int(piv)}
+                assert set(dec[i].nonzero().squeeze(1).tolist()) == want
+        assert torch.equal(dec, dart_select(f, k, p)[0])
+
+
+def test_visionzip_dominant_tokens_are_the_top_cls_attention(model):
+    m, b = model
+    layers, li = feature_layer(m)
+    assert li == len(layers) - 2  # LLaVA's feature layer -2: the output of the second-to-last layer
+    with eager(m), torch.no_grad():
+        out = m.hf.model.vision_tower(b["pixel_values"], output_attentions=True)
+        ref = out.attentions[li][:, :, 0, 1:].sum(1)  # [CLS] row, patches, summed over heads
+    got, _ = tower_attention(m, b["pixel_values"])
+    assert (got - ref).abs().max() < 1e-5
+    with torch.no_grad():
+        _, ctx = get_baseline("visionzip", keep_ratio=R).apply(m).run(b, record=True)
+    k = n_keep(R, m.config.image_tokens)
+    for i in range(3):
+        top = set((1 + ref[i, 1:].argsort(descending=True)[:k - 1]).tolist()) | {0}
+        assert set((ctx.decisions[KEY][i] > 0.5).nonzero().squeeze(1).tolist()) == top
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_fastv_scores_are_layer_k_attention_of_the_last_prompt_token(model, K):
+    m, b = model
+    with torch.no_grad():
+        got, _ = fastv_scores(m, b, K)
+        p = m.prefill(b["input_ids"], b["attention_mask"], b["pixel_values"], m.make_context(mode="full"))
+        with eager(m):
+            out = m.hf.model.language_model(inputs_embeds=p.embeds, attention_mask=p.mask, position_ids=p.pos,
+                                            output_attentions=True, use_cache=False)
+    att = out.attentions[K - 1][:, :, -1].mean(1)  # left padding: the last column is the last prompt token
+    img = b["input_ids"] == IMAGE
+    ref = torch.stack([att[i][img[i]] for i in range(3)])
+    assert (got - ref).abs().max() < 1e-6
+    # right padding: the last real token, not the last column
+    order = torch.argsort((b["attention_mask"] == 0).long(), dim=1, stable=True)
+    right = {k: (v.gather(1, order) if k != "pixel_values" else v) for k, v in b.items()}
+    with torch.no_grad():
+        got_r, _ = fastv_scores(m, right, K)
+    assert (got_r - got).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] != "random"], ids=ids_)
+def test_a_batch_keeps_what_each_input_keeps_alone(model, name, kw):
+    m, b = model
+    applied = get_baseline(name, keep_ratio=R, **kw).apply(m)
+    with torch.no_grad():
+        logits, ctx = applied.run(b, record=True)
+        rows = text_rows(b)
+        for i in range(3):
+            x = one(b, i)
+            alone, c1 = applied.run(x, record=True)
+            assert torch.equal(c1.decisions[KEY][0], ctx.decisions[KEY][i]), (name, i)
+            keep = b["attention_mask"][i] > 0
+            assert (alone[0][rows[i][keep]] - logits[i][rows[i]]).abs().max() < 1e-5
