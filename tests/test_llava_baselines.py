@@ -190,7 +190,7 @@ def test_divprune_keeps_a_more_diverse_set_than_random(model):
 def test_dart_keeps_the_pivots_and_the_tokens_least_like_them(model):
     m, b = model
     f = feats(m, b)
-    N, k = m.config.image_tokens, n_keep(R, m.config.image_tokens)
+    k = n_keep(R, m.config.image_tokens)
     for p in (1, 3):
         with torch.no_grad():
             _, ctx = get_baseline("dart", keep_ratio=R, pivots=p).apply(m).run(b, record=True)

@@ -103,4 +103,5 @@ def calibrate_all(model, batches, target_macs_ratio: float, names=None, tol: flo
 
 
 __all__ = ["BASELINES", "DART", "Applied", "Baseline", "BaselineInfo", "DivPrune", "Downsample", "EViT", "FastV",
-           "Policy", "Pool", "RandomDrop", "StaticHeads", "ToMe", "VisionZip", "TrainingAblation", "apply", "calibrate", "calibrate_all", "full_costs", "get_baseline", "measure"]
+           "Policy", "Pool", "RandomDrop", "StaticHeads", "ToMe", "VisionZip", "TrainingAblation", "apply", "calibrate",
+           "calibrate_all", "full_costs", "get_baseline", "measure"]

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import add_overhead
-from .image_tokens import ImageBaseline, ImagePolicy
+from .image_tokens import ImageBaseline, ImagePolicy, per_input
 
 
 def dart_select(x: torch.Tensor, k: int, pivots: int):
@@ -49,7 +48,7 @@ class DARTPolicy(ImagePolicy):
     def select(self, model, s, k, ctx, key):
         n, d = s.x.shape[1], s.x.shape[2]
         p = max(0, min(self.pivots, k - 1))
-        add_overhead(ctx, f"{key}/dart-similarity", torch.full((s.x.shape[0],), float(n * p * d)))
+        per_input(ctx, s, f"{key}/dart-similarity", n * p * d)
         return dart_select(s.x, k, self.pivots)[0]
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import add_overhead
-from .image_tokens import ImageBaseline, ImagePolicy
+from .image_tokens import ImageBaseline, ImagePolicy, per_input
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,7 @@ def max_min_select(dist: torch.Tensor, k: int) -> torch.Tensor:
 class DivPrunePolicy(ImagePolicy):
     def select(self, model, s, k, ctx, key):
         n, d = s.x.shape[1], s.x.shape[2]
-        add_overhead(ctx, f"{key}/divprune-distances", torch.full((s.x.shape[0],), float(n * n * d)))
+        per_input(ctx, s, f"{key}/divprune-distances", n * n * d)
         return max_min_select(cosine_distances(s.x), k)
 
 

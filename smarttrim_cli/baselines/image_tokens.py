@@ -21,7 +21,7 @@ import torch
 
 from ..backbones.base import _cls_kept
 from ..errors import SmartTrimError
-from .common import Applied, Policy, RatioBaseline, token_positions
+from .common import Applied, Policy, RatioBaseline, add_overhead, token_positions
 
 
 def n_keep(ratio: float, n: int) -> int:
@@ -34,6 +34,11 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     s = torch.cat([torch.full_like(score[:, :1], float("inf")), score[:, 1:].float()], dim=1)
     rank = s.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     return rank < k
+
+
+def per_input(ctx, s, name: str, macs) -> None:
+    """Record the same overhead MACs for every input of the stream's batch (on its device)."""
+    add_overhead(ctx, name, torch.full((s.x.shape[0],), float(macs), device=s.x.device))
 
 
 def wrapped(model, what: str):

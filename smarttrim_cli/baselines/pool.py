@@ -57,7 +57,7 @@ class PoolPolicy(ImagePolicy):
         B, _, d = s.x.shape
         # index_add (a sum, 0 MACs as fvcore counts it), not a matmul with a one-hot matrix
         total = torch.zeros(B, g2, d, dtype=s.x.dtype, device=s.x.device).index_add(1, win, s.x)
-        size = torch.zeros(g2, dtype=s.x.dtype, device=s.x.device).index_add(0, win, torch.ones_like(win, dtype=s.x.dtype))
+        size = torch.bincount(win, minlength=g2).to(s.x.dtype)
         mean = total / size.unsqueeze(-1)
         s.x = torch.where(keep.unsqueeze(-1), mean[:, win], s.x)
 

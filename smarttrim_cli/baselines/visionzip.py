@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SmartTrimError
-from .common import add_overhead
-from .image_tokens import ImageBaseline, ImagePolicy, layer_input, top_k, wrapped
+from .image_tokens import ImageBaseline, ImagePolicy, per_input, layer_input, top_k, wrapped
 
 
 def feature_layer(model):
@@ -65,7 +64,7 @@ class VisionZipPolicy(ImagePolicy):
             self.scores, self.macs = tower_attention(model, batch["pixel_values"])
 
     def select(self, model, s, k, ctx, key):
-        add_overhead(ctx, f"{key}/visionzip-scores", torch.full((s.x.shape[0],), float(self.macs)))
+        per_input(ctx, s, f"{key}/visionzip-scores", self.macs)
         return top_k(self.scores.to(s.x.device).gather(1, s.pos), k)
 
 
