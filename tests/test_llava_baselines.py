@@ -257,3 +257,26 @@ def test_a_batch_keeps_what_each_input_keeps_alone(model, name, kw):
             assert torch.equal(c1.decisions[KEY][0], ctx.decisions[KEY][i]), (name, i)
             keep = b["attention_mask"][i] > 0
             assert (alone[0][rows[i][keep]] - logits[i][rows[i]]).abs().max() < 1e-5
+
+
+def test_qwen2_siglip_tower_without_cls(tmp_path):
+    """A SigLIP tower has no [CLS]: VisionZip ranks by the mean attention each token receives; FastV reads a Qwen2
+    layer (biased q/k projections); every rule keeps its count on the 4 x 4 grid."""
+    src = write_tiny_llava(tmp_path / "qs", seed=2, text="qwen2", vision="siglip")
+    m = from_hf_dir(src)[0].eval()
+    b = tiny_inputs(src, PROMPTS[:2])
+    layers, li = feature_layer(m)
+    with eager(m), torch.no_grad():
+        out = m.hf.model.vision_tower(b["pixel_values"], output_attentions=True)
+        ref = out.attentions[li].sum(1).mean(1)  # summed over heads, averaged over queries
+        p = m.prefill(b["input_ids"], b["attention_mask"], b["pixel_values"], m.make_context(mode="full"))
+        lm = m.hf.model.language_model(inputs_embeds=p.embeds, attention_mask=p.mask, position_ids=p.pos,
+                                       output_attentions=True, use_cache=False)
+    assert (tower_attention(m, b["pixel_values"])[0] - ref).abs().max() < 1e-5
+    att = lm.attentions[1][:, :, -1].mean(1)
+    img = b["input_ids"] == IMAGE
+    with torch.no_grad():
+        assert (fastv_scores(m, b, 2)[0] - torch.stack([att[i][img[i]] for i in range(2)])).abs().max() < 1e-6
+        for name in ("pool", "visionzip", "divprune", "dart", "fastv"):
+            _, ctx = get_baseline(name, keep_ratio=0.25).apply(m).run(b, record=True)
+            assert torch.equal(ctx.decisions[KEY].sum(1), torch.full((2,), 4.0)), name
