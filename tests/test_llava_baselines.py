@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from smarttrim_cli.backbones.llava import from_hf_dir
-from smarttrim_cli.baselines import BASELINES, calibrate, get_baseline, measure
+from smarttrim_cli.baselines import BASELINES, calibrate, calibrate_all, get_baseline, measure
 from smarttrim_cli.baselines.dart import dart_select
 from smarttrim_cli.baselines.divprune import cosine_distances
 from smarttrim_cli.baselines.fastv import fastv_scores
 from smarttrim_cli.baselines.image_tokens import n_keep
 from smarttrim_cli.baselines.pool import grid_windows
 from smarttrim_cli.baselines.visionzip import feature_layer, tower_attention
+from smarttrim_cli.errors import SmartTrimError
 from smarttrim_cli.trim.cost import total_macs
 
 from tiny_llava import IMAGE, tiny_inputs, write_tiny_llava
@@ -60,9 +61,20 @@ def eager(m):
     return Eager()
 
 
-def test_registry():
-    for name in ("random", "pool", "visionzip", "divprune", "dart", "fastv"):
+def test_registry_and_calibrate_all_picks_the_wrapped_family_baselines(model):
+    m, b = model
+    names = ["random", "pool", "visionzip", "divprune", "dart", "fastv"]
+    for name in names:
         assert name in BASELINES and get_baseline(name).name == name
+    got = calibrate_all(m, [b], 0.8, tol=0.05)
+    assert [bl.name for bl in got] == names
+    assert all(bl.calibration["reached"] for bl in got if bl.name != "fastv"), [bl.calibration for bl in got]
+    # FastV at K = 2 on a 2-layer LM: the scoring pass is the whole LM at full length, so it costs more than full
+    fastv = got[-1].calibration
+    assert not fastv["reached"] and fastv["ratio"] > 1.0, fastv
+    # a rule that reads the batch first refuses to run on signals it did not read
+    with pytest.raises(SmartTrimError, match="prepare"):
+        m.run(b, mode="hard", policy=get_baseline("fastv").policy(m))
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=ids_)

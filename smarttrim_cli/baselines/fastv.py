@@ -76,8 +76,9 @@ class FastVPolicy(ImagePolicy):
             self.scores, self.macs = fastv_scores(model, batch, self.K)
 
     def select(self, model, s, k, ctx, key):
+        scores = self.prepared(s, "scores")
         add_overhead(ctx, f"{key}/fastv-first-{self.K}-layers", self.macs)
-        return top_k(self.scores.to(s.x.device).gather(1, s.pos), k)
+        return top_k(scores.gather(1, s.pos), k)
 
 
 class FastV(ImageBaseline):

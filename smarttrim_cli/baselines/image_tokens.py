@@ -85,6 +85,14 @@ class ImagePolicy(Policy):
     def prepare(self, model, batch: dict):
         """Per-batch signals the rule needs beyond the stream (none by default)."""
 
+    def prepared(self, s, what: str):
+        """A signal ``prepare`` stored for this batch, used once (a stale one from another batch cannot be)."""
+        v = self.__dict__.pop(what, None)
+        if v is None or v.shape[0] != s.x.shape[0]:
+            raise SmartTrimError(f"{type(self).__name__}: run it through apply(model).run/generate (prepare(model, "
+                                 "batch) reads the batch first)")
+        return v.to(s.x.device)
+
     def select(self, model, s, k: int, ctx, key) -> torch.Tensor:
         raise NotImplementedError
 

@@ -64,8 +64,9 @@ class VisionZipPolicy(ImagePolicy):
             self.scores, self.macs = tower_attention(model, batch["pixel_values"])
 
     def select(self, model, s, k, ctx, key):
+        scores = self.prepared(s, "scores")
         per_input(ctx, s, f"{key}/visionzip-scores", self.macs)
-        return top_k(self.scores.to(s.x.device).gather(1, s.pos), k)
+        return top_k(scores.gather(1, s.pos), k)
 
 
 class VisionZip(ImageBaseline):
