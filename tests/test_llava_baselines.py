@@ -25,7 +25,7 @@ PROMPTS = ["what color is the shape ?", "is there a red circle in the image ?", 
 KEY = "tok:image_0"
 R = 0.3
 CASES = [("random", {}), ("pool", {"mode": "stride"}), ("pool", {}), ("divprune", {}), ("dart", {"pivots": 2}),
-         ("visionzip", {}), ("fastv", {}), ("fastv", {"K": 1})]
+         ("visionzip", {}), ("visionzip", {"contextual": 0}), ("fastv", {}), ("fastv", {"K": 1})]
 ids_ = lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default"  # noqa: E731
 
 
@@ -92,8 +92,8 @@ def test_keeps_its_count_and_runs_as_the_forced_decisions(model, name, kw):
         assert not all(torch.equal(dec[0], dec[i]) for i in (1, 2)), dec
     rows = text_rows(b)
     same = (logits[rows] - forced[rows]).abs().max()
-    if kw.get("mode", "avg") == "avg" and name == "pool":
-        assert same > 1e-4  # pooled states differ from the kept tokens' own
+    if (name, kw) in (("pool", {}), ("visionzip", {})):
+        assert same > 1e-4  # pooled / merged states differ from the kept tokens' own
     else:
         assert same < 1e-5
     # the same cost accounting: the baseline's overhead rows where the forced run has the trimmer's
@@ -228,11 +228,48 @@ def test_visionzip_dominant_tokens_are_the_top_cls_attention(model):
     got, _ = tower_attention(m, b["pixel_values"])
     assert (got - ref).abs().max() < 1e-5
     with torch.no_grad():
-        _, ctx = get_baseline("visionzip", keep_ratio=R).apply(m).run(b, record=True)
+        _, ctx = get_baseline("visionzip", keep_ratio=R, contextual=0).apply(m).run(b, record=True)
     k = n_keep(R, m.config.image_tokens)
     for i in range(3):
         top = set((1 + ref[i, 1:].argsort(descending=True)[:k - 1]).tolist()) | {0}
         assert set((ctx.decisions[KEY][i] > 0.5).nonzero().squeeze(1).tolist()) == top
+
+
+def test_visionzip_contextual_tokens_merge_the_rest_before_the_projector(model):
+    """k = 11 of 36 at r = 0.3: 9 dominant, 2 contextual (round(11 * 10 / 64)); each contextual token = its
+    target's feature-layer state + the mean of the tokens whose keys are closest to it, projected, at the target."""
+    m, b = model
+    seen = {}
+    h = m.hf.model.language_model.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            _, ctx = get_baseline("visionzip", keep_ratio=R).apply(m).run(b, record=True)
+    finally:
+        h.remove()
+    layers, li = feature_layer(m)
+    layer = layers[li]
+    with eager(m), torch.no_grad():
+        out = m.hf.model.vision_tower(b["pixel_values"], output_attentions=True, output_hidden_states=True)
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[li])).view(3, 37, 4, -1).mean(2)[:, 1:]
+        for i in range(3):
+            att = out.attentions[li][i, :, 0, 1:].sum(0)
+            dom = {0} | set((1 + att[1:].argsort(descending=True)[:8]).tolist())
+            rest = [j for j in range(36) if j not in dom]
+            targets = rest[::len(rest) // 2][:2]
+            groups = {t: [] for t in targets}
+            for j in rest:
+                if j not in targets:
+                    sims = [float(torch.cosine_similarity(keys[i, j], keys[i, t], dim=0)) for t in targets]
+                    groups[targets[sims.index(max(sims))]].append(j)
+            assert set((ctx.decisions[KEY][i] > 0.5).nonzero().squeeze(1).tolist()) == dom | set(targets)
+            real = seen["attention_mask"][i] > 0
+            pos = seen["position_ids"][i][real]
+            first = int((b["input_ids"][i][b["attention_mask"][i] > 0] == IMAGE).nonzero()[0])
+            hid = out.hidden_states[li + 1][i, 1:]
+            for t in targets:
+                want = m.hf.model.multi_modal_projector(hid[t] + hid[groups[t]].mean(0))
+                got = seen["inputs_embeds"][i][real][pos == first + t][0]
+                assert (got - want).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("K", [1, 2])
