@@ -48,11 +48,11 @@ BASELINES: dict[str, BaselineInfo] = {
     # decoder VLMs (image_tokens.py): which projected image tokens enter the language model, per input
     "pool": BaselineInfo(Pool, "token", "image-token grid average-pooled to g x g windows (mode=stride: one token "
                          "per window)", WRAPPED),
-    "visionzip": BaselineInfo(VisionZip, "token", "VisionZip dominant tokens: the vision tower's [CLS] attention "
-                              "at the feature layer (no contextual tokens)", WRAPPED),
+    "visionzip": BaselineInfo(VisionZip, "token", "VisionZip: dominant tokens by the vision tower's [CLS] attention "
+                              "at the feature layer, plus contextual tokens merged from the rest", WRAPPED),
     "divprune": BaselineInfo(DivPrune, "token", "DivPrune: greedy max-min cosine diversity of the projected "
                              "image features", WRAPPED),
-    "dart": BaselineInfo(DART, "token", "DART: max-norm pivot tokens, then the tokens least similar to each pivot",
+    "dart": BaselineInfo(DART, "token", "DART: max-L1-norm pivot tokens, then the tokens least similar to each pivot",
                          WRAPPED),
     "fastv": BaselineInfo(FastV, "token", "FastV: the last prompt token's attention to the image tokens at LM "
                           "layer K (two passes; the first K layers counted at full length)", WRAPPED),

@@ -1,12 +1,13 @@
 """DART (Wen et al., 2025, "Stop looking for important tokens ... duplication matters more"): keep pivot tokens
 and, for each pivot, the tokens least duplicated with it.
 
-Signal: the projected image features (DART also offers a variant inside the language model; this is the one before
-it). Pivots: the ``pivots`` tokens (token 0 excluded) of largest L2 norm (DART's default max-norm criterion).
-Then the remaining k - 1 - p places are split evenly among the pivots (the first ones take the remainder, as in
-DART's per-pivot quota) and each pivot in turn keeps its quota of not-yet-kept tokens of lowest cosine similarity
-to it. Token 0 is kept by the family's rule. Cost (``<key>/dart-similarity``): n * p * d MACs per input (norms
-are element-wise: 0).
+Signal: the projected image features, before the language model. DART itself prunes inside the LM (layer 2) with
+4 image + 4 text pivots picked by the L1 norm of that layer's keys, and duplication measured on its hidden states;
+with no place inside the wrapped LM, this variant picks ``pivots`` (default 4) image pivots (token 0 excluded)
+by the L1 norm of the projected features and measures duplication on them (no text pivots). The remaining
+k - 1 - p places are split evenly among the pivots (the first ones take the remainder; DART's per-pivot quota)
+and each pivot in turn keeps its quota of not-yet-kept tokens of lowest cosine similarity to it. Token 0 is kept
+by the family's rule. Cost (``<key>/dart-similarity``): n * p * d MACs per input (norms: element-wise, 0).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def dart_select(x: torch.Tensor, k: int, pivots: int):
     p = max(0, min(pivots, k - 1))
     kept = torch.zeros(B, n, dtype=torch.bool, device=x.device)
     kept[:, 0] = True
-    norm = x.float().norm(dim=-1).masked_fill(kept, float("-inf"))
+    norm = x.float().abs().sum(-1).masked_fill(kept, float("-inf"))  # L1, as DART ranks its keys
     piv = norm.argsort(dim=1, descending=True, stable=True)[:, :p]
     kept = kept.scatter(1, piv, torch.ones_like(piv, dtype=torch.bool))
     if p == 0:
@@ -41,7 +42,7 @@ def dart_select(x: torch.Tensor, k: int, pivots: int):
 
 
 class DARTPolicy(ImagePolicy):
-    def __init__(self, names, keep_ratio, pivots: int = 8):
+    def __init__(self, names, keep_ratio, pivots: int = 4):
         super().__init__(names, keep_ratio)
         self.pivots = int(pivots)
 
@@ -57,7 +58,7 @@ class DART(ImageBaseline):
     kind = "token"
     Policy = DARTPolicy
 
-    def __init__(self, keep_ratio: float = 0.5, layers=None, pivots: int = 8):
+    def __init__(self, keep_ratio: float = 0.5, layers=None, pivots: int = 4):
         super().__init__(keep_ratio, layers)
         self.pivots = int(pivots)
 
