@@ -293,6 +293,24 @@ def test_fastv_scores_are_layer_k_attention_of_the_last_prompt_token(model, K):
     assert (got_r - got).abs().max() < 1e-5
 
 
+def test_fastv_cost_options(model):
+    """``run``: the trimmed run plus K full layers; ``fastv``: FastV's own cost, the first K layers at full length
+    and the rest on the kept tokens (from the forced run's records: its lm_i rows with full=True for i < K)."""
+    from smarttrim_cli.trim.cost import layer_macs
+
+    m, b = model
+    with torch.no_grad():
+        _, run = get_baseline("fastv", keep_ratio=R, K=1).apply(m).run(b, record=True)
+        _, own = get_baseline("fastv", keep_ratio=R, K=1, cost="fastv").apply(m).run(b, record=True)
+        _, cf = m.run(b, mode="hard", forced={KEY: run.decisions[KEY]}, record=True)
+    base = [r for r in cf.records if r.kind != "token_trimmer"]
+    lm0 = next(r for r in base if r.name == "lm_0")
+    assert torch.allclose(total_macs(run.records), total_macs(base) + layer_macs(lm0, full=True))
+    assert torch.allclose(total_macs(own.records), total_macs(base) + layer_macs(lm0, full=True) - layer_macs(lm0))
+    with pytest.raises(SmartTrimError, match="cost"):
+        get_baseline("fastv", cost="nope")
+
+
 @pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] != "random"], ids=ids_)
 def test_a_batch_keeps_what_each_input_keeps_alone(model, name, kw):
     m, b = model

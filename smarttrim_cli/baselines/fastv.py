@@ -7,9 +7,11 @@ input LayerNorm, q/k projections and rotary embedding (SDPA returns no weights) 
 by a pre-hook on the untrimmed prompt (the first K - 1 layers run, then the LM stops).
 
 Two passes, since the wrapped model has no place to drop tokens inside its LM: the scoring pass above (``prepare``),
-then the hard trimmed run from the start. FastV itself runs the first K layers untrimmed and the rest trimmed;
-the cost recorded here is the trimmed run (every layer trimmed) plus the first K layers at full length
-(``<key>/fastv-first-K-layers``), so it over-counts FastV's own cost by the K layers on the kept tokens.
+then the hard trimmed run from the start. FastV itself runs the first K layers untrimmed and the rest trimmed.
+``cost``: ``run`` (default) records what this implementation computes: the trimmed run (every layer trimmed) plus
+the first K layers at full length (``<key>/fastv-first-K-layers``), which over-counts FastV's own cost by the K
+layers on the kept tokens; ``fastv`` records FastV's own cost (the overhead row is then K x (full - trimmed)
+layers), less than what this two-pass run computes. Neither counts the scoring pass's second vision-tower run.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from ..trim.context import LayerCost, count
 from ..trim.cost import layer_macs
 from .common import add_overhead
 from .image_tokens import ImageBaseline, ImagePolicy, layer_input, top_k, wrapped
+
+COSTS = ("run", "fastv")  # what the cost records count (module docstring)
 
 
 def fastv_scores(model, batch: dict, K: int = 2):
@@ -58,26 +62,35 @@ def fastv_scores(model, batch: dict, K: int = 2):
     is_img = (ids == model.config.image_token_id) & (mask > 0)
     first = torch.where(is_img, col, L).amin(1)
     scores = att.gather(1, first.unsqueeze(1) + torch.arange(model.config.image_tokens, device=h.device))
-    t = hf.config.text_config
-    n = count(mask > 0)
+    return scores, K * decoder_macs(model, count(mask > 0))
+
+
+def decoder_macs(model, n):
+    """MACs of one LM decoder layer over n tokens (per input), as the family records it."""
+    t = wrapped(model, "fastv").config.text_config
+    dh = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     dims = {"d": t.hidden_size, "dff": t.intermediate_size, "dh": dh, "H": t.num_attention_heads,
             "KVH": t.num_key_value_heads or t.num_attention_heads}
-    macs = K * layer_macs(LayerCost("fastv", "decoder_layer", dims, n=n, n_full=n, m=n, m_full=n))
-    return scores, macs
+    return layer_macs(LayerCost("fastv", "decoder_layer", dims, n=n, n_full=n, m=n, m_full=n))
 
 
 class FastVPolicy(ImagePolicy):
-    def __init__(self, names, keep_ratio, K: int = 2):
+    def __init__(self, names, keep_ratio, K: int = 2, cost: str = "run"):
         super().__init__(names, keep_ratio)
-        self.K = int(K)
+        self.K, self.cost = int(K), cost
 
     def prepare(self, model, batch):
         with torch.no_grad():
             self.scores, self.macs = fastv_scores(model, batch, self.K)
+            mask = batch.get("attention_mask")
+            self.n = count(torch.ones_like(batch["input_ids"]) if mask is None else mask > 0)
 
     def select(self, model, s, k, ctx, key):
         scores = self.prepared(s, "scores")
-        add_overhead(ctx, f"{key}/fastv-first-{self.K}-layers", self.macs)
+        macs = self.macs
+        if self.cost == "fastv":  # FastV's own cost: its first K layers on every token instead of the kept ones
+            macs = macs - self.K * decoder_macs(model, self.n - (s.x.shape[1] - k))
+        add_overhead(ctx, f"{key}/fastv-first-{self.K}-layers", macs)
         return top_k(scores.gather(1, s.pos), k)
 
 
@@ -86,12 +99,14 @@ class FastV(ImageBaseline):
     kind = "token"
     Policy = FastVPolicy
 
-    def __init__(self, keep_ratio: float = 0.5, layers=None, K: int = 2):
+    def __init__(self, keep_ratio: float = 0.5, layers=None, K: int = 2, cost: str = "run"):
         super().__init__(keep_ratio, layers)
-        self.K = int(K)
+        if cost not in COSTS:
+            raise SmartTrimError(f"fastv: cost must be one of {', '.join(COSTS)}, got {cost!r}")
+        self.K, self.cost = int(K), cost
 
     def params(self) -> dict:
-        return {**super().params(), "K": self.K}
+        return {**super().params(), "K": self.K, "cost": self.cost}
 
     def policy_kwargs(self) -> dict:
-        return {"K": self.K}
+        return {"K": self.K, "cost": self.cost}

@@ -4,10 +4,13 @@ Each one decides, per input, which projected image tokens enter the language mod
 positions (LLaVA: ``image_0``, after the projector). The decision goes in exactly as a forced decision does
 (backbones/base.py ``token_step``): a (B, N) keep mask over the stream's tokens, the family's rule keeping token 0,
 then the same hard-mode gather, so positions, left-packing, batching and cost records are those SmartTrim's
-trimmer gets; no trimmer runs (its cost is not counted). ``model.run(batch, mode="hard", forced=ctx.decisions)``
-gives the same logits (tested).
+trimmer gets; no trimmer runs (its cost is not counted). For the rules that only select,
+``model.run(batch, mode="hard", forced=ctx.decisions)`` gives the same logits (tested). Two rules also replace
+kept tokens' states (``substitute``, on the stream before the gather, which the family then feeds to the LM as it
+does any kept feature): ``pool`` (window means) and ``visionzip`` (contextual tokens); forced decisions cannot
+express that, so their forced run differs.
 
-Count: ``k = ceil(r * N)`` tokens per input (at least 1), token 0 among them (the family keeps it anyway, so it
+Count: ``k = ceil(r * N)`` tokens per input (at least 1; ``pool``: g^2 for its g x g windows), token 0 among them (the family keeps it anyway, so it
 takes one of the k places, as ``keep_topk(reserve_cls=True)`` does for the other baselines). Rules that need more
 than the projected features (VisionZip: the vision tower's attention, FastV: the language model's) compute it per
 batch in ``prepare`` before the run; ``ImageApplied.run`` / ``.generate`` call it. Hard mode only.
