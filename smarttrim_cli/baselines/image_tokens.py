@@ -10,10 +10,15 @@ kept tokens' states (``substitute``, on the stream before the gather, which the 
 does any kept feature): ``pool`` (window means) and ``visionzip`` (contextual tokens); forced decisions cannot
 express that, so their forced run differs.
 
-Count: ``k = ceil(r * N)`` tokens per input (at least 1; ``pool``: g^2 for its g x g windows), token 0 among them (the family keeps it anyway, so it
-takes one of the k places, as ``keep_topk(reserve_cls=True)`` does for the other baselines). Rules that need more
-than the projected features (VisionZip: the vision tower's attention, FastV: the language model's) compute it per
-batch in ``prepare`` before the run; ``ImageApplied.run`` / ``.generate`` call it. Hard mode only.
+Count: ``k = ceil(r * N)`` tokens per input (at least 1; ``pool``: g^2 for its g x g windows), token 0 among
+them (the family keeps it anyway, so it takes one of the k places, as ``keep_topk(reserve_cls=True)`` does for
+the other baselines). Rules that need more than the projected features (VisionZip: the vision tower's attention,
+FastV: the language model's) compute it per batch in ``prepare`` before the run; ``ImageApplied.run`` /
+``.generate`` call it (those passes repeat the tower, whose second run is not counted). Hard mode only.
+
+    bl = get_baseline("divprune").calibrate(model, batches, 0.5)   # keep ratio for half the prefill GMACs
+    logits, ctx = bl.apply(model).run(batch, record=True)           # ctx.decisions["tok:image_0"]: (B, N)
+    new_ids = bl.apply(model).generate(batch, max_new_tokens=32)
 """
 from __future__ import annotations
 
