@@ -201,13 +201,16 @@ def test_distillation_is_kl_on_answer_tokens_only():
 
 
 @pytest.mark.parametrize("sets", [["teacher=start"], ["teacher_task_weight=0.5"],
-                                  ["distill_schedule=fade", "distill_weight_end=0"], ["train_backbone=true"]],
-                         ids=lambda s: s[0].split("=")[0])
+                                  ["distill_schedule=fade", "distill_weight_end=0"], ["train_backbone=true"], []],
+                         ids=lambda s: s[0].split("=")[0] if s else "no-trim")
 def test_teacher_variants_and_full_fine_tuning_run_on_answers(sets, model_dir, root, tmp_path):
+    """Each teacher variant on the answers given with the prompts; --no-trim (its recipe section trains the
+    backbone, which the llava recipe otherwise freezes) and train_backbone=true move the LM, the others do not."""
     d = write_prompts(root / "answered2", 4, ["red", "blue circle"])
     args = ["finetune", str(model_dir), "--dataset", "prompts", "--data-dir", str(d), "-o", str(tmp_path / "o"),
             "--max-steps", "2", "--batch-size", "2", "--workers", "0", "--no-progress", "--set", "max_new_tokens=2",
-            "--set", "calibrate=false", "--set", "eval_before=false", *sum((["--set", s] for s in sets), [])]
+            "--set", "calibrate=false", "--set", "eval_before=false", *sum((["--set", s] for s in sets), []),
+            *([] if sets else ["--no-trim"])]
     r = CliRunner().invoke(app, args, env={"SMARTTRIM_HOME": str(root / "home")})
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "o" / "finetune_summary.json").read_text())
@@ -217,7 +220,8 @@ def test_teacher_variants_and_full_fine_tuning_run_on_answers(sets, model_dir, r
     assert ("teacher_task" in step) == (sets == ["teacher_task_weight=0.5"])
     moved = not torch.equal(smarttrim_cli.load(tmp_path / "o").model.hf.lm_head.weight,
                             smarttrim_cli.load(model_dir).model.hf.lm_head.weight)
-    assert moved == (sets == ["train_backbone=true"])
+    assert moved == (sets in (["train_backbone=true"], []))
+    assert s["mode"] == ("smarttrim" if sets else "plain")
 
 
 def test_cli_label_free_writes_a_loadable_directory(model_dir, data, root, tmp_path):
