@@ -252,3 +252,38 @@ def test_settings_that_cannot_work_are_one_line_errors(extra, says, model_dir, d
     text = " ".join(r.output.split())
     assert says in text and "Traceback" not in r.output
     assert r.output.strip().startswith("error:") and r.output.count("error:") == 1
+
+
+def test_unannotated_vqav2_questions_train_label_free(model_dir, root, tmp_path):
+    """A VQAv2 test split (questions, no annotations) is training data with targets=self."""
+    d = tmp_path / "vqa"
+    (d / "test2015").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    qs = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / "test2015" /
+                                                                               f"COCO_test2015_{i:012d}.jpg")
+        qs.append({"image_id": i, "question": QUESTIONS[i], "question_id": 100 + i})
+    (d / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps({"questions": qs}))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["finetune", str(model_dir), "--dataset", "vqa", "--data-dir", str(d), "-o", str(out),
+                                 "--train-split", "test", "--val-split", "test", "--set", "targets=self",
+                                 "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--no-progress",
+                                 "--set", "max_new_tokens=2", "--set", "calibrate=false"],
+                           env={"SMARTTRIM_HOME": str(root / "home")})
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "finetune_summary.json").read_text())
+    assert s["dataset"] == "vqa" and s["train_inputs"] + sum(s["skipped"]["train"].values()) == 4
+    # without annotator answers the score is agreement with the full model's own answer: full capacity agrees
+    assert s["base"]["score"] == 1.0
+    cache = json.loads((Path(str(out) + ".state") / st.FILE).read_text())
+    assert len(cache["train"]["texts"]) == 4
+
+
+def test_validation_score_vqa_against_annotators_else_exact_match():
+    obj = NextToken(None, vqa_scoring=True)
+    ten = ["red"] * 1 + ["blue"] * 9
+    got = obj.score_texts(["Red.", "blue", "red", "x"], [ten, ten, [], []], [None, None, "red", None])
+    assert got[:3].tolist() == pytest.approx([0.3, 1.0, 1.0])  # VQA soft score; label-free: the target text
+    assert torch.isnan(got[3])  # nothing to score against: undefined, not 0
+    assert NextToken(None).score_texts(["red"], [["red"]], [None]).tolist() == [1.0]  # one answer: exact match

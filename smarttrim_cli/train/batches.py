@@ -137,9 +137,13 @@ def open_text(loaded, cfg: TrainConfig, name: str, new_head: bool):
     tr_split, va_split = cfg.train_split or tr_split, cfg.val_split or va_split
     pre = loaded.image_preprocessor()
     size = loaded.model.config.image_size
-    train = open_dataset(name, cfg.data_dir, tr_split, size, limit=cfg.limit, skip_bad=cfg.skip_bad, preprocess=pre)
+    # no classifier: a stub answer vocabulary spares the VQAv2 reader building one from annotations (which
+    # unannotated questions, e.g. a test split trained on with targets=self, do not have)
+    l2i = ["yes", "no"] if name == "vqa" else None
+    kw = dict(label2id=l2i, skip_bad=cfg.skip_bad, preprocess=pre)
+    train = open_dataset(name, cfg.data_dir, tr_split, size, limit=cfg.limit, **kw)
     vl = cfg.val_limit if cfg.val_limit is not None else cfg.limit
-    val = open_dataset(name, cfg.data_dir, va_split, size, limit=vl, skip_bad=cfg.skip_bad, preprocess=pre)
+    val = open_dataset(name, cfg.data_dir, va_split, size, limit=vl, **kw)
     if not len(train):
         raise SmartTrimError(f"{name} {tr_split}: no training inputs"
                              + (f" ({train.skipped_summary()})" if train.skipped_summary() else ""))

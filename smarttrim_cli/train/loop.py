@@ -7,7 +7,9 @@
     finish    best weights, the rule's calibration, model dir + finetune_summary.json + finetune_log.jsonl
 
 Two parts plug in: the *decision rule* (rules.py: SmartTrim's learned trimmers, a fixed keep ratio such as
-EViT's, or none for --no-trim) and the *objective* (objectives.py: soft-target classification, retrieval ITM).
+EViT's, or none for --no-trim) and the *objective* (objectives.py: soft-target classification, retrieval ITM;
+generation.py: next-token answers of a decoder VLM, whose ``target`` is the labels tensor; with targets=self the
+full model's own answers, self_targets.py).
 Progress bar, log and plot are callbacks (callbacks.py).
 
 One process or many (torchrun: RANK/WORLD_SIZE/LOCAL_RANK in the environment; NCCL on GPU, gloo on
