@@ -235,7 +235,7 @@ def test_cli_label_free_writes_a_loadable_directory(model_dir, data, root, tmp_p
     assert loaded.config["task"] == "generate" and loaded.config["finetune"]["dataset"] == "prompts"
     assert (out / "tokenizer" / "processor_config.json").is_file()  # the processor, chat template included
     assert load_chat_processor(out / "tokenizer").tokenizer.convert_tokens_to_ids("<image>") == 4
-    assert (Path(str(out) + ".state") / st.FILE).is_file()
+    assert (Path(str(out) + ".state") / st.FILE).read_text() == (out / st.FILE).read_text()  # recorded with it
 
 
 @pytest.mark.parametrize("extra, says", [

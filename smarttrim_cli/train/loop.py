@@ -537,6 +537,9 @@ def write_model(r: Run, summary: dict) -> Path:
     model.to(r.info.device).train(was_training)
     ck.write_json(Path(out) / "finetune_summary.json", summary)
     ck.write_jsonl(Path(out) / "finetune_log.jsonl", r.history)
+    targets = r.state_dir / "self_targets.json"  # targets=self: the answers it was trained on, kept with it
+    if r.cfg.targets == "self" and targets.is_file():
+        (Path(out) / targets.name).write_bytes(targets.read_bytes())
     return out
 
 
