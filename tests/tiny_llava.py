@@ -15,7 +15,7 @@ PAD, BOS, EOS, IMAGE = 0, 1, 2, 4
 VOCAB = 64
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
                  "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
-                 "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+                 "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")  # a prefix of the assistant turn
 
 
 def tiny_tokenizer():
@@ -34,10 +34,10 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_llava_config(text="llama", vision="clip", image_size=16, patch=4, tie=False, **kw):
+def tiny_llava_config(text="llama", vision="clip", image_size=16, patch=4, tie=False, vocab=VOCAB, **kw):
     from transformers import LlavaConfig
 
-    text_cfg = dict(model_type=text, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    text_cfg = dict(model_type=text, vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
                     bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=tie)
     vis_cfg = dict(model_type="clip_vision_model" if vision == "clip" else "siglip_vision_model", hidden_size=24,
@@ -51,11 +51,13 @@ def tiny_llava_config(text="llama", vision="clip", image_size=16, patch=4, tie=F
 
 
 def write_tiny_llava(path: Path, seed=0, text="llama", vision="clip", image_size=16, patch=4, tie=False,
-                     dtype=torch.float32) -> Path:
+                     dtype=torch.float32, vocab=VOCAB) -> Path:
+    """``vocab``: the LM's vocabulary size (64 by default, more than the tokenizer's words; len(SPECIAL + WORDS)
+    makes every generated id a word or a special token, so that greedy answers decode to text)."""
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
-    hf = LlavaForConditionalGeneration(tiny_llava_config(text, vision, image_size, patch, tie)).eval()
+    hf = LlavaForConditionalGeneration(tiny_llava_config(text, vision, image_size, patch, tie, vocab=vocab)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)

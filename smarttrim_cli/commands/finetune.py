@@ -21,8 +21,9 @@ def finetune(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe whose `train:` section gives the "
                                           "settings (default: the bundled one for the dataset / task)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="vqa, nlvr2, snli, easyvqa, or coco-captions / "
-                                          "flickr30k for a retrieval model (default: recipe, else the model's task; "
-                                          "retrieval: coco-captions)."),
+                                          "flickr30k for a retrieval model; vqa, scenes, easyvqa or prompts for a "
+                                          "text model such as LLaVA (label-free: --set targets=self) (default: "
+                                          "recipe, else the model's task; retrieval: coco-captions; text: vqa)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset folder in its official layout "
                                             "(default: $SMARTTRIM_DATA/<dataset>; easy-VQA: the installed package)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Default: train."),

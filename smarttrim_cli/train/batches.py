@@ -9,10 +9,11 @@ from ..errors import SmartTrimError
 from .config import TrainConfig
 
 TASK_DATASETS = {"vqa": ("vqa", "easyvqa"), "nlvr2": ("nlvr2",), "snli": ("snli",),
-                 "retrieval": ("coco-captions", "flickr30k")}
-TASK_DEFAULT_DATASET = {"retrieval": "coco-captions"}  # other tasks: the dataset named like the task
+                 "retrieval": ("coco-captions", "flickr30k"), "generate": ("vqa", "easyvqa", "prompts")}
+TASK_DEFAULT_DATASET = {"retrieval": "coco-captions", "generate": "vqa"}  # others: the dataset named like the task
 DEFAULT_SPLITS = {"vqa": ("train", "val"), "nlvr2": ("train", "dev"), "snli": ("train", "dev"),
-                  "easyvqa": ("train", "test"), "coco-captions": ("train", "val"), "flickr30k": ("train", "val")}
+                  "easyvqa": ("train", "test"), "coco-captions": ("train", "val"), "flickr30k": ("train", "val"),
+                  "prompts": ("train", "val")}  # prompts: <split>.jsonl, else prompts.jsonl for both
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -64,10 +65,14 @@ def open_train_val(loaded, cfg: TrainConfig, recipe: dict | None, new_head: bool
     """-> (dataset name, train set, val set, labels). ``loaded``: the model_dir.LoadedModel being fine-tuned."""
     from ..data import NLVR2_LABELS, canonical_name, open_dataset
 
+    from .objectives import output_kind
+
     model = loaded.model
     task = model.config.task
     name = cfg.dataset or ((recipe or {}).get("data") or {}).get("dataset") or TASK_DEFAULT_DATASET.get(task, task)
-    name = canonical_name(name)
+    name = canonical_name("vqa" if str(name).lower() == "scenes" else name)  # scenes: written in VQAv2's layout
+    if output_kind(model) == "text":
+        return open_text(loaded, cfg, name, new_head)
     if name not in TASK_DATASETS.get(task, ()):
         need = (": image-caption pairs, a Karpathy-split dataset_coco.json / dataset_flickr30k.json and its images "
                 "in --data-dir" if task == "retrieval" else "")
@@ -113,3 +118,38 @@ def open_train_val(loaded, cfg: TrainConfig, recipe: dict | None, new_head: bool
         raise SmartTrimError(f"{name} {tr_split}: no training inputs"
                              + (f" ({train.skipped_summary()})" if train.skipped_summary() else ""))
     return name, train, val, labels
+
+
+def open_text(loaded, cfg: TrainConfig, name: str, new_head: bool):
+    """A text task's (decoder VLM's) train and val sets: any reader with questions; no labels, no head."""
+    from ..data import open_dataset
+
+    task = loaded.model.config.task
+    if name not in TASK_DATASETS[task]:
+        raise SmartTrimError(f"dataset {name!r} does not fit a {task} model, which answers in words (it trains on "
+                             f"{', '.join(TASK_DATASETS[task])} or scenes: questions with answers, or prompts "
+                             "answered by the model itself with --set targets=self)")
+    if new_head:
+        raise SmartTrimError(f"--new-head: a {task} model has no classifier head to replace (it answers in words)")
+    if cfg.feature_weight > 0:
+        raise SmartTrimError(f"feature_weight: a {task} model has no pooled feature to distil; use distill_weight")
+    tr_split, va_split = DEFAULT_SPLITS[name]
+    tr_split, va_split = cfg.train_split or tr_split, cfg.val_split or va_split
+    pre = loaded.image_preprocessor()
+    size = loaded.model.config.image_size
+    # no classifier: a stub answer vocabulary spares the VQAv2 reader building one from annotations (which
+    # unannotated questions, e.g. a test split trained on with targets=self, do not have)
+    l2i = ["yes", "no"] if name == "vqa" else None
+    kw = dict(label2id=l2i, skip_bad=cfg.skip_bad, preprocess=pre)
+    train = open_dataset(name, cfg.data_dir, tr_split, size, limit=cfg.limit, **kw)
+    vl = cfg.val_limit if cfg.val_limit is not None else cfg.limit
+    val = open_dataset(name, cfg.data_dir, va_split, size, limit=vl, **kw)
+    if not len(train):
+        raise SmartTrimError(f"{name} {tr_split}: no training inputs"
+                             + (f" ({train.skipped_summary()})" if train.skipped_summary() else ""))
+    items = getattr(train, "_items", None)
+    if cfg.targets == "data" and name == "prompts" and items and any(not it[3] for it in items):
+        n = sum(not it[3] for it in items)
+        raise SmartTrimError(f"{train.path}: {n} of {len(items)} prompts have no answer to train on; pass --set "
+                             "targets=self to train on the full model's own answers")
+    return name, train, val, None

@@ -21,6 +21,9 @@ class TrainConfig:
     val_limit: int | None = None        # at most this many validation inputs (default: limit)
     skip_bad: bool = False
     workers: int = 2
+    targets: str = "data"               # text tasks: data (the items' answers) | self (label-free: the full model's
+                                        # own greedy answers, generated before training, kept in the state dir)
+    max_new_tokens: int = 16            # text tasks: answer length cap of self targets and validation generation
     # schedule
     epochs: int = 10
     max_steps: int | None = None        # stop after this many optimizer steps (overrides epochs)
@@ -124,6 +127,10 @@ class TrainConfig:
         if self.distill_schedule == "constant" and self.distill_weight_end != 0:
             raise SmartTrimError(f"distill_weight_end={self.distill_weight_end} needs distill_schedule=fade "
                                  "(constant keeps distill_weight throughout)")
+        if self.targets not in ("data", "self"):
+            raise SmartTrimError(f"targets must be data or self, got {self.targets!r}")
+        if self.max_new_tokens < 1:
+            raise SmartTrimError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.teacher_task_weight > 0 and self.teacher != "self":
             raise SmartTrimError(f"teacher_task_weight trains the teacher, so it needs teacher=self "
                                  f"(teacher={self.teacher} is frozen)")
@@ -178,8 +185,9 @@ def parse_sets(items: list[str] | None) -> dict:
 def default_recipe(dataset: str | None, task: str, family: str = "meter"):
     """The bundled recipe for a dataset / task, or None when none is bundled for it."""
     recipes = bundled_recipe_dir()
-    names = ([f"{dataset}.yaml"] if dataset == "easyvqa" else []) + [f"{family}-{dataset or task}.yaml",
-                                                                        f"{family}-{task}.yaml"]
+    # a family-wide recipe (llava.yaml) first: the dataset recipes (easyvqa.yaml) are other families' settings
+    names = [f"{family}.yaml"] + ([f"{dataset}.yaml"] if dataset == "easyvqa" else []) + [
+        f"{family}-{dataset or task}.yaml", f"{family}-{task}.yaml"]
     for n in names:
         if (recipes / n).is_file():
             return recipes / n
@@ -196,7 +204,8 @@ TRIM_ONLY = frozenset({"target_ratio", "curriculum", "curriculum_hold", "curricu
 BOOKKEEPING = frozenset({"workers", "save_every", "log_every"})
 # fields added after run_settings keys were first cached (demo, pareto), with their defaults: left out of a run's
 # settings while at the default, so a run that does not use them keeps the key (and the cached model) it had
-LATER_DEFAULTS = {"teacher_task_weight": 0.0, "distill_schedule": "constant", "distill_weight_end": 0.0}
+LATER_DEFAULTS = {"teacher_task_weight": 0.0, "distill_schedule": "constant", "distill_weight_end": 0.0,
+                  "targets": "data", "max_new_tokens": 16}
 
 
 def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:

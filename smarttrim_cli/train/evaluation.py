@@ -26,9 +26,9 @@ def evaluate(model, loader, info: D.DistInfo, amp_ctx, objective=None, **run) ->
     for batch in loader:
         batch = objective.eval_batch(batch_to_device(check_batch(batch), info.device))
         with amp_ctx():
-            logits, ctx = model.run(batch, record=True, **run)
-        scores += objective.score(logits, batch["target"]).tolist()
-        ratios += (macs_ratio(ctx.records) if trimmed else torch.ones(logits.shape[0])).tolist()
+            s, ctx = objective.validate(model, batch, run)
+        scores += s.tolist()
+        ratios += (macs_ratio(ctx.records) if trimmed else torch.ones(len(s))).tolist()
         macs += total_macs(ctx.records).tolist()
     model.train(was)
     parts = D.gather_objects(info, (scores, ratios, macs))

@@ -7,7 +7,9 @@
     finish    best weights, the rule's calibration, model dir + finetune_summary.json + finetune_log.jsonl
 
 Two parts plug in: the *decision rule* (rules.py: SmartTrim's learned trimmers, a fixed keep ratio such as
-EViT's, or none for --no-trim) and the *objective* (objectives.py: soft-target classification, retrieval ITM).
+EViT's, or none for --no-trim) and the *objective* (objectives.py: soft-target classification, retrieval ITM;
+generation.py: next-token answers of a decoder VLM, whose ``target`` is the labels tensor; with targets=self the
+full model's own answers, self_targets.py).
 Progress bar, log and plot are callbacks (callbacks.py).
 
 One process or many (torchrun: RANK/WORLD_SIZE/LOCAL_RANK in the environment; NCCL on GPU, gloo on
@@ -34,7 +36,7 @@ from .batches import Collate, IndexedDataset, check_batch, open_train_val
 from .callbacks import JsonlLog, OnStep, ProgressBar, TrainingPlot
 from .config import LATER_DEFAULTS, TrainConfig, build_config
 from .evaluation import evaluate
-from .objectives import objective_for
+from .objectives import objective_for, output_kind
 from .rules import LearnedTrimmers, NoTrim
 from .step import TrainStep, distill_weight_at
 
@@ -107,7 +109,8 @@ class Run:
     spe: int                       # optimizer steps per epoch
     total: int
     sampler: object
-    loader_kw: dict
+    loader_kw: dict                # training batches
+    val_kw: dict                   # validation batches (text tasks: prompts only; others: the same)
     val_loader: object
     step_module: object            # the TrainStep, or DDP around it
     opt: object
@@ -125,6 +128,7 @@ class Run:
     callbacks: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
     compute_times: list = field(default_factory=list)
+    processor: object = None       # text tasks: the chat processor, written with the model
 
     def record(self, row: dict):
         self.history.append(row)
@@ -141,7 +145,7 @@ class Run:
 
 def run(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, resume=False,
         new_head=False, progress=True, console=None, on_step=None, callbacks=()) -> FinetuneResult:
-    r = setup(loaded, src, cfg, rec, info, output, rule, new_head)
+    r = setup(loaded, src, cfg, rec, info, output, rule, new_head, progress=progress, console=console)
     start(r, resume)
     if info.main:
         r.callbacks.append(JsonlLog(r.state_dir / "log.jsonl", r.history))
@@ -188,7 +192,8 @@ def run(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path
 
 
 # ----- setup ----------------------------------------------------------------------------------------
-def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, new_head) -> Run:
+def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Path, rule, new_head, progress=False,
+          console=None) -> Run:
     t_start = time.time()
     dev = info.device
     model = loaded.model
@@ -218,6 +223,25 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
         raise SmartTrimError(f"--batch-size {cfg.batch_size} is not divisible by {info.world} process(es) x "
                              f"--grad-accum {cfg.grad_accum}")
     micro = per_rank // cfg.grad_accum
+
+    retrieval = model.config.task == "retrieval"
+    amp_ctx, scaler = amp(cfg, dev)
+    processor = None
+    if output_kind(model) == "text":  # decoder VLM: chat-processor batches, answers as labels (targets=self: own)
+        from ..data import VQA_SHORT_ANSWER, load_chat_processor
+        from .generation import TextCollate
+
+        processor = load_chat_processor(Path(src) / "tokenizer")
+        instruction = None if ds_name == "prompts" else VQA_SHORT_ANSWER
+        collate, val_collate = TextCollate(processor, "train", instruction), TextCollate(processor, "generate",
+                                                                                        instruction)
+        objective = objective_for(model, ds_name, cfg, processor)
+        if cfg.targets == "self":
+            train_ds, val_ds = self_targets(model, objective, train_ds, val_ds, val_collate, cfg, info, output, src,
+                                            instruction, amp_ctx, progress, console)
+    else:
+        collate = val_collate = Collate(loaded.tokenizer, max_len, ("image_id",) if retrieval else ())
+        objective = objective_for(model, ds_name, cfg)
     sampler = D.ResumableSampler(len(train_ds), info.rank, info.world, shuffle=True, seed=cfg.seed, pad=True)
     spe = len(sampler.order()) // micro // cfg.grad_accum
     if spe < 1:
@@ -225,30 +249,27 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
                              f"{cfg.batch_size}; lower --batch-size")
     total = int(cfg.max_steps) if cfg.max_steps else cfg.epochs * spe
 
-    retrieval = model.config.task == "retrieval"
     if retrieval:
         # the ITM loss never reaches the ITC projections (they only pick the hard negatives): frozen, so that
         # DDP without find_unused_parameters sees every trainable parameter used
         for name in ("vision_proj", "text_proj"):
             if hasattr(model, name):
                 getattr(model, name).requires_grad_(False)
-    loader_kw = dict(num_workers=cfg.workers, collate_fn=Collate(loaded.tokenizer, max_len,
-                                                                 ("image_id",) if retrieval else ()),
-                     pin_memory=dev.type == "cuda", persistent_workers=cfg.workers > 0)
+    loader_kw = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+                     persistent_workers=cfg.workers > 0)
+    val_kw = {**loader_kw, "collate_fn": val_collate}
     val_sampler = D.ResumableSampler(len(val_ds), info.rank, info.world, shuffle=False, pad=False)
     val_loader = torch.utils.data.DataLoader(IndexedDataset(val_ds), batch_size=cfg.eval_batch_size or micro,
-                                             sampler=val_sampler, **loader_kw)
+                                             sampler=val_sampler, **val_kw)
 
     # optimisation
     all_reduce = D.all_reduce_sum(info)
     rule.bind(model, cfg, total, all_reduce)
-    objective = objective_for(model, ds_name, cfg)
     step = TrainStep(model, cfg, rule, objective)
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cur.lr_factor(s, total, cfg.warmup, cfg.end_lr_factor, cfg.decay_power))
-    amp_ctx, scaler = amp(cfg, dev)
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # every trimmer the rule trains is used in every soft forward (and frozen ones are left out), so DDP
@@ -258,15 +279,16 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
         step_module = step
     return Run(model=model, loaded=loaded, src=Path(src), cfg=cfg, info=info, output=Path(output), rule=rule, objective=objective,
                ds_name=ds_name, train_ds=train_ds, val_ds=val_ds, labels=labels, micro=micro, spe=spe, total=total,
-               sampler=sampler, loader_kw=loader_kw, val_loader=val_loader, step_module=step_module,
+               sampler=sampler, loader_kw=loader_kw, val_kw=val_kw, val_loader=val_loader, step_module=step_module,
                opt=opt, sched=sched, scaler=scaler, amp_ctx=amp_ctx, params=[p for g in groups for p in g["params"]],
-               all_reduce=all_reduce, state_dir=ck.state_dir_for(output), t_start=t_start)
+               all_reduce=all_reduce, state_dir=ck.state_dir_for(output), t_start=t_start, processor=processor)
 
 
 def param_groups(model, cfg: TrainConfig):
     """METER's groups: uni-modal encoders at lr, cross-modal encoder x lr_mult_cross_modal, task head x
     lr_mult_head, plus the trimmers x lr_mult_trimmer; no weight decay on biases and norms (1-D)."""
-    head_ids = {id(p) for p in model.head().parameters()}
+    head = getattr(model, "head", None)  # a decoder VLM has none: its LM head is part of the backbone
+    head_ids = {id(p) for p in head().parameters()} if head else set()
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -453,7 +475,7 @@ def finish(r: Run) -> FinetuneResult:
         n_cal = min(len(r.val_ds), cfg.calibrate_limit or len(r.val_ds))
         cal_sampler = D.ResumableSampler(n_cal, info.rank, info.world, shuffle=False, pad=False)
         cal_loader = torch.utils.data.DataLoader(IndexedDataset(r.val_ds), batch_size=cfg.eval_batch_size or r.micro,
-                                                 sampler=cal_sampler, **r.loader_kw)
+                                                 sampler=cal_sampler, **r.val_kw)
         thr = r.rule.calibrate(model, cal_loader, info, r.amp_ctx, r.objective)
         res = evaluate(model, r.val_loader, info, r.amp_ctx, r.objective, **r.rule.run_kwargs(thr))
         calibrated = {"threshold": thr, "calibration_inputs": n_cal, **res}
@@ -508,11 +530,44 @@ def write_model(r: Run, summary: dict) -> Path:
     derived = derived_entries(r, summary["mode"])
     was_training = model.training
     model.eval()
-    out = save_model_dir(model.cpu(), r.output, tokenizer=r.loaded.tokenizer, labels=r.labels,
+    out = save_model_dir(model.cpu(), r.output, tokenizer=r.processor or r.loaded.tokenizer, labels=r.labels,
                          provenance=derived["provenance"],
                          extra={"preprocess": pre_out, "reference": derived["reference"], "finetune": finetune_section,
                                 **r.rule.model_sections(summary)})
     model.to(r.info.device).train(was_training)
     ck.write_json(Path(out) / "finetune_summary.json", summary)
     ck.write_jsonl(Path(out) / "finetune_log.jsonl", r.history)
+    targets = r.state_dir / "self_targets.json"  # targets=self: the answers it was trained on, kept with it
+    if r.cfg.targets == "self" and targets.is_file():
+        (Path(out) / targets.name).write_bytes(targets.read_bytes())
+    return out
+
+
+def self_targets(model, objective, train_ds, val_ds, collate, cfg, info, output, src, instruction, amp_ctx,
+                 progress=False, console=None):
+    """targets=self: the train and val sets with the full model's own greedy answers (state dir cache; rank 0
+    generates, the others read)."""
+    from rich.progress import Progress
+
+    from . import self_targets as st
+
+    state = ck.state_dir_for(output)
+    bs = cfg.eval_batch_size or max(1, cfg.batch_size // info.world // cfg.grad_accum)
+    out = []
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        split = (cfg.train_split if name == "train" else cfg.val_split) or name
+        key = st.cache_key(src, ds, split, cfg, instruction)
+
+        def make(ds=ds, name=name):
+            with Progress(console=console, transient=True, disable=not progress) as bar:
+                task = bar.add_task(f"full model answering the {name} inputs", total=len(ds))
+                return st.generate_targets(model, objective, ds, collate, bs, info.device, amp_ctx,
+                                           lambda n: bar.advance(task, n))
+
+        if info.main:
+            texts, _ = st.load_or_generate(state, key, name, make)
+        D.barrier(info)
+        if not info.main:
+            texts, _ = st.load_or_generate(state, key, name, make)
+        out.append(st.SelfTargets(ds, texts))
     return out

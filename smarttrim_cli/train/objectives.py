@@ -5,9 +5,10 @@ each input's validation score (``score``); the decision rule (rules.py) decides 
 
     SoftTargetClassification   VQA (multi-label BCE, sigmoid soft targets), NLVR2 / SNLI-VE (softmax CE, KL)
     RetrievalITM               image-text matching: positives plus one hard negative caption each, then as above
+    NextToken                  decoder VLMs (task output "text"): teacher-forced answer-token cross-entropy,
+                               per-answer-token KL, validation on greedily generated answers
 
-A generative next-token objective fits the same five methods: a batch of prompts and answers, token cross-
-entropy, per-token distillation, exact match; the loop needs nothing else from it.
+Which one: the family's output kind for the model's task (``Family.tasks``), never the family's name.
 """
 from __future__ import annotations
 
@@ -71,12 +72,18 @@ class Objective:
     def task_loss(self, logits, target):
         raise NotImplementedError
 
-    def distill_loss(self, student, teacher):
+    def distill_loss(self, student, teacher, target=None):
+        """``target``: the step's labels (a text objective distils on the answer tokens only)."""
         raise NotImplementedError
 
     def score(self, logits, target):
         """Per-input validation scores (their mean is the reported score)."""
         raise NotImplementedError
+
+    def validate(self, model, batch: dict, run: dict):
+        """-> (per-input scores, the TrimContext with the cost records of what inference runs)."""
+        logits, ctx = model.run(batch, record=True, **run)
+        return self.score(logits, batch["target"]), ctx
 
 
 class SoftTargetClassification(Objective):
@@ -89,7 +96,7 @@ class SoftTargetClassification(Objective):
     def task_loss(self, logits, target):
         return task_loss(logits, target)
 
-    def distill_loss(self, student, teacher):
+    def distill_loss(self, student, teacher, target=None):
         return distill_loss(student, teacher, self.multilabel, self.temperature)
 
     def score(self, logits, target):
@@ -130,8 +137,19 @@ class RetrievalITM(SoftTargetClassification):
         return itm_batch(batch, itm_negatives(batch["image_id"]))
 
 
-def objective_for(model, dataset: str, cfg) -> Objective:
-    """The objective of ``model``'s task on ``dataset``."""
+def output_kind(model) -> str:
+    """What the model's task outputs, by its family's contract ("text" for a generative VLM)."""
+    from ..backbones import family_of
+
+    return family_of(model).tasks.get(model.config.task, "")
+
+
+def objective_for(model, dataset: str, cfg, tokenizer=None) -> Objective:
+    """The objective of ``model``'s task on ``dataset``; ``tokenizer`` decodes generated answers (text tasks)."""
+    if output_kind(model) == "text":
+        from .generation import NextToken
+
+        return NextToken(tokenizer, cfg.distill_temperature, cfg.max_new_tokens, vqa_scoring=dataset == "vqa")
     if model.config.task == "retrieval":
         return RetrievalITM(cfg.seed, cfg.distill_temperature)
     return SoftTargetClassification(dataset in ("vqa", "easyvqa"), cfg.distill_temperature)

@@ -83,7 +83,7 @@ class TrainStep(nn.Module):
         parts = {"task": lt.detach()}
         loss = lt
         if teacher is not None:
-            ld = self.objective.distill_loss(logits, teacher)  # detaches the teacher's logits
+            ld = self.objective.distill_loss(logits, teacher, target)  # detaches the teacher's logits
             loss = loss + alpha * ld
             parts["distill"] = ld.detach()
             if cfg.teacher_task_weight > 0:
