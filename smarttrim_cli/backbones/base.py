@@ -174,6 +174,12 @@ class Family:
             b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
         return b
 
+    def export_graph(self, model):
+        """What ``export --onnx`` writes: None for the whole trimmed model (export/onnx_export.TrimmedGraph:
+        logits out); a wrapped decoder VLM returns a graph of its image side only (export/image_graph.py), whose
+        outputs the caller feeds to transformers' ``generate``."""
+        return None
+
     @property
     def streams(self) -> dict:
         return self.Model.streams

@@ -242,6 +242,22 @@ class LlavaModel(TrimmableModel):
             ctx.add(LayerCost("lm_head", "linear", {"din": t.hidden_size, "dout": t.vocab_size}, n=p.n,
                               n_full=p.n_full))
 
+    # ----- the image side alone (export/image_graph.py: tower + projector + trimmer as one ONNX graph) -----
+    def prompt_guide(self, input_ids, attention_mask=None):
+        """(B, D) fp32: the trimmer's guide as ``prefill`` computes it (masked mean of the text-token embeddings)."""
+        from ..export.image_prefill import prompt_guide
+
+        return prompt_guide(self.hf, input_ids, attention_mask)
+
+    def trim_image(self, pixel_values, guide, ctx: TrimContext) -> Stream:
+        """The image tokens through the trimmer alone (``prefill``'s first half): ``s.x`` the kept projected
+        features (fp32), ``s.pos`` their indices in the image run."""
+        feats = self.image_features(pixel_values)
+        B, N, _ = feats.shape
+        s = Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        self.token_step("image_0", s, guide.float(), ctx)
+        return s
+
 
 # ----- reading a transformers directory -----------------------------------------------------------------
 def _key_names(files) -> list[str]:
@@ -354,6 +370,11 @@ class LlavaFamily(HFFamily):
 
     def image_tokens(self, config) -> int:
         return config.image_tokens
+
+    def export_graph(self, model):
+        from ..export.image_graph import ImageTrimGraph
+
+        return ImageTrimGraph(model, model.config.image_token_id, model.config.image_tokens)
 
     def dummy_batch(self, model, text_len=None, batch=1):
         c = model.config
