@@ -136,6 +136,17 @@ def test_lm_inputs_from_onnx_equal_the_hard_prefill(model, sess, inputs):
         torch.testing.assert_close(li["inputs_embeds"], p.embeds, atol=1e-4, rtol=0)
 
 
+def test_lm_inputs_drop_left_padding_as_the_prefill_does(model, sess, model_dir):
+    b = tiny_inputs(model_dir[1], PROMPTS, seed=3)
+    b = {k: v[1:2] for k, v in b.items()}  # "?": the shortest prompt, left-padded in the batch
+    assert (b["attention_mask"] == 0).any()
+    p, _, _ = torch_kept(model, b, 0.5)
+    got = run_graph(sess, b["pixel_values"], prompt_guide(model.hf, b["input_ids"], b["attention_mask"]).detach(), 0.5)
+    li = lm_inputs(model.hf, b["input_ids"], b["attention_mask"], got["image_embeds"], got["image_positions"])
+    assert torch.equal(li["position_ids"], p.pos)
+    torch.testing.assert_close(li["inputs_embeds"], p.embeds, atol=1e-4, rtol=0)
+
+
 def test_generate_from_onnx_equals_model_generate_hard(model, sess, inputs):
     trimmed = 0
     for thr in (0.5, 0.9):
@@ -146,6 +157,17 @@ def test_generate_from_onnx_equals_model_generate_hard(model, sess, inputs):
             assert torch.equal(got, want), (thr, got, want)
             trimmed += len(torch_kept(model, b, thr)[2]) < N
     assert trimmed >= 3  # most inputs decode from a trimmed prompt (positions with gaps)
+
+
+def test_legacy_exporter_keeps_the_kept_count_dynamic(model_dir, model, inputs, tmp_path):
+    import onnxruntime as ort
+
+    rep = run_export(model_dir[0], tmp_path / "legacy.onnx", exporter="legacy", timing=False)
+    assert rep.ok and rep.export.exporter == "legacy", rep.failure_line()
+    s = ort.InferenceSession(str(tmp_path / "legacy.onnx"), providers=["CPUExecutionProvider"])
+    for thr in (0.2, 0.9, 0.999):
+        np.testing.assert_array_equal(ort_kept(model, s, inputs[0], thr)["image_positions"][0],
+                                      torch_kept(model, inputs[0], thr)[2])
 
 
 def test_cli_writes_the_model_and_report(model_dir, tmp_path):
