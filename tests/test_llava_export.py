@@ -94,7 +94,7 @@ def test_export_report_validates_and_describes_the_graph(exported):
     kept = [c.image_tokens_kept for c in rep.validation.cases]
     assert min(kept) <= 2 and any(0 < k < N for k in kept), kept  # a nearly-empty case and a partial one
     md = read_metadata(out)
-    assert md["graph"] == "image_trim" and md["batch"] == "1" and int(md["image_token_id"]) == IMAGE
+    assert md["graph"] == "image_side" and md["batch"] == "1" and int(md["image_token_id"]) == IMAGE
     m = onnx.load(str(out))
     assert [i.name for i in m.graph.input] == ["pixel_values", "guide", "threshold"]
     assert [o.name for o in m.graph.output] == ["image_embeds", "image_positions", "image_keep"]

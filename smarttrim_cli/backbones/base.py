@@ -176,8 +176,9 @@ class Family:
 
     def export_graph(self, model):
         """What ``export --onnx`` writes: None for the whole trimmed model (export/onnx_export.TrimmedGraph:
-        logits out); a wrapped decoder VLM returns a graph of its image side only (export/image_graph.py), whose
-        outputs the caller feeds to transformers' ``generate``."""
+        logits out); a wrapped decoder VLM returns ``{"kind": "image_side", "image_token_id": .., "image_tokens":
+        ..}``: its image side only (export/image_graph.py: the model's ``trim_image`` and ``prompt_guide``), whose
+        outputs the caller feeds to transformers' ``generate`` (export/image_prefill.py)."""
         return None
 
     @property

@@ -244,10 +244,13 @@ class LlavaModel(TrimmableModel):
 
     # ----- the image side alone (export/image_graph.py: tower + projector + trimmer as one ONNX graph) -----
     def prompt_guide(self, input_ids, attention_mask=None):
-        """(B, D) fp32: the trimmer's guide as ``prefill`` computes it (masked mean of the text-token embeddings)."""
-        from ..export.image_prefill import prompt_guide
-
-        return prompt_guide(self.hf, input_ids, attention_mask)
+        """(B, D) fp32: the trimmer's guide as ``prefill`` computes it (masked mean of the text-token embeddings;
+        export/image_prefill.prompt_guide is the same from the transformers model alone)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = self.hf.get_input_embeddings()(input_ids)
+        m = ((attention_mask > 0) & (input_ids != self.config.image_token_id)).unsqueeze(-1).float()
+        return (text.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def trim_image(self, pixel_values, guide, ctx: TrimContext) -> Stream:
         """The image tokens through the trimmer alone (``prefill``'s first half): ``s.x`` the kept projected
@@ -372,9 +375,8 @@ class LlavaFamily(HFFamily):
         return config.image_tokens
 
     def export_graph(self, model):
-        from ..export.image_graph import ImageTrimGraph
-
-        return ImageTrimGraph(model, model.config.image_token_id, model.config.image_tokens)
+        return {"kind": "image_side", "image_token_id": model.config.image_token_id,
+                "image_tokens": model.config.image_tokens}
 
     def dummy_batch(self, model, text_len=None, batch=1):
         c = model.config

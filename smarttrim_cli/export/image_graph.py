@@ -23,10 +23,24 @@ UNSUPPORTED = {"quantize": "int8 quantisation of the image graph is not supporte
                            "kept in float); export without --quantize"}
 
 
+def family_graph(model):
+    """The graph the model's family asks ``export --onnx`` for (Family.export_graph), None for the default one."""
+    from ..backbones import family_of
+
+    spec = family_of(model).export_graph(model)
+    if spec is None:
+        return None
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind not in GRAPHS:
+        raise SmartTrimError(f"{model.family}: export graph {kind!r} is not one this version writes")
+    return GRAPHS[kind](model, **spec)
+
+
 class ImageTrimGraph(nn.Module):
     input_names = ("pixel_values", "guide", "threshold")
     output_names = ("image_embeds", "image_positions", "image_keep")
-    kind = "image_trim"
+    kind = "image_side"
 
     def __init__(self, model, image_token_id: int, image_tokens: int):
         super().__init__()
@@ -128,3 +142,6 @@ class ImageTrimGraph(nn.Module):
         rep.checks.append(OutputCheck("image_positions", not errors and same == n,
                                       f"same kept set on {same}/{n} inputs", "exact"))
         return rep
+
+
+GRAPHS = {ImageTrimGraph.kind: ImageTrimGraph}

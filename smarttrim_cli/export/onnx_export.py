@@ -34,6 +34,7 @@ import torch.nn as nn
 from .. import __version__
 from ..backbones import family_of
 from ..errors import SmartTrimError
+from .image_graph import family_graph
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 MIN_DYNAMO_OPSET = 18
@@ -346,7 +347,7 @@ def export_onnx(loaded, out, *, mode: str = "hard", exporter: str = "auto", opse
     if not 7 <= int(opset) <= 23:
         raise SmartTrimError(f"--opset {opset} is out of the range this exporter supports (7..23)")
     model = loaded.model.eval()
-    own = family_of(model).export_graph(model) if mode == "hard" else None
+    own = family_graph(model) if mode == "hard" else None
     graph = (own or (TrimmedGraph(model) if mode == "hard" else FullGraph(model))).eval()
     args = own.example_args() if own is not None else \
         graph_args(graph, example_batch(model), getattr(model.trim_config, "threshold", 0.5))

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import family_of
 from ..errors import SmartTrimError, ValidationFailed
+from .image_graph import family_graph
 from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
 from .ort_session import Latency, make_session, session_device, time_session  # noqa: F401
 from .validate import Case, ValidationReport, make_cases, validate_against_torch, validate_quantized
@@ -149,7 +149,7 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
         loaded = load(model_dir, mode="hard")
     model = loaded.model
     model_dir = str(loaded.source)
-    own = family_of(model).export_graph(model)  # a family's own graph (image side of a decoder VLM)
+    own = family_graph(model)  # a family's own graph (image side of a decoder VLM)
     if own is not None and quantize is not None:
         own.refuse("quantize")
     with status(f"exporting the trimmed graph to {out} ({exporter} exporter, opset {opset})"):
