@@ -184,6 +184,14 @@ def test_cli_writes_the_model_and_report(model_dir, tmp_path):
     assert not list(tmp_path.glob(".export.json*"))
 
 
+def test_onnx_predict_points_to_the_generate_helper(exported):
+    from smarttrim_cli.errors import SmartTrimError
+    from smarttrim_cli.onnx_predict import OnnxPredictor
+
+    with pytest.raises(SmartTrimError, match="generate_from_onnx"):
+        OnnxPredictor(exported[0], device="cpu")
+
+
 def test_int8_is_a_one_line_error(model_dir, tmp_path):
     out = tmp_path / "model.onnx"
     r = CliRunner().invoke(app, ["export", str(model_dir[0]), "--onnx", str(out), "--quantize", "int8"])
