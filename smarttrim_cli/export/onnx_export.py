@@ -6,6 +6,8 @@ kept-head indices from NonZero gather the kept heads' q/k/v rows and output-proj
 (nn/attention.py), so pruned work is skipped in onnxruntime too. The keep threshold is a graph input
 (a 0-d float), so one file serves every speed setting. Outputs: ``logits``, ``kept_tokens`` (B, number
 of token trimmers: tokens entering each trimmed layer) and ``kept_heads`` (B, number of head trimmers).
+A family may ask for another graph instead (``Family.export_graph``): a decoder VLM's image side
+(export/image_graph.py), its inputs, example and dynamic sizes its own.
 
 Exporters: the torch.export-based one (``dynamo=True``), which keeps NonZero/TopK/Gather with dynamic sizes
 given ``k.item()`` and size hints (``torch._check``) in ``kept_order``, and the legacy TorchScript tracer
