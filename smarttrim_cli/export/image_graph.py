@@ -82,12 +82,11 @@ class ImageTrimGraph(nn.Module):
 
         size = int(loaded.full_preprocess()["image_size"])
         thresholds = list(thresholds) if thresholds else default_thresholds(self.m)
-        out = []
-        for i, (name, text) in enumerate(PROMPTS.items()):
-            b = self.prompt_batch(loaded, encode_images(loaded, [scene_image(size, i)]), text)
-            out += [(name, b, float(t)) for t in thresholds]
-        out.append(("very short prompt, almost all dropped", out[len(thresholds)][1], EXTREME_THRESHOLD))
-        out.append(("question, almost all kept", out[0][1], LOW_THRESHOLD))
+        batches = {name: self.prompt_batch(loaded, encode_images(loaded, [scene_image(size, i)]), text)
+                   for i, (name, text) in enumerate(PROMPTS.items())}
+        out = [(name, b, float(t)) for name, b in batches.items() for t in thresholds]
+        out.append(("very short prompt, almost all dropped", batches["very short prompt"], EXTREME_THRESHOLD))
+        out.append(("question, almost all kept", batches["question"], LOW_THRESHOLD))
         return out
 
     def prompt_batch(self, loaded, pixel_values, text: str) -> dict:
