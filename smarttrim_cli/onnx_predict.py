@@ -131,6 +131,9 @@ class OnnxPredictor:
         self.meta = {k[len(META):]: v for k, v in raw.items() if k.startswith(META)}
         if not self.meta:
             raise SmartTrimError(f"{self.path}: no smarttrim metadata (not written by `smarttrim export --onnx`)")
+        if self.meta.get("serve"):  # a family's own graph (e.g. a decoder VLM's image side) answers nothing alone
+            raise SmartTrimError(f"{self.path}: a {self.meta.get('graph')} graph ({self.meta.get('backbone')}); "
+                                 f"serve it with {self.meta['serve']}")
         self.task = self.meta.get("task", "vqa")
         cfg = json.loads(self.meta.get("config") or "{}")
         self.preprocess = json.loads(self.meta.get("preprocess") or "{}")

@@ -174,6 +174,13 @@ class Family:
             b["pixel_values2"] = torch.zeros(batch, 3, c.image_size, c.image_size)
         return b
 
+    def export_graph(self, model):
+        """What ``export --onnx`` writes: None for the whole trimmed model (export/onnx_export.TrimmedGraph:
+        logits out); a wrapped decoder VLM returns ``{"kind": "image_side", "image_token_id": .., "image_tokens":
+        ..}``: its image side only (export/image_graph.py: the model's ``trim_image`` and ``prompt_guide``), whose
+        outputs the caller feeds to transformers' ``generate`` (export/image_prefill.py)."""
+        return None
+
     @property
     def streams(self) -> dict:
         return self.Model.streams

@@ -242,6 +242,25 @@ class LlavaModel(TrimmableModel):
             ctx.add(LayerCost("lm_head", "linear", {"din": t.hidden_size, "dout": t.vocab_size}, n=p.n,
                               n_full=p.n_full))
 
+    # ----- the image side alone (export/image_graph.py: tower + projector + trimmer as one ONNX graph) -----
+    def prompt_guide(self, input_ids, attention_mask=None):
+        """(B, D) fp32: the trimmer's guide as ``prefill`` computes it (masked mean of the text-token embeddings;
+        export/image_prefill.prompt_guide is the same from the transformers model alone)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = self.hf.get_input_embeddings()(input_ids)
+        m = ((attention_mask > 0) & (input_ids != self.config.image_token_id)).unsqueeze(-1).float()
+        return (text.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def trim_image(self, pixel_values, guide, ctx: TrimContext) -> Stream:
+        """The image tokens through the trimmer alone (``prefill``'s first half): ``s.x`` the kept projected
+        features (fp32), ``s.pos`` their indices in the image run."""
+        feats = self.image_features(pixel_values)
+        B, N, _ = feats.shape
+        s = Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        self.token_step("image_0", s, guide.float(), ctx)
+        return s
+
 
 # ----- reading a transformers directory -----------------------------------------------------------------
 def _key_names(files) -> list[str]:
@@ -354,6 +373,10 @@ class LlavaFamily(HFFamily):
 
     def image_tokens(self, config) -> int:
         return config.image_tokens
+
+    def export_graph(self, model):
+        return {"kind": "image_side", "image_token_id": model.config.image_token_id,
+                "image_tokens": model.config.image_tokens}
 
     def dummy_batch(self, model, text_len=None, batch=1):
         c = model.config

@@ -89,8 +89,12 @@ def export(
                      device=device, threads=threads, runs=runs, exporter=exporter, int8_rel_tol=int8_tol,
                      status=status)
     _render(rep)
-    console.print(f"serve it without PyTorch: python -m smarttrim_cli.onnx_predict {rep.export.path} IMAGE \"QUESTION\"",
-                  highlight=False, soft_wrap=True)
+    serve = rep.export.metadata.get("smarttrim.serve")
+    if serve:  # a family's own graph says how it is served
+        console.print(f"serve it: {serve} (the LM in transformers)", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"serve it without PyTorch: python -m smarttrim_cli.onnx_predict {rep.export.path} IMAGE \"QUESTION\"",
+                      highlight=False, soft_wrap=True)
     if report is not None:
         write_report(rep, report)
         console.print(f"report: {report}")
@@ -110,9 +114,15 @@ def _render(rep):
     where = f"{e.path} ({_size(e.size_bytes)}"
     where += f", weights in {e.path.name}.data)" if e.external_data else ")"
     t.add_row("file", where + "; onnx.checker passed")
-    t.add_row("inputs", "pixel_values (batch, 3, H, W), input_ids / attention_mask (batch, text), threshold ()"
-              + (", pixel_values2" if "pixel_values2" in e.input_names else ""))
-    t.add_row("outputs", f"logits, kept_tokens (batch, {len(e.token_layers)}), kept_heads (batch, {len(e.head_layers)})")
+    own = e.metadata.get("smarttrim.graph") not in ("trimmed", "full")
+    if own:
+        t.add_row("inputs", ", ".join(e.input_names) + f" (batch {e.metadata.get('smarttrim.batch', '?')})")
+        t.add_row("outputs", ", ".join(e.output_names))
+    else:
+        t.add_row("inputs", "pixel_values (batch, 3, H, W), input_ids / attention_mask (batch, text), threshold ()"
+                  + (", pixel_values2" if "pixel_values2" in e.input_names else ""))
+        t.add_row("outputs", f"logits, kept_tokens (batch, {len(e.token_layers)}), kept_heads "
+                  f"(batch, {len(e.head_layers)})")
     md = e.metadata
     t.add_row("metadata", f"smarttrim {md.get('smarttrim.version')}, {md.get('smarttrim.backbone')} / "
               f"{md.get('smarttrim.task')}, default threshold {md.get('smarttrim.default_threshold')}, "
@@ -130,7 +140,7 @@ def _render(rep):
         console.print(f"Validating {e.path.name} in onnxruntime ({rep.device}, {rep.threads} threads) against "
                       f"PyTorch hard mode on {len(v.cases)} inputs:")
         ct = Table(show_edge=False, pad_edge=False)
-        for col in ("input", "batch×text", "threshold", "image tokens kept", "max |Δ logits|", "kept counts"):
+        for col in ("input", "batch×text", "threshold", "image tokens kept", "max |Δ logits|" if not own else "max |Δ embeds|", "kept counts"):
             ct.add_column(col, justify="left" if col == "input" else "right")
         for c in v.cases:
             kept = f"{c.image_tokens_kept}/{c.image_tokens}" if c.image_tokens_kept is not None else "—"

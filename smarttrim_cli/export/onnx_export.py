@@ -6,6 +6,8 @@ kept-head indices from NonZero gather the kept heads' q/k/v rows and output-proj
 (nn/attention.py), so pruned work is skipped in onnxruntime too. The keep threshold is a graph input
 (a 0-d float), so one file serves every speed setting. Outputs: ``logits``, ``kept_tokens`` (B, number
 of token trimmers: tokens entering each trimmed layer) and ``kept_heads`` (B, number of head trimmers).
+A family may ask for another graph instead (``Family.export_graph``): a decoder VLM's image side
+(export/image_graph.py), its inputs, example and dynamic sizes its own.
 
 Exporters: the torch.export-based one (``dynamo=True``), which keeps NonZero/TopK/Gather with dynamic sizes
 given ``k.item()`` and size hints (``torch._check``) in ``kept_order``, and the legacy TorchScript tracer
@@ -34,6 +36,7 @@ import torch.nn as nn
 from .. import __version__
 from ..backbones import family_of
 from ..errors import SmartTrimError
+from .image_graph import family_graph
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 MIN_DYNAMO_OPSET = 18
@@ -171,6 +174,12 @@ def _export_dynamo(graph, args, opset: int):
 
     if opset < MIN_DYNAMO_OPSET:
         raise SmartTrimError(f"the dynamo exporter needs opset >= {MIN_DYNAMO_OPSET} (asked for {opset})")
+    if hasattr(graph, "dynamic_shapes"):  # a family's own graph (Family.export_graph)
+        shapes = graph.dynamic_shapes
+        prog = torch.onnx.export(graph, args, None, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                                 input_names=list(graph.input_names), output_names=list(graph.output_names),
+                                 optimize=True, external_data=False)
+        return prog.model_proto
     batch, text = Dim("batch", min=1), Dim("text", min=1)
     spec = {"pixel_values": {0: batch}, "pixel_values2": {0: batch}, "input_ids": {0: batch, 1: text},
             "attention_mask": {0: batch, 1: text}, "threshold": None}
@@ -187,6 +196,8 @@ def _export_legacy(graph, args, opset: int, tmpdir: Path):
     dyn = {n: axes[n] for n in graph.input_names if n in axes}
     for n in graph.output_names:
         dyn[n] = {0: "batch"}
+    if hasattr(graph, "dynamic_axes"):
+        dyn = dict(graph.dynamic_axes)
     f = tmpdir / "legacy.onnx"
     torch.onnx.export(graph, args, str(f), dynamo=False, opset_version=opset, input_names=list(graph.input_names),
                       output_names=list(graph.output_names), dynamic_axes=dyn, do_constant_folding=True)
@@ -250,7 +261,7 @@ def metadata_for(loaded, graph, exporter: str, extra: dict | None = None) -> dic
         "exporter": exporter,
         "inputs": json.dumps(list(graph.input_names)),
         "outputs": json.dumps(list(graph.output_names)),
-        "num_labels": str(model.config.num_labels),
+        "num_labels": str(getattr(model.config, "num_labels", "")),
         "preprocess": json.dumps(cfg.get("preprocess") or family_of(model).default_preprocess(model.config)),
         "model_dir": str(Path(source).resolve()) if source else "",
     }
@@ -338,8 +349,12 @@ def export_onnx(loaded, out, *, mode: str = "hard", exporter: str = "auto", opse
     if not 7 <= int(opset) <= 23:
         raise SmartTrimError(f"--opset {opset} is out of the range this exporter supports (7..23)")
     model = loaded.model.eval()
-    graph = (TrimmedGraph(model) if mode == "hard" else FullGraph(model)).eval()
-    args = graph_args(graph, example_batch(model), getattr(model.trim_config, "threshold", 0.5))
+    own = family_graph(model) if mode == "hard" else None
+    graph = (own or (TrimmedGraph(model) if mode == "hard" else FullGraph(model))).eval()
+    args = own.example_args() if own is not None else \
+        graph_args(graph, example_batch(model), getattr(model.trim_config, "threshold", 0.5))
+    if own is not None:
+        metadata = {**own.metadata(), **(metadata or {})}
     t0 = time.perf_counter()
     order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
     proto, used, reason, logs = None, None, None, {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import SmartTrimError, ValidationFailed
+from .image_graph import family_graph
 from .onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
 from .ort_session import Latency, make_session, session_device, time_session  # noqa: F401
 from .validate import Case, ValidationReport, make_cases, validate_against_torch, validate_quantized
@@ -148,6 +149,9 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
         loaded = load(model_dir, mode="hard")
     model = loaded.model
     model_dir = str(loaded.source)
+    own = family_graph(model)  # a family's own graph (image side of a decoder VLM)
+    if own is not None and quantize is not None:
+        own.refuse("quantize")
     with status(f"exporting the trimmed graph to {out} ({exporter} exporter, opset {opset})"):
         res = export_onnx(loaded, out, mode="hard", exporter=exporter, opset=opset)
     report = ExportReport(model_dir, res)
@@ -157,6 +161,12 @@ def run_export(model_dir=None, out=None, *, opset: int = DEFAULT_OPSET, atol: fl
     sess = make_session(out, device, threads)
     report.device = session_device(sess)
     report.threads = sess.get_session_options().intra_op_num_threads
+    if own is not None:  # its outputs feed an LM outside the graph: no full-graph latency baseline to compare
+        if validate:
+            with status("validating in onnxruntime against PyTorch hard mode"):
+                report.validation = own.validate(sess, loaded, thresholds, atol)
+        report.timing_info = {"skipped": "no latency table for the image graph (the LM runs in transformers)"}
+        return report
     cases = make_cases(loaded, thresholds)
     if validate:
         with status(f"validating in onnxruntime against PyTorch hard mode on {len(cases)} inputs"):
