@@ -27,9 +27,11 @@ patch or more.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 from pathlib import Path
 
 from .errors import SmartTrimError
@@ -103,6 +105,7 @@ class DemoSettings:
     seed: int = 0
     threads: int | None = None
     baselines: bool = True
+    backbone: str = "meter"
 
     @property
     def size(self) -> str:
@@ -112,7 +115,7 @@ class DemoSettings:
 def default_out_dir(s: DemoSettings) -> Path:
     from .model_dir import workspace
 
-    return workspace() / (f"demo-{s.dataset}" + ("" if s.size == "normal" else f"-{s.size}"))
+    return workspace() / (f"demo-{BACKBONES[s.backbone].dir_prefix}{s.dataset}" + ("" if s.size == "normal" else f"-{s.size}"))
 
 
 def _splits(dataset: str) -> tuple[str, str]:
@@ -120,10 +123,18 @@ def _splits(dataset: str) -> tuple[str, str]:
 
 
 def model_size(s: DemoSettings) -> dict:
-    return (SCENES_MODEL_SIZES if s.dataset == "scenes" else MODEL_SIZES)[s.size]
+    return BACKBONES[s.backbone].model_size(s)
 
 
 def budgets(s: DemoSettings) -> dict:
+    return BACKBONES[s.backbone].budgets(s)
+
+
+def _meter_size(s: DemoSettings) -> dict:
+    return (SCENES_MODEL_SIZES if s.dataset == "scenes" else MODEL_SIZES)[s.size]
+
+
+def _meter_budgets(s: DemoSettings) -> dict:
     return (SCENES_BUDGETS if s.dataset == "scenes" else BUDGETS)[s.size]
 
 
@@ -197,6 +208,8 @@ class Prepared:
     base_stage: Stage
     timings: dict
     base_name: str = "base"    # the folder the fine-tunes start from (benchmarks may re-place the trimmers)
+    task: str = "vqa"          # the model's task as train/config.py reads it ("generate": decoder VLMs)
+    control_extra: dict = dataclasses.field(default_factory=dict)  # settings the no-trim control adds
 
     @property
     def base_dir(self) -> Path:
@@ -208,6 +221,8 @@ class Prepared:
 
 
 def _check(s: DemoSettings):
+    if s.backbone not in BACKBONES:
+        raise SmartTrimError(f"--backbone must be one of {', '.join(BACKBONES)}, got {s.backbone!r}")
     if s.dataset not in DATASETS:
         raise SmartTrimError(f"--dataset must be one of {', '.join(DATASETS)}, got {s.dataset!r}")
     if s.quick and s.long:
@@ -240,12 +255,8 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     """Stages 0-3 (data, tokenizer + init, base model), cached; returns what later stages need."""
     import torch
 
-    from . import attach as at
-    from .backbones.meter import MeterConfig, MeterModel, lightning_checkpoint
-    from .checkpoint_io import save_lightning_checkpoint
-    from .tokenizers_local import write_word_tokenizer
-
     _check(s)
+    bb = BACKBONES[s.backbone]
     if s.threads:
         torch.set_num_threads(s.threads)
     root = Path(s.out_dir) if s.out_dir else default_out_dir(s)
@@ -254,7 +265,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     except OSError as e:
         raise SmartTrimError(f"{root}: cannot create the demo folder ({e.strerror})") from None
     size, budget = model_size(s), budgets(s)
-    base_key = {"dataset": s.dataset, "data_dir": s.data_dir, "size": size, "seed": s.seed}
+    base_key = {"dataset": s.dataset, "data_dir": s.data_dir, "size": size, "seed": s.seed, **bb.key}
     t0 = time.time()
     timings = {}
 
@@ -273,20 +284,8 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     t = time.time()
     st_init = Stage(root, "init", base_key, s.fresh)
     if not st_init.done():
-        say("[1/7] vocabulary and a randomly initialised METER-architecture model")
         questions, labels = training_questions(s, data_dir)
-        tok_dir = write_word_tokenizer(root / "tokenizer", questions)
-        n_vocab = len((tok_dir / "vocab.txt").read_text().splitlines())
-        torch.manual_seed(s.seed)
-        cfg = MeterConfig(task="vqa", num_labels=len(labels), text_family="bert", vocab_size=n_vocab,
-                          max_position=max(64, size["max_text_len"]), text_type_vocab=2, pad_token_id=0,
-                          text_eps=1e-12, extra={"tokenizer": "bert"}, **size)
-        model = MeterModel(cfg)
-        _init_like_meter(model)
-        save_lightning_checkpoint(lightning_checkpoint(model), root / "init.ckpt")
-        (root / "answers.json").write_text(json.dumps(labels))
-        at.attach(root / "init.ckpt", root / "init", tokenizer=tok_dir, answers=root / "answers.json")
-        st_init.finish({"labels": len(labels), "vocab": n_vocab})
+        st_init.finish(bb.build_init(s, root, data_dir, size, questions, labels, say=say))
     timings["init"] = time.time() - t
 
     from .train.config import run_settings
@@ -295,7 +294,7 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
     reader = "easyvqa" if s.dataset == "easyvqa" else "vqa"
     common = {"dataset": reader, "data_dir": str(data_dir) if data_dir is not None else None, "seed": s.seed,
               "train_split": _splits(s.dataset)[0], "val_split": _splits(s.dataset)[1]}
-    recipe = RECIPES[s.dataset]
+    recipe = bb.recipe(s.dataset)
     # 3: the base model, trained without trimmers
     t = time.time()
     base_over = {**common, **budget["base"], "trim": False}
@@ -307,7 +306,32 @@ def prepare(s: DemoSettings, console=None, say=print) -> Prepared:
         res = finetune(root / "init", root / "base", recipe=recipe, overrides=base_over, console=console)
         st_base.finish(res.summary)
     timings["base"] = time.time() - t
-    return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings)
+    return Prepared(s, root, data_dir, reader, recipe, base_key, budget, common, st_base, timings, task=bb.task,
+                    control_extra=dict(bb.control_extra))
+
+
+def _build_meter_init(s: DemoSettings, root: Path, data_dir, size: dict, questions, labels, say=print) -> dict:
+    """Stage 1-2 of the METER demo: a BERT vocabulary and a random METER saved as its Lightning .ckpt, attached."""
+    import torch
+
+    from . import attach as at
+    from .backbones.meter import MeterConfig, MeterModel, lightning_checkpoint
+    from .checkpoint_io import save_lightning_checkpoint
+    from .tokenizers_local import write_word_tokenizer
+
+    say("[1/7] vocabulary and a randomly initialised METER-architecture model")
+    tok_dir = write_word_tokenizer(root / "tokenizer", questions)
+    n_vocab = len((tok_dir / "vocab.txt").read_text().splitlines())
+    torch.manual_seed(s.seed)
+    cfg = MeterConfig(task="vqa", num_labels=len(labels), text_family="bert", vocab_size=n_vocab,
+                      max_position=max(64, size["max_text_len"]), text_type_vocab=2, pad_token_id=0,
+                      text_eps=1e-12, extra={"tokenizer": "bert"}, **size)
+    model = MeterModel(cfg)
+    _init_like_meter(model)
+    save_lightning_checkpoint(lightning_checkpoint(model), root / "init.ckpt")
+    (root / "answers.json").write_text(json.dumps(labels))
+    at.attach(root / "init.ckpt", root / "init", tokenizer=tok_dir, answers=root / "answers.json")
+    return {"labels": len(labels), "vocab": n_vocab}
 
 
 def recipe_trim(recipe) -> tuple[str | None, bool, str]:
@@ -408,9 +432,9 @@ def control_overrides(p: Prepared, steps: int | None = None, extra: dict | None 
     from .train.config import build_config
 
     ov = trim_overrides(p, 1.0, {**(extra or {}), **({"max_steps": steps} if steps else {})})
-    cfg, _ = build_config(p.recipe, ov, task="vqa", dataset=ov["dataset"])
+    cfg, _ = build_config(p.recipe, ov, task=p.task, dataset=ov["dataset"])
     d = cfg.to_dict()
-    d.update({"trim": False, "calibrate": False})
+    d.update({"trim": False, "calibrate": False, **p.control_extra})
     return {k: v for k, v in d.items() if v is not None}
 
 
@@ -480,19 +504,21 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
     from .profiling.runner import ProfileSettings, run_profile
 
     pr = budget["profile"]
+    bb = BACKBONES[s.backbone]
     prof = run_profile(ProfileSettings(model_dir=root / "trimmed", dataset=p.dataset, data_dir=p.common["data_dir"],
                                        split=p.val_split, limit=pr["limit"], iters=pr["iters"],
                                        warmup=pr["warmup"], batch_size=pr["batch_size"],
                                        throughput_batches=pr["throughput_batches"],
-                                       show=4 if s.dataset == "scenes" else 2, threads=s.threads,
+                                       show=(4 if s.dataset == "scenes" else 2) if bb.overlays else 0,
+                                       threads=s.threads,
                                        out_dir=root / "profile", command="smarttrim demo"), console=console)
-    control = evaluate_control(p0, pr["limit"])
+    control = bb.evaluate_control(p0, pr["limit"])
     timings["profile"] = time.time() - t
 
     # 6: training-free baselines at the trimmed model's cost
     t = time.time()
     base_rows = None
-    if s.baselines:
+    if s.baselines and bb.baselines:
         say("[5/7] baselines on the base model, calibrated to the trimmed model's mean GMACs, same inputs")
         base_rows = run_baselines(p, prof.report["flops"]["ratio"], pr["limit"], console=console)
     timings["baselines"] = time.time() - t
@@ -615,6 +641,9 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None, control=No
             {k: r.get(k) for k in ("name", "accuracy", "accuracy_se", "gmacs_mean", "gmacs_ratio", "image_tokens_mean",
                                    "spearman_tokens_objects")} for r in base_rows],
         "onnx_validation_ok": exp.ok,
+        # decoder VLMs: kept image tokens and the prefill cost (profile's generation report)
+        **({"generation": {k: prof["generation"][k] for k in ("image_tokens", "prefill_gmacs", "exact_match")}}
+           if prof.get("generation") else {}),
         "files": {"profile_report": str(root / "profile" / "report.json"), "export_report": str(root / "export.json"),
                   "baselines": str(root / "baselines.json") if base_rows is not None else None,
                   "onnx": str(exp.export.path), "plots": sorted(str(p) for p in (root / "profile").glob("*.png")),
@@ -623,3 +652,47 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None, control=No
                   "overlays": sorted(str(p) for p in (root / "profile").rglob("show/*.png"))},
         "machine": prof.get("machine"),
     }
+
+
+def _llava_control(p: Prepared, limit: int, console=None) -> dict:
+    """The control's generated-answer score from its own fine-tune's last validation (its val_limit inputs, not
+    the profiled ones: the generative baselines evaluation is `smarttrim compare`'s, not merged yet)."""
+    from .train.loop import finetune  # noqa: F401  (the summary is finetune's)
+
+    res = json.loads((p.root / f".{control_name()}.done.json").read_text()).get("result") or {}
+    last = res.get("final") or res.get("best") or {}
+    score = last.get("score")
+    return {"accuracy": None if score is None else 100.0 * score if score <= 1 else score}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the demo's model depends on: everything else (stages, caching, finetune/profile/export) is shared."""
+
+    model_size: Callable
+    budgets: Callable
+    recipe: Callable           # dataset -> recipe file
+    build_init: Callable       # (settings, root, data_dir, size, questions, labels, say) -> the init stage's result
+    evaluate_control: Callable
+    task: str = "vqa"
+    target_ratio: float = 0.33
+    key: dict = dataclasses.field(default_factory=dict)            # added to the stage keys
+    control_extra: dict = dataclasses.field(default_factory=dict)
+    baselines: bool = True     # the training-free baselines stage (compare) applies
+    dir_prefix: str = ""
+    overlays: bool = True      # profile --show (classification heads only)
+
+
+def _llava() -> Backbone:
+    from . import demo_llava as dl
+
+    return Backbone(dl.model_size, dl.budgets, lambda d: "llava.yaml", dl.build_init, _llava_control,
+                    task="generate", target_ratio=dl.TARGET_RATIO, key={"backbone": "llava"},
+                    # the recipe's `no_trim:` (train the backbone) does not reach a config resolved with trim on
+                    control_extra={"train_backbone": True}, baselines=False, dir_prefix="llava-",
+                    overlays=False)
+
+
+# --backbone: the one place the demo's model family is chosen; meter's key is empty, so its caches are unchanged
+BACKBONES = {"meter": Backbone(_meter_size, _meter_budgets, RECIPES.__getitem__, _build_meter_init, evaluate_control),
+             "llava": _llava()}

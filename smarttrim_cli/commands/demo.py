@@ -25,20 +25,26 @@ def demo(
     long: bool = typer.Option(False, "--long", help="About 3x the training of the default (the budgets of "
                               "benchmarks/pareto.py), in demo-<dataset>-long."),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain everything instead of reusing an earlier run."),
-    target_ratio: float = typer.Option(0.33, "--target-ratio", help="GMACs of the trimmed model / full model "
-                                       "that the curriculum aims at."),
+    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="GMACs of the trimmed model / full "
+                                                 "model that the curriculum aims at (default: 0.33 for meter, 0.6 "
+                                                 "for llava, whose tower and text tokens are not trimmed)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and onnxruntime."),
     seed: int = typer.Option(0, "--seed"),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Compare with the training-free "
                                    "baselines at the trimmed model's cost."),
+    backbone: str = typer.Option("meter", "--backbone", help="meter (a small METER, answers classified) or llava "
+                                 "(a small LLaVA-1.5-architecture Hugging Face model, answers generated in words)."),
 ):
     """The whole pipeline on data that needs no download: train a small METER as the 'existing VLM',
     attach trimmers, fine-tune them with self-distillation, profile, export to ONNX, one table."""
-    from ..demo import DemoSettings, run_demo
+    from ..demo import BACKBONES, DemoSettings, run_demo
 
+    if target_ratio is None:
+        target_ratio = BACKBONES[backbone].target_ratio if backbone in BACKBONES else 0.33
     s = DemoSettings(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                      out_dir=str(out_dir) if out_dir else None, quick=quick, long=long, fresh=fresh,
-                     target_ratio=target_ratio, seed=seed, threads=threads, baselines=baselines)
+                     target_ratio=target_ratio, seed=seed, threads=threads, baselines=baselines,
+                     backbone=backbone)
     res = run_demo(s, console=console, say=lambda m: console.rule(f"[bold]{m}"))
     f, t, r = res["full"], res["trimmed"], res["ratios"]
     fmt = lambda v, p="{:.2f}": "–" if v is None else p.format(v)  # noqa: E731
@@ -90,6 +96,11 @@ def demo(
                 cells.append(fmt(b.get("spearman_tokens_objects"), "{:+.2f}"))
             bt.add_row(*cells)
         console.print(bt)
+    g = res.get("generation")
+    if g:
+        console.print(f"kept image tokens: {fmt(g['image_tokens']['kept']['mean'], '{:.1f}')} of "
+                      f"{g['image_tokens']['full']} on average (the tower and the text tokens are not trimmed)",
+                      highlight=False)
     if res.get("objects"):
         ob = res["objects"]
         console.print("kept image tokens by objects in the image: " + ", ".join(
