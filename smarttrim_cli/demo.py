@@ -657,12 +657,9 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None, control=No
 def _llava_control(p: Prepared, limit: int, console=None) -> dict:
     """The control's generated-answer score from its own fine-tune's last validation (its val_limit inputs, not
     the profiled ones: the generative baselines evaluation is `smarttrim compare`'s, not merged yet)."""
-    from .train.loop import finetune  # noqa: F401  (the summary is finetune's)
-
     res = json.loads((p.root / f".{control_name()}.done.json").read_text()).get("result") or {}
-    last = res.get("final") or res.get("best") or {}
-    score = last.get("score")
-    return {"accuracy": None if score is None else 100.0 * score if score <= 1 else score}
+    last = res.get("final") or {}
+    return {"accuracy": None if last.get("score") is None else 100.0 * last["score"], "inputs": last.get("n")}
 
 
 @dataclass(frozen=True)

@@ -33,21 +33,27 @@ for _d in SIZES.values():
     _d["long"] = _d["normal"]
 TARGET_RATIO = 0.6  # of the full prefill GMACs (recipes/llava.yaml's default); the floor sits near 0.3-0.4
 
-# Budgets. Measured on this 2-core machine (shared, load average ~4, 1 torch thread): see _STEP_NOTE in the
-# report of the commit that sized them; quick: a few steps, the numbers mean nothing.
-_NORMAL_BUDGETS = dict(base={"epochs": 3, "limit": 6000, "val_limit": 200, "lr": 1e-3, "batch_size": 32,
+# Budgets, from the base stage's per-step time measured here (normal sizes, batch 32, 1 torch thread, 2 shared
+# cores at load average ~3.5): easy-VQA (64 image tokens) 0.31 s/step, ~100 inputs/s; scenes (256 image tokens)
+# 1.1 s/step, ~29 inputs/s. Base: ~5 min on either; scenes gets far fewer inputs than the METER demo's scenes run,
+# so expect a weaker base model there. quick: a few steps, the numbers mean nothing.
+_NORMAL_BUDGETS = dict(base={"epochs": 4, "limit": 8000, "val_limit": 200, "lr": 1e-3, "batch_size": 32,
                              "max_new_tokens": 3, "workers": 0},
-                       trim={"epochs": 1, "limit": 3000, "val_limit": 200, "batch_size": 32, "max_new_tokens": 3,
+                       trim={"epochs": 1, "limit": 4000, "val_limit": 200, "batch_size": 32, "max_new_tokens": 3,
                              "workers": 0},
                        profile={"limit": 100, "iters": 10, "warmup": 2, "batch_size": 8, "throughput_batches": 1},
                        baselines={"calib_inputs": 64, "batch_size": 16}, export_runs=10)
+_SCENES_BUDGETS = dict(_NORMAL_BUDGETS,
+                       base=dict(_NORMAL_BUDGETS["base"], epochs=2, limit=5000),
+                       trim=dict(_NORMAL_BUDGETS["trim"], limit=2000))
 _QUICK_BUDGETS = dict(base={"max_steps": 6, "limit": 48, "val_limit": 8, "lr": 1e-3, "batch_size": 8,
                             "max_new_tokens": 2, "workers": 0},
-                      trim={"max_steps": 4, "limit": 32, "val_limit": 8, "batch_size": 8, "max_new_tokens": 2,
-                            "workers": 0, "calibrate": False},
+                      trim={"max_steps": 12, "limit": 48, "val_limit": 8, "batch_size": 8, "max_new_tokens": 2,
+                            "workers": 0, "lr_mult_trimmer": 2000},
                       profile={"limit": 6, "iters": 2, "warmup": 1, "batch_size": 2, "throughput_batches": 1},
                       baselines={"calib_inputs": 8, "batch_size": 4}, export_runs=2)
 BUDGETS = {"normal": _NORMAL_BUDGETS, "quick": _QUICK_BUDGETS, "long": _NORMAL_BUDGETS}
+SCENES_BUDGETS = dict(BUDGETS, normal=_SCENES_BUDGETS, long=_SCENES_BUDGETS)
 
 
 def model_size(s) -> dict:
@@ -55,7 +61,7 @@ def model_size(s) -> dict:
 
 
 def budgets(s) -> dict:
-    return BUDGETS[s.size]
+    return (SCENES_BUDGETS if s.dataset == "scenes" else BUDGETS)[s.size]
 
 
 def write_tokenizer(texts):
