@@ -103,6 +103,29 @@ def test_each_baseline_is_calibrated_on_the_held_apart_inputs_to_smarttrims_cost
         assert abs(row["gmacs_ratio"] - target) <= 2 * TOL, row  # measured on the evaluated inputs
 
 
+def test_second_view_at_matched_image_tokens(report, by_hand):
+    from smarttrim_cli.baselines import get_baseline
+    from smarttrim_cli.profiling.compare import image_tokens_final
+
+    _, m, rows = by_hand
+    st = rows_of(report, "smarttrim")[0]
+    assert report["target_tokens"] == pytest.approx(st["image_tokens_mean"])
+    tok = rows_of(report, "baseline-tokens")
+    assert [r["family"] for r in tok] == WRAPPED and all(r["name"].endswith("(tokens)") for r in tok)
+    cal = [{k: r["batch"][k] for k in m.input_names} for r in rows[N_EVAL:]]
+    for row in tok:
+        c = row["calibration"]
+        assert row["target_tokens"] == pytest.approx(st["image_tokens_mean"]) and c["reached"], row
+        assert abs(row["image_tokens_mean"] - st["image_tokens_mean"]) <= 0.5 + 1e-9  # whole counts per input
+        assert row["gmacs_ratio"] > 0 and row["paired"]["n"] == N_EVAL and row["matched"] is None
+        # the recorded count is the calibrated setting's on the held-apart inputs
+        a = get_baseline(row["family"], keep_ratio=row["params"]["keep_ratio"]).apply(m)
+        with torch.no_grad():
+            got = torch.cat([image_tokens_final(a.run(b, record=True)[1], ("image",)) for b in cal]).mean()
+        assert float(got) == pytest.approx(c["tokens"])
+    assert all(r["name"] != report["comparison"]["best_baseline"] for r in tok)  # the gate reads matched GMACs
+
+
 def test_smarttrim_and_full_rows_score_their_own_generate(report, by_hand):
     from smarttrim_cli.metrics import generated_vqa_score
 

@@ -194,17 +194,63 @@ def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASE
     return rows
 
 
+def calibrate_tokens(bl, base, calib_batches, streams, n_full: int, target_tokens: float, iters: int = 16):
+    """Bisection on a keep-ratio baseline's ratio until its mean kept image tokens over ``calib_batches`` is
+    nearest ``target_tokens``; sets ``calibration`` = {target_tokens, tokens, param, evaluations, tolerance,
+    reached}. Tolerance: half a token (a rule keeps a whole count per input, so a fractional mean is not hit)."""
+    from ..baselines.common import bisect
+
+    def f(r):
+        bl.keep_ratio = r
+        bl.reset()
+        a = bl.apply(base)
+        got = []
+        with torch.no_grad():
+            for b in calib_batches:
+                n = image_tokens_final(a.run(b, record=True)[1], streams)
+                got.append(n if n is not None else torch.full((b["input_ids"].shape[0],), float(n_full)))
+        return float(torch.cat(got).mean())
+
+    r, v, n = bisect(f, 0.0, 1.0, float(target_tokens), 0.5, iters)
+    bl.keep_ratio = r
+    bl.reset()
+    bl.calibration = {"target_tokens": float(target_tokens), "tokens": v, "param": {"keep_ratio": r},
+                      "evaluations": n, "tolerance": 0.5, "reached": abs(v - target_tokens) <= 0.5 + 1e-9}
+    return bl
+
+
+def evaluate_token_matched(base, ev, calib_batches, target_tokens: float, names, on_row=None) -> list[dict]:
+    """The second view: each keep-ratio baseline calibrated on ``calib_batches`` to ``target_tokens`` mean kept
+    image tokens (SmartTrim's), then evaluated on ``ev``; rules without a keep ratio are skipped."""
+    from ..baselines import get_baseline
+
+    rows = []
+    for name in names:
+        bl = get_baseline(name)
+        if not hasattr(bl, "keep_ratio"):
+            continue
+        calibrate_tokens(bl, base, calib_batches, ev.image_streams, ev.n_image_tokens, target_tokens)
+        a = bl.apply(base)
+        rows.append(ev.evaluate(f"{bl.name} (tokens)", lambda b, a=a: a.run(b, record=True), per_input=True,
+                                gen=a.generate, family=name, target_tokens=float(target_tokens),
+                                calibration=bl.calibration, params=bl.params()))
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
 def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: float | None = None,
                    thresholds=(), ratios=(), names=DEFAULT_BASELINES, target: float | None = None,
                    tol: float = 0.02, full_name: str = "full (reference)", smarttrim_info: dict | None = None,
-                   console=None, on_row=None) -> dict:
+                   console=None, on_row=None, token_matched: bool = False) -> dict:
     """The reference ``base`` at full capacity, SmartTrim (``trimmed`` in hard mode at ``threshold``, default its
     own, and at each of ``thresholds``) and the training-free baselines acting on ``base``, every method on
     the inputs of ``ev``. The baselines are calibrated on ``calib_batches`` to ``target`` (default SmartTrim's
     measured mean GMACs ratio on ``ev``: matched cost) and to each of ``ratios``. Each row keeps its per-input
     scores; each baseline row gets ``paired``: SmartTrim minus the baseline on the same inputs. ``on_row(row)``
-    is called after each row.
-    -> {target_ratio, full, smarttrim, sweep, baselines}."""
+    is called after each row. ``token_matched``: also each keep-ratio baseline at SmartTrim's mean kept image
+    tokens (evaluate_token_matched; text models' second view).
+    -> {target_ratio, full, smarttrim, sweep, baselines, target_tokens, token_matched}."""
     thr = float(trimmed.threshold if threshold is None else threshold)
     ev.set_full_gmacs(base)
 
@@ -230,9 +276,12 @@ def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: floa
     targets = [target] + [float(r) for r in sorted(set(ratios), reverse=True) if abs(float(r) - target) > 1e-9]
     rows = evaluate_baselines(base, ev, calib_batches, targets, names, tol=tol, console=console, per_input=True,
                               on_row=on_row)
-    for r in rows:
+    tok = (evaluate_token_matched(base, ev, calib_batches, st["image_tokens_mean"], names, on_row=on_row)
+           if token_matched else [])
+    for r in rows + tok:
         r["paired"] = paired(st["per_input"]["score"], r["per_input"]["score"])
-    return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows}
+    return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows,
+            "target_tokens": st["image_tokens_mean"] if token_matched else None, "token_matched": tok}
 
 
 def _q(a, p):

@@ -17,7 +17,8 @@ SCHEMA = "smarttrim-compare"
 SCHEMA_VERSION = 1
 
 _ROW = ("{name, family, role, n, accuracy, accuracy_se, gmacs_mean, gmacs_std, gmacs_p10, gmacs_p50, gmacs_p90, "
-        "gmacs_ratio, gmacs_reduction, image_tokens_mean, image_tokens_full, threshold, target_ratio, matched, "
+        "gmacs_ratio, gmacs_reduction, image_tokens_mean, image_tokens_full, threshold, target_ratio, target_tokens, "
+        "matched, "
         "calibration, params, paired, per_input}")
 
 # Every documented field of compare.json (dotted path; "[]" = each element of a list) -> meaning.
@@ -62,10 +63,13 @@ FIELDS: dict[str, str] = {
     "metric": "vqa_score or accuracy; text models: vqa_score_generated (the greedy answer's VQA score)",
     "target_ratio": "SmartTrim's measured mean GMACs ratio on the evaluated inputs: the cost every baseline is "
                     "calibrated to (matched cost)",
+    "target_tokens": "text models: SmartTrim's mean kept image tokens on the evaluated inputs, the second view's "
+                     "target (baseline-tokens rows); else null",
     "methods": f"one row per method, every one on the evaluated inputs: {_ROW}",
     "methods[].name": "full (reference), smarttrim, smarttrim t=<threshold> (--thresholds), or the baseline's name",
     "methods[].family": "full, smarttrim, or the baseline's name (one line per family in the chart)",
-    "methods[].role": "reference, smarttrim, smarttrim-sweep or baseline",
+    "methods[].role": "reference, smarttrim, smarttrim-sweep, baseline (at matched GMACs) or baseline-tokens (text "
+                      "models: at matched mean kept image tokens, named '<baseline> (tokens)'; not in comparison)",
     "methods[].n": "inputs evaluated",
     "methods[].accuracy": "score (percent) with accuracy_se its standard error over the inputs",
     "methods[].accuracy_se": "standard error of accuracy",
@@ -73,12 +77,16 @@ FIELDS: dict[str, str] = {
                             "gmacs_std/_p10/_p50/_p90",
     "methods[].gmacs_ratio": "gmacs_mean / the reference's full-capacity mean",
     "methods[].gmacs_reduction": "1 / gmacs_ratio",
-    "methods[].image_tokens_mean": "image tokens alive after the last image-stream token decision (mean)",
+    "methods[].image_tokens_mean": "image tokens kept: alive after the last token decision on the model's image "
+                                   "streams (mean; backbones/base.py image_streams)",
+    "methods[].image_tokens_full": "image tokens of an untrimmed input",
+    "methods[].target_tokens": "baseline-tokens rows: the mean kept image tokens calibrated to; else null",
     "methods[].threshold": "SmartTrim rows: keep threshold; else null",
     "methods[].target_ratio": "baselines: the GMACs ratio calibrated to (target_ratio or one of --ratios); else null",
     "methods[].matched": "baselines: |gmacs_ratio - target_ratio| <= settings.match_tol; else null",
     "methods[].calibration": "baselines: {target, ratio (on the calibration inputs), param, evaluations, tolerance, "
-                             "reached}; else null",
+                             "reached}; baseline-tokens: {target_tokens, tokens, param, evaluations, tolerance "
+                             "(half a token), reached}; else null",
     "methods[].params": "baselines: the calibrated setting (keep ratio, heads dropped, image size); else null",
     "methods[].paired": "baselines: {margin (SmartTrim - this, points, same inputs), margin_se, wins, losses, ties, "
                         "n}: SmartTrim at settings.threshold against this row; else null",
@@ -162,7 +170,8 @@ def render(report: dict, console) -> None:
         t.add_column(col, justify=just, no_wrap=col == "method")
     for r in report["methods"]:
         p = r.get("paired")
-        t.add_row(r["name"], _f(r.get("target_ratio"), "{:.3f}"), f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
+        tgt = _f(r.get("target_ratio"), "{:.3f}") if r.get("target_tokens") is None else f"{r['target_tokens']:.1f} tok"
+        t.add_row(r["name"], tgt, f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
                   "–" if not p else f"{_f(p['margin'], '{:+.2f}')} ± {_f(p['margin_se'])}",
                   _f(r["gmacs_mean"], "{:.4g}"), _f(r["gmacs_ratio"], "{:.3f}"), _f(r.get("image_tokens_mean"), "{:.1f}"),
                   "–" if r.get("matched") is None else ("yes" if r["matched"] else "[red]no[/]"))

@@ -181,11 +181,12 @@ def _run(s: CompareSettings, console) -> CompareResult:
     ev.to(device)
     cal.to(device)
     thr = float(model.threshold if s.threshold is None else s.threshold)
-    steps = 2 + len(set(s.thresholds) - {thr}) + len(s.baselines) * (1 + len(s.ratios))
+    text = isinstance(ev, cg.TextEvalSet)  # text models: also the baselines at matched image tokens
+    steps = 2 + len(set(s.thresholds) - {thr}) + len(s.baselines) * (1 + len(s.ratios) + int(text))
     with progress_bar(console) as prog, torch.no_grad():
         tid = prog.add_task(f"compare on {len(ev)} inputs", total=steps)
         res = cmp.compare_models(model, base, ev, cal.batches, threshold=thr, thresholds=s.thresholds,
-                                 ratios=s.ratios, names=s.baselines, tol=s.tol,
+                                 ratios=s.ratios, names=s.baselines, tol=s.tol, token_matched=text,
                                  on_row=lambda row: prog.advance(tid))
     report = _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads)
     out_dir = Path(s.out_dir) if s.out_dir else default_out_dir()
@@ -206,7 +207,7 @@ def _row(r: dict, role: str, match_tol: float) -> dict:
     """A method row with every documented key (null where it does not apply)."""
     out = {k: r.get(k) for k in ("name", "family", "n", "accuracy", "accuracy_se", "gmacs_mean", "gmacs_std",
                                  "gmacs_p10", "gmacs_p50", "gmacs_p90", "gmacs_ratio", "gmacs_reduction",
-                                 "image_tokens_mean", "image_tokens_full", "threshold", "target_ratio", "calibration",
+                                 "image_tokens_mean", "image_tokens_full", "threshold", "target_ratio", "target_tokens", "calibration",
                                  "params", "paired", "per_input")}
     out["role"] = role
     out["matched"] = (None if role != "baseline" else
@@ -224,7 +225,8 @@ def _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads) ->
     mt = float(s.match_tol)
     methods = ([_row(res["full"], "reference", mt), _row(res["smarttrim"], "smarttrim", mt)]
                + [_row(r, "smarttrim-sweep", mt) for r in res["sweep"]]
-               + [_row(r, "baseline", mt) for r in res["baselines"]])
+               + [_row(r, "baseline", mt) for r in res["baselines"]]
+               + [_row(r, "baseline-tokens", mt) for r in res["token_matched"]])
     st = methods[1]
     target = res["target_ratio"]
     at = [m for m in methods if m["role"] == "baseline" and abs(m["target_ratio"] - target) < 1e-9]
@@ -257,7 +259,7 @@ def _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads) ->
                      "threads": threads},
         "inputs": {"evaluated": ev.indices, "calibration": cal.indices, "evaluated_ids": ev_ids,
                    "calibration_ids": cal_ids, "disjoint": not (set(ev.indices) & set(cal.indices))},
-        "reference": ref.to_dict(), "target_ratio": target,
+        "reference": ref.to_dict(), "target_ratio": target, "target_tokens": res.get("target_tokens"),
         "metric": "vqa_score_generated" if text else metric_name(loaded.model.config.task),
         "methods": methods, "comparison": comparison, "gate": None,
         "table": cmp.markdown_table(methods, full), "files": None,
