@@ -26,8 +26,9 @@ def compare(
     calib_limit: int = typer.Option(128, "--calib-limit", help="Calibrate the baselines on the next M inputs, "
                                     "held apart from the evaluated ones."),
     baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma-separated training-free baselines "
-                                            "(default: those that run on the model's family: random,evit,evit-fusion,tome,static-heads,"
-                                            "downsample; LLaVA: random,pool,visionzip,divprune,dart,fastv)."),
+                                            "(default: those that run on the model's family: random,evit,"
+                                            "evit-fusion,tome,static-heads,downsample; LLaVA: random,pool,"
+                                            "visionzip,divprune,dart,fastv)."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="More target mean GMACs ratios for the baselines, "
                                          "e.g. 0.5,0.25 (default: only SmartTrim's measured ratio: matched cost)."),
     thresholds: Optional[str] = typer.Option(None, "--thresholds", help="More SmartTrim keep thresholds, e.g. "
@@ -57,7 +58,8 @@ def compare(
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: fail (exit 1) if the reference's "
                                              "score - SmartTrim's exceeds this many points."),
 ):
-    """SmartTrim against the training-free baselines at matched mean GMACs, paired on the same inputs."""
+    """SmartTrim against the training-free baselines at matched mean GMACs, paired on the same inputs (text-generating
+    models: prefill GMACs and the greedy answer's VQA score, and a second view at matched mean image tokens)."""
     from ..profiling.compare_report import raise_if_failed, render
     from ..profiling.compare_runner import CompareSettings, parse_baselines, run_compare
     from ..profiling.runner import parse_sweep
@@ -66,7 +68,8 @@ def compare(
                         calib_limit=calib_limit, baselines=None if baselines is None else parse_baselines(baselines),
                         ratios=parse_sweep(ratios, "--ratios", "ratio", positive=True),
                         thresholds=parse_sweep(thresholds, "--thresholds"), threshold=threshold,
-                        reference=reference, tol=tol, match_tol=match_tol, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                        reference=reference, tol=tol, match_tol=match_tol, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, device=device,
                         threads=threads, skip_bad=skip_bad, out_dir=out_dir, json_path=json_path, plot_path=plot,
                         min_margin=min_margin, max_drop=max_drop, command="smarttrim " + " ".join(sys.argv[1:]))
     res = run_compare(s, console=console)

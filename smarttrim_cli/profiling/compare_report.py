@@ -173,7 +173,8 @@ def render(report: dict, console) -> None:
         tgt = _f(r.get("target_ratio"), "{:.3f}") if r.get("target_tokens") is None else f"{r['target_tokens']:.1f} tok"
         t.add_row(r["name"], tgt, f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
                   "–" if not p else f"{_f(p['margin'], '{:+.2f}')} ± {_f(p['margin_se'])}",
-                  _f(r["gmacs_mean"], "{:.4g}"), _f(r["gmacs_ratio"], "{:.3f}"), _f(r.get("image_tokens_mean"), "{:.1f}"),
+                  _f(r["gmacs_mean"], "{:.4g}"), _f(r["gmacs_ratio"], "{:.3f}"),
+                  _f(r.get("image_tokens_mean"), "{:.1f}"),
                   "–" if r.get("matched") is None else ("yes" if r["matched"] else "[red]no[/]"))
     console.print(t)
     ref = report["reference"]

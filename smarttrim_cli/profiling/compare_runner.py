@@ -11,6 +11,10 @@ training, calibrated on the held-apart inputs to SmartTrim's measured mean GMACs
 ``ratios``), all evaluated on the same inputs by the same code (compare_models); (3) paired differences,
 the gate, the JSON report and the Pareto chart. Costs are the cost model's (fvcore's convention, equal to
 fvcore's count of the hard forward: tested), per input as at batch 1.
+
+Models whose output kind is ``text`` (decoder VLMs) take the same steps on batch-1 prompts
+(compare_generation.py): prefill GMACs, the greedy answer's VQA score, the baselines that run on the family's
+style, and a second view with each baseline calibrated to SmartTrim's mean kept image tokens.
 """
 from __future__ import annotations
 
@@ -207,7 +211,8 @@ def _row(r: dict, role: str, match_tol: float) -> dict:
     """A method row with every documented key (null where it does not apply)."""
     out = {k: r.get(k) for k in ("name", "family", "n", "accuracy", "accuracy_se", "gmacs_mean", "gmacs_std",
                                  "gmacs_p10", "gmacs_p50", "gmacs_p90", "gmacs_ratio", "gmacs_reduction",
-                                 "image_tokens_mean", "image_tokens_full", "threshold", "target_ratio", "target_tokens", "calibration",
+                                 "image_tokens_mean", "image_tokens_full", "threshold", "target_ratio", "target_tokens",
+                                 "calibration",
                                  "params", "paired", "per_input")}
     out["role"] = role
     out["matched"] = (None if role != "baseline" else
