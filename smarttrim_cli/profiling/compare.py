@@ -184,7 +184,7 @@ def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASE
             if name == "downsample":
                 info["image_tokens"] = int(applied.model.config.n_patches + 1)
             rows.append(ev.evaluate(label.format(name=bl.name, ratio=r), lambda b, a=applied: a.run(b, record=True),
-                                    per_input=per_input, gen=applied.generate, **info))
+                                    per_input=per_input, gen=getattr(applied, "generate", None), **info))
             if console is not None:
                 row = rows[-1]
                 console.print(f"  {row['name']}: {row['accuracy']:.2f}% at {row['gmacs_mean']:.4g} GMACs "

@@ -185,12 +185,12 @@ def _run(s: CompareSettings, console) -> CompareResult:
     ev.to(device)
     cal.to(device)
     thr = float(model.threshold if s.threshold is None else s.threshold)
-    text = isinstance(ev, cg.TextEvalSet)  # text models: also the baselines at matched image tokens
     steps = 2 + len(set(s.thresholds) - {thr}) + len(s.baselines) * (1 + len(s.ratios) + int(text))
     with progress_bar(console) as prog, torch.no_grad():
         tid = prog.add_task(f"compare on {len(ev)} inputs", total=steps)
         res = cmp.compare_models(model, base, ev, cal.batches, threshold=thr, thresholds=s.thresholds,
-                                 ratios=s.ratios, names=s.baselines, tol=s.tol, token_matched=text,
+                                 ratios=s.ratios, names=s.baselines, tol=s.tol,
+                                 token_matched=text,  # text models: also the baselines at matched image tokens
                                  on_row=lambda row: prog.advance(tid))
     report = _assemble(s, loaded, ref, name, split, ds, ev, cal, res, device, threads)
     out_dir = Path(s.out_dir) if s.out_dir else default_out_dir()
@@ -212,8 +212,7 @@ def _row(r: dict, role: str, match_tol: float) -> dict:
     out = {k: r.get(k) for k in ("name", "family", "n", "accuracy", "accuracy_se", "gmacs_mean", "gmacs_std",
                                  "gmacs_p10", "gmacs_p50", "gmacs_p90", "gmacs_ratio", "gmacs_reduction",
                                  "image_tokens_mean", "image_tokens_full", "threshold", "target_ratio", "target_tokens",
-                                 "calibration",
-                                 "params", "paired", "per_input")}
+                                 "calibration", "params", "paired", "per_input")}
     out["role"] = role
     out["matched"] = (None if role != "baseline" else
                       abs(r["gmacs_ratio"] - r["target_ratio"]) <= match_tol)
