@@ -175,3 +175,21 @@ def test_classification_only_option_is_a_one_line_error(model_dir, by_hand, tmp_
     lines = [x for x in r.output.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and opt[0] in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "o" / "compare.json").exists()
+
+
+def test_scenes_folder_compares_with_object_counts(model_dir, tmp_path):
+    """--dataset scenes: the VQAv2 layout with ten answers a question, and per-object-count rows."""
+    from smarttrim_cli.data.scenes import generate_scenes
+
+    generate_scenes(tmp_path / "scenes", n_train=1, n_val=3, image_size=64, questions_per_image=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+        r = CliRunner().invoke(app, ["compare", str(model_dir), "--dataset", "scenes", "--data-dir",
+                                     str(tmp_path / "scenes"), "--limit", "3", "--calib-limit", "2", "--out",
+                                     str(tmp_path / "o"), "--max-new-tokens", "2", "--baselines", "random,pool"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert missing_fields(rep) == [] and rep["settings"]["dataset"] == "scenes" and rep["settings"]["n_inputs"] == 3
+    assert rep["inputs"]["calibration"] == [3, 4] and [m["name"] for m in rows_of(rep, "baseline")] == ["random", "pool"]
+    st = rows_of(rep, "smarttrim")[0]
+    assert sum(b["n"] for b in st["by_objects"]) == 3
