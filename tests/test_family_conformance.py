@@ -152,6 +152,8 @@ def test_every_registered_family_has_a_case_and_a_complete_contract():
             for attr in (sp.layers, sp.width, sp.guide) + ((sp.heads,) if sp.heads else ()):
                 assert isinstance(getattr(c, attr), int), (name, stream, attr)
             assert sp.read_by is None or sp.read_by in f.streams
+        # reports count kept image tokens on the image streams (backbones/base.py image_streams)
+        assert any(sp.image and sp.tokens for sp in f.streams.values()), name
         f.default_trim_config(c).validate({s: getattr(c, sp.layers) for s, sp in f.streams.items()})
         pre = f.default_preprocess(c)
         assert {"image_size", "mean", "std", "max_text_len"} <= set(pre) and preprocessor(pre).image_size == c.image_size

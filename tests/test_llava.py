@@ -17,7 +17,7 @@ from smarttrim_cli.cli import app
 from smarttrim_cli.trim.cost import macs_ratio, total_macs
 
 from tiny_hf import center_token_trimmers
-from tiny_llava import IMAGE, tiny_inputs, write_tiny_llava
+from tiny_llava import IMAGE, one, text_rows, tiny_inputs, write_tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["what color is the shape ?", "is there a red circle in the image ?", "what is in the image ?"]
@@ -49,17 +49,6 @@ def attached(src, tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch(src):
     return tiny_inputs(src, PROMPTS)  # left-padded by the processor
-
-
-def one(b, i):
-    """Input i alone, without padding."""
-    keep = b["attention_mask"][i] > 0
-    return {"input_ids": b["input_ids"][i:i + 1, keep], "attention_mask": b["attention_mask"][i:i + 1, keep],
-            "pixel_values": b["pixel_values"][i:i + 1]}
-
-
-def text_rows(b):
-    return (b["attention_mask"] > 0) & (b["input_ids"] != IMAGE)
 
 
 def varied(m, b, seed=0):

@@ -18,7 +18,7 @@ from smarttrim_cli.baselines.visionzip import feature_layer, tower_attention
 from smarttrim_cli.errors import SmartTrimError
 from smarttrim_cli.trim.cost import total_macs
 
-from tiny_llava import IMAGE, tiny_inputs, write_tiny_llava
+from tiny_llava import IMAGE, one, text_rows, tiny_inputs, write_tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["what color is the shape ?", "is there a red circle in the image ?", "what is in the image ?"]
@@ -34,16 +34,6 @@ def model(tmp_path_factory):
     src = write_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", image_size=24)  # 6 x 6 image tokens
     m = from_hf_dir(src)[0].eval()
     return m, tiny_inputs(src, PROMPTS)  # left-padded
-
-
-def one(b, i):
-    keep = b["attention_mask"][i] > 0
-    return {"input_ids": b["input_ids"][i:i + 1, keep], "attention_mask": b["attention_mask"][i:i + 1, keep],
-            "pixel_values": b["pixel_values"][i:i + 1]}
-
-
-def text_rows(b):
-    return (b["attention_mask"] > 0) & (b["input_ids"] != IMAGE)
 
 
 def feats(m, b):

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-import smarttrim_cli
-from smarttrim_cli.attach import attach
 from smarttrim_cli.cli import app
 from smarttrim_cli.profiling.report import missing_fields
 
-from tiny_hf import center_token_trimmers
-from tiny_llava import SPECIAL, WORDS, tiny_inputs, write_tiny_llava
+from llava_data import by_hand as generate_by_hand, trimmed_llava, write_images, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,46 +26,20 @@ N_NEW = 3
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    base = tmp_path_factory.mktemp("llava-profile")
-    src = write_tiny_llava(base / "src")
-    out = base / "model"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMARTTRIM_HOME", str(base / "home"))
-        torch.manual_seed(0)
-        attach(src, out_dir=out)
-        m = smarttrim_cli.load(out).model
-    # an input-dependent trimmer (random tiny trimmers keep all or nothing): noisy, centred on real prompts
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in sorted(m.token_trimmers.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    center_token_trimmers(m, tiny_inputs(src, [p for p, _ in PROMPTS]))
-    with torch.no_grad():  # only words can be emitted (not special or out-of-vocabulary ids): answers are text
-        w = m.hf.lm_head.weight
-        w[:len(SPECIAL)] = 0
-        w[len(SPECIAL) + len(WORDS):] = 0
-    save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(out / "model.safetensors"))
-    return out
+        return trimmed_llava(tmp_path_factory.mktemp("llava-profile"), [p for p, _ in PROMPTS], mp.setenv)
 
 
 def _write_prompts(d, answers):
-    with open(d / "prompts.jsonl", "w") as f:
-        for i, ((q, _), a) in enumerate(zip(PROMPTS, answers)):
-            f.write(json.dumps({"image": f"im{i}.png", "prompt": q, "answer": a}) + "\n")
+    write_prompts(d, [p for p, _ in PROMPTS], answers)
 
 
 @pytest.fixture(scope="module")
 def data_dir(model_dir, tmp_path_factory):
     """Four images and prompts; answers built from the model's own greedy answers, so that scores are neither
     all 0 nor equal for both models (a full/trimmed mix-up or a wrong scoring shows)."""
-    from PIL import Image
-
     d = tmp_path_factory.mktemp("prompts")
-    rng = np.random.default_rng(1)
-    for i in range(len(PROMPTS)):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+    write_images(d, len(PROMPTS))
     _write_prompts(d, [a for _, a in PROMPTS])
     _, rows = _by_hand(model_dir, d)
     f, h = [r["texts"]["full"] for r in rows], [r["texts"]["hard"] for r in rows]
@@ -101,25 +71,7 @@ def by_hand(model_dir, data_dir):
 
 
 def _by_hand(model_dir, data_dir):
-    """Each input alone through the model's own ``generate`` (both modes) and its recorded prefill forward."""
-    from smarttrim_cli.data import open_dataset
-    from smarttrim_cli.data.generative import GenerativeCollate, generated_texts, load_chat_processor
-
-    loaded = smarttrim_cli.load(model_dir)
-    m = loaded.model
-    proc = load_chat_processor(model_dir / "tokenizer")
-    collate = GenerativeCollate(proc, mode="generate")
-    ds = open_dataset("prompts", data_dir, "prompts", m.config.image_size, preprocess=loaded.image_preprocessor())
-    rows = []
-    with torch.no_grad():
-        for i in range(len(ds)):
-            b = collate([ds[i]])
-            texts = {mode: generated_texts(proc, m.generate(b, mode=mode, max_new_tokens=N_NEW), 0)[0]
-                     for mode in ("full", "hard")}
-            _, ctx = m.run(b, mode="hard", record=True)
-            rows.append({"texts": texts, "answers": ds[i]["answers"], "kept": int(ctx.decisions["tok:image_0"].sum()),
-                         "ctx": ctx, "batch": b})
-    return m, rows
+    return generate_by_hand(model_dir, data_dir, N_NEW)
 
 
 def test_cli_writes_a_complete_report_for_full_and_trimmed(profiled, report):

@@ -84,3 +84,15 @@ def tiny_inputs(path: Path, prompts, seed=0):
     texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
                                       add_generation_prompt=True) for p in prompts]
     return dict(proc(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def one(b, i):
+    """Input i of a processor batch alone, without its padding."""
+    keep = b["attention_mask"][i] > 0
+    return {"input_ids": b["input_ids"][i:i + 1, keep], "attention_mask": b["attention_mask"][i:i + 1, keep],
+            "pixel_values": b["pixel_values"][i:i + 1]}
+
+
+def text_rows(b):
+    """(B, L) True at the real text tokens (not padding, not image placeholders)."""
+    return (b["attention_mask"] > 0) & (b["input_ids"] != IMAGE)

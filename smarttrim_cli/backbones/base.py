@@ -52,6 +52,7 @@ class StreamSpec:
     read_by: str | None = None      # the stream whose (cross-)attention reads these tokens: text-guided rules
     self_attention: bool = True     # the tokens attend among themselves at each position (EViT's own [CLS] guide)
     note: str = ""                  # said when a trimmer is put where it cannot go
+    image: bool = False             # it carries image tokens (reports count the kept image tokens on these)
 
 
 class FamilyConfig:
@@ -184,6 +185,11 @@ class Family:
     @property
     def streams(self) -> dict:
         return self.Model.streams
+
+
+def image_streams(model) -> tuple:
+    """The model's image streams in forward order (``StreamSpec.image``): where kept image tokens are counted."""
+    return tuple(n for n, s in model.streams.items() if s.image)
 
     def __repr__(self):
         return f"<family {self.name} ({self.style}): {', '.join(self.tasks)}>"

@@ -165,10 +165,10 @@ class BlipModel(TrimmableModel):
     input_names = ("pixel_values", "input_ids", "attention_mask")
     # the ViT; the question tokens of the text encoder (self + cross heads); the image tokens it reads
     streams = {
-        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads"),
+        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads", image=True),
         "xtext": StreamSpec("text_layers", "text_hidden", "vision_width", "text_heads", ("_self", "_cross")),
         "ximage": StreamSpec("text_layers", "vision_width", "text_hidden", None, read_by="xtext",
-                             self_attention=False,
+                             self_attention=False, image=True,
                              note="it holds the image tokens the text encoder reads; their heads are the text "
                                   "layers' cross-attention heads: put head trimmers on xtext"),
     }

@@ -107,7 +107,7 @@ def soft_mask(keyw: torch.Tensor, valid: torch.Tensor, dtype) -> torch.Tensor:
 class LlavaModel(TrimmableModel):
     family = "llava"
     streams = {"image": StreamSpec(layers="boundaries", width="text_hidden", guide="text_hidden", tokens=True,
-                                   self_attention=False,
+                                   self_attention=False, image=True,
                                    note="one position: the projected image tokens entering the language model")}
     input_names = ("input_ids", "attention_mask", "pixel_values")
 

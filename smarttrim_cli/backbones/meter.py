@@ -141,9 +141,9 @@ class MeterModel(TrimmableModel):
     # text tower, CLIP vision tower, and the two streams of the co-attention layers (self + cross heads each)
     streams = {
         "text": StreamSpec("text_layers", "text_hidden", "vision_width", "text_heads"),
-        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads"),
+        "vision": StreamSpec("vision_layers", "vision_width", "text_hidden", "vision_heads", image=True),
         "xtext": StreamSpec("cross_layers", "hidden", "hidden", "cross_heads", _CROSS),
-        "ximage": StreamSpec("cross_layers", "hidden", "hidden", "cross_heads", _CROSS, read_by="xtext"),
+        "ximage": StreamSpec("cross_layers", "hidden", "hidden", "cross_heads", _CROSS, read_by="xtext", image=True),
     }
     pos_embedding = "vit_model.visual.positional_embedding"
 

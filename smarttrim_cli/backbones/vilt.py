@@ -121,7 +121,7 @@ class ViltModel(TrimmableModel):
     # one joint encoder: its text and image tokens are trimmed as two streams, its heads as a third
     streams = {
         "xtext": StreamSpec("layers", "hidden", "hidden", None, note="heads belong to the joint stream"),
-        "ximage": StreamSpec("layers", "hidden", "hidden", None, read_by="xtext",
+        "ximage": StreamSpec("layers", "hidden", "hidden", None, read_by="xtext", image=True,
                              note="heads belong to the joint stream"),
         "joint": StreamSpec("layers", "hidden", "hidden", "heads", tokens=False,
                             note="tokens belong to the xtext/ximage streams"),

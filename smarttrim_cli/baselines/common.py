@@ -199,6 +199,10 @@ class Applied:
     def run(self, batch: dict, mode: str = "hard", **kw):
         return self.model.run(self.prepare(batch), mode=mode, **{**self.kwargs, **kw})
 
+    def generate(self, batch: dict, **kw):
+        """Text models: the model's ``generate`` under the same rule (hard mode)."""
+        return self.model.generate(self.prepare(batch), mode="hard", **{**self.kwargs, **kw})
+
 
 def full_costs(model, batches) -> list[torch.Tensor]:
     """Per-batch (B,) MACs of the untrimmed model (the denominators of every ratio)."""

@@ -21,12 +21,12 @@ charts also ``benchmarks/pareto.py``.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..backbones.base import image_streams
 from ..errors import SmartTrimError
 from ..trim.cost import total_macs
 from . import objects as obj
@@ -34,17 +34,18 @@ from . import objects as obj
 # the training-free baselines compared by default (baselines/): inference rules that need no training run
 DEFAULT_BASELINES = ("random", "evit", "evit-fusion", "tome", "static-heads", "downsample")
 
-_IMAGE_TOKENS = re.compile(r"^tok:(vision|ximage)_(\d+)$")
-
-
-def image_tokens_final(ctx, n_full: int) -> torch.Tensor:
-    """(B,) image tokens ([CLS] included) alive after the last image-stream token decision of a hard
-    forward (first image for NLVR2); ``n_full`` when nothing was decided."""
-    keys = [k for k in ctx.decisions if _IMAGE_TOKENS.match(k)]
+def image_tokens_final(ctx, streams) -> torch.Tensor:
+    """(B,) image tokens ([CLS] included) alive after the last token decision on the model's image ``streams``
+    (backbones/base.py ``image_streams``, forward order; first image for NLVR2); None when nothing was decided."""
+    order = {s: i for i, s in enumerate(streams)}
+    keys = []
+    for k in ctx.decisions:
+        stream, _, layer = k[len("tok:"):].rpartition("_")
+        if k.startswith("tok:") and stream in order and layer.isdigit():
+            keys.append((order[stream], int(layer), k))
     if not keys:
         return None
-    last = max(keys, key=lambda k: (0 if "vision" in k else 1, int(k.rsplit("_", 1)[1])))
-    return ctx.decisions[last].float().sum(1).cpu()
+    return ctx.decisions[max(keys)[2]].float().sum(1).cpu()
 
 
 @dataclass
@@ -60,6 +61,7 @@ class EvalSet:
     full_gmacs: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
     indices: list = field(default_factory=list)  # positions in the dataset
+    image_streams: tuple = ()  # where kept image tokens are counted (the family contract)
 
     @classmethod
     def build(cls, loaded, ds, limit: int | None = None, batch_size: int = 32, start: int = 0) -> "EvalSet":
@@ -79,7 +81,8 @@ class EvalSet:
         objs = [index.objects(q) if index is not None else None for q in ids]
         kinds = [index.kind(q) if index is not None else None for q in ids]
         return cls(batches, ids, objs, int(loaded.model.config.n_patches + 1),
-                   str(index.path) if index is not None else None, kinds=kinds, indices=list(range(start, start + n)))
+                   str(index.path) if index is not None else None, kinds=kinds, indices=list(range(start, start + n)),
+                   image_streams=image_streams(loaded.model))
 
     def __len__(self):
         return len(self.ids)
@@ -100,9 +103,10 @@ class EvalSet:
         self.batches = [batch_to_device(b, device) for b in self.batches]
         return self
 
-    def evaluate(self, name: str, run, per_input: bool = False, **info) -> dict:
+    def evaluate(self, name: str, run, per_input: bool = False, gen=None, **info) -> dict:
         """Run every batch through ``run(batch) -> (logits, ctx)`` (ctx with cost records) and summarise.
-        ``per_input``: the row also holds ``per_input`` = {score, gmacs} lists in input order (paired tests)."""
+        ``per_input``: the row also holds ``per_input`` = {score, gmacs, image_tokens} lists in input order
+        (paired tests). ``gen(batch, **generate_kwargs)``: the method's generate, read by text models' sets only."""
         from ..metrics import score
 
         scores, macs, toks = [], [], []
@@ -111,7 +115,7 @@ class EvalSet:
                 logits, ctx = run(b)
                 scores.append(score(logits.float(), b["target"]).cpu())
                 macs.append(torch.as_tensor(total_macs(ctx.records), dtype=torch.float64).reshape(-1).cpu())
-                t = image_tokens_final(ctx, self.n_image_tokens)
+                t = image_tokens_final(ctx, self.image_streams)
                 toks.append(t if t is not None else torch.full((logits.shape[0],), float(info.get(
                     "image_tokens", self.n_image_tokens))))
         s = torch.cat(scores).double().numpy()
@@ -120,8 +124,20 @@ class EvalSet:
         row = summarize(name, s, g, t, self.objects, self.full_gmacs or None, self.n_image_tokens,
                         kinds=self.kinds, **info)
         if per_input:
-            row["per_input"] = {"score": s.tolist(), "gmacs": g.tolist()}
+            row["per_input"] = {"score": s.tolist(), "gmacs": g.tolist(), "image_tokens": t.tolist()}
         return row
+
+
+def split_positions(size: int, limit: int | None, calib_limit: int, overlap_ok: bool = False) -> tuple:
+    """(evaluated count, calibration start, calibration count) of split_inputs' rule over ``size`` inputs."""
+    n = size if limit is None else min(size, int(limit))
+    start, m = n, min(int(calib_limit), size - n)
+    if m < int(calib_limit) and overlap_ok:
+        start, m = 0, min(int(calib_limit), size)
+    if m < 1:
+        raise SmartTrimError(f"--limit {limit} takes all {size} inputs of the split: none is left to calibrate "
+                             "the baselines on (--calib-limit); lower --limit")
+    return n, start, m
 
 
 def split_inputs(loaded, ds, limit: int | None, calib_limit: int, batch_size: int,
@@ -130,13 +146,7 @@ def split_inputs(loaded, ds, limit: int | None, calib_limit: int, batch_size: in
     set: the next ``calib_limit``). Held apart: when the split ends first the calibration set is shorter, and
     an error when nothing is left for it. ``overlap_ok`` keeps the benchmarks' older rule (calibrate on the
     first inputs when the split is too small), under which their published numbers were measured."""
-    n = len(ds) if limit is None else min(len(ds), int(limit))
-    start, m = n, min(int(calib_limit), len(ds) - n)
-    if m < int(calib_limit) and overlap_ok:
-        start, m = 0, min(int(calib_limit), len(ds))
-    if m < 1:
-        raise SmartTrimError(f"--limit {limit} takes all {len(ds)} inputs of the split: none is left to calibrate "
-                             "the baselines on (--calib-limit); lower --limit")
+    n, start, m = split_positions(len(ds), limit, calib_limit, overlap_ok)
     ev = EvalSet.build(loaded, ds, limit=n, batch_size=batch_size)
     cal = EvalSet.build(loaded, ds, limit=m, batch_size=batch_size, start=start)
     return ev, cal
@@ -174,7 +184,7 @@ def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASE
             if name == "downsample":
                 info["image_tokens"] = int(applied.model.config.n_patches + 1)
             rows.append(ev.evaluate(label.format(name=bl.name, ratio=r), lambda b, a=applied: a.run(b, record=True),
-                                    per_input=per_input, **info))
+                                    per_input=per_input, gen=getattr(applied, "generate", None), **info))
             if console is not None:
                 row = rows[-1]
                 console.print(f"  {row['name']}: {row['accuracy']:.2f}% at {row['gmacs_mean']:.4g} GMACs "
@@ -184,17 +194,63 @@ def evaluate_baselines(base, ev, calib_batches, target_ratio, names=DEFAULT_BASE
     return rows
 
 
+def calibrate_tokens(bl, base, calib_batches, streams, n_full: int, target_tokens: float, iters: int = 16):
+    """Bisection on a keep-ratio baseline's ratio until its mean kept image tokens over ``calib_batches`` is
+    nearest ``target_tokens``; sets ``calibration`` = {target_tokens, tokens, param, evaluations, tolerance,
+    reached}. Tolerance: half a token (a rule keeps a whole count per input, so a fractional mean is not hit)."""
+    from ..baselines.common import bisect
+
+    def f(r):
+        bl.keep_ratio = r
+        bl.reset()
+        a = bl.apply(base)
+        got = []
+        with torch.no_grad():
+            for b in calib_batches:
+                n = image_tokens_final(a.run(b, record=True)[1], streams)
+                got.append(n if n is not None else torch.full((b["input_ids"].shape[0],), float(n_full)))
+        return float(torch.cat(got).mean())
+
+    r, v, n = bisect(f, 0.0, 1.0, float(target_tokens), 0.5, iters)
+    bl.keep_ratio = r
+    bl.reset()
+    bl.calibration = {"target_tokens": float(target_tokens), "tokens": v, "param": {"keep_ratio": r},
+                      "evaluations": n, "tolerance": 0.5, "reached": abs(v - target_tokens) <= 0.5 + 1e-9}
+    return bl
+
+
+def evaluate_token_matched(base, ev, calib_batches, target_tokens: float, names, on_row=None) -> list[dict]:
+    """The second view: each keep-ratio baseline calibrated on ``calib_batches`` to ``target_tokens`` mean kept
+    image tokens (SmartTrim's), then evaluated on ``ev``; rules without a keep ratio are skipped."""
+    from ..baselines import get_baseline
+
+    rows = []
+    for name in names:
+        bl = get_baseline(name)
+        if not hasattr(bl, "keep_ratio"):
+            continue
+        calibrate_tokens(bl, base, calib_batches, ev.image_streams, ev.n_image_tokens, target_tokens)
+        a = bl.apply(base)
+        rows.append(ev.evaluate(f"{bl.name} (tokens)", lambda b, a=a: a.run(b, record=True), per_input=True,
+                                gen=a.generate, family=name, target_tokens=float(target_tokens),
+                                calibration=bl.calibration, params=bl.params()))
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
 def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: float | None = None,
                    thresholds=(), ratios=(), names=DEFAULT_BASELINES, target: float | None = None,
                    tol: float = 0.02, full_name: str = "full (reference)", smarttrim_info: dict | None = None,
-                   console=None, on_row=None) -> dict:
+                   console=None, on_row=None, token_matched: bool = False) -> dict:
     """The reference ``base`` at full capacity, SmartTrim (``trimmed`` in hard mode at ``threshold``, default its
     own, and at each of ``thresholds``) and the training-free baselines acting on ``base``, every method on
     the inputs of ``ev``. The baselines are calibrated on ``calib_batches`` to ``target`` (default SmartTrim's
     measured mean GMACs ratio on ``ev``: matched cost) and to each of ``ratios``. Each row keeps its per-input
     scores; each baseline row gets ``paired``: SmartTrim minus the baseline on the same inputs. ``on_row(row)``
-    is called after each row.
-    -> {target_ratio, full, smarttrim, sweep, baselines}."""
+    is called after each row. ``token_matched``: also each keep-ratio baseline at SmartTrim's mean kept image
+    tokens (evaluate_token_matched; text models' second view).
+    -> {target_ratio, full, smarttrim, sweep, baselines, target_tokens, token_matched}."""
     thr = float(trimmed.threshold if threshold is None else threshold)
     ev.set_full_gmacs(base)
 
@@ -202,24 +258,30 @@ def compare_models(trimmed, base, ev: EvalSet, calib_batches, *, threshold: floa
         if on_row is not None:
             on_row(row)
 
-    full = ev.evaluate(full_name, lambda b: base.run(b, mode="full", record=True), per_input=True, family="full")
+    full = ev.evaluate(full_name, lambda b: base.run(b, mode="full", record=True), per_input=True, family="full",
+                       gen=lambda b, **kw: base.generate(b, mode="full", **kw))
     step(full)
     st = ev.evaluate("smarttrim", lambda b: trimmed.run(b, mode="hard", threshold=thr, record=True), per_input=True,
+                     gen=lambda b, **kw: trimmed.generate(b, mode="hard", threshold=thr, **kw),
                      family="smarttrim", threshold=thr, **(smarttrim_info or {}))
     step(st)
     sweep = []
     for t in sorted({round(float(x), 6) for x in thresholds} - {round(thr, 6)}):
         sweep.append(ev.evaluate(f"smarttrim t={t:g}", lambda b, t=t: trimmed.run(b, mode="hard", threshold=t,
                                                                                   record=True),
-                                 per_input=True, family="smarttrim", threshold=t))
+                                 per_input=True, family="smarttrim", threshold=t,
+                                 gen=lambda b, t=t, **kw: trimmed.generate(b, mode="hard", threshold=t, **kw)))
         step(sweep[-1])
     target = float(st["gmacs_ratio"] if target is None else target)
     targets = [target] + [float(r) for r in sorted(set(ratios), reverse=True) if abs(float(r) - target) > 1e-9]
     rows = evaluate_baselines(base, ev, calib_batches, targets, names, tol=tol, console=console, per_input=True,
                               on_row=on_row)
-    for r in rows:
+    tok = (evaluate_token_matched(base, ev, calib_batches, st["image_tokens_mean"], names, on_row=on_row)
+           if token_matched else [])
+    for r in rows + tok:
         r["paired"] = paired(st["per_input"]["score"], r["per_input"]["score"])
-    return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows}
+    return {"target_ratio": target, "full": full, "smarttrim": st, "sweep": sweep, "baselines": rows,
+            "target_tokens": st["image_tokens_mean"] if token_matched else None, "token_matched": tok}
 
 
 def _q(a, p):

@@ -17,7 +17,8 @@ SCHEMA = "smarttrim-compare"
 SCHEMA_VERSION = 1
 
 _ROW = ("{name, family, role, n, accuracy, accuracy_se, gmacs_mean, gmacs_std, gmacs_p10, gmacs_p50, gmacs_p90, "
-        "gmacs_ratio, gmacs_reduction, image_tokens_mean, image_tokens_full, threshold, target_ratio, matched, "
+        "gmacs_ratio, gmacs_reduction, image_tokens_mean, image_tokens_full, threshold, target_ratio, target_tokens, "
+        "matched, "
         "calibration, params, paired, per_input}")
 
 # Every documented field of compare.json (dotted path; "[]" = each element of a list) -> meaning.
@@ -32,7 +33,7 @@ FIELDS: dict[str, str] = {
     "versions": "smarttrim, torch, transformers, fvcore, numpy, matplotlib, onnxruntime",
     "settings": "every option that shapes the numbers",
     "settings.model_dir": "the trimmed model compared (SmartTrim)",
-    "settings.dataset": "dataset reader (vqa, nlvr2, snli, easyvqa)",
+    "settings.dataset": "dataset reader (vqa, nlvr2, snli, easyvqa; text models: prompts, vqa, scenes, easyvqa)",
     "settings.data_dir": "data directory read",
     "settings.split": "split read",
     "settings.limit": "--limit: inputs evaluated (null = all but the calibration inputs)",
@@ -47,7 +48,8 @@ FIELDS: dict[str, str] = {
     "settings.reference": "--reference as given (null: the recorded one; \"self\"; a directory)",
     "settings.tol": "--tol: absolute tolerance of each baseline's calibration on the calibration inputs",
     "settings.match_tol": "--match-tol: a baseline is matched when |its ratio - its target| <= this on the evaluated inputs",
-    "settings.batch_size": "evaluation batch size (costs are per input, as at batch 1)",
+    "settings.batch_size": "evaluation batch size (costs are per input, as at batch 1; text models: 1)",
+    "settings.max_new_tokens": "text models: --max-new-tokens, the greedy answer length; else null",
     "settings.device": "--device",
     "settings.threads": "torch intra-op threads",
     "inputs": "which inputs did what",
@@ -58,29 +60,38 @@ FIELDS: dict[str, str] = {
     "inputs.disjoint": "true: no input is in both sets",
     "reference": "{model_dir, source, sha256, why}: the model the baselines act on and `full` describes (as "
                  "profile's accuracy.reference; model_dir null: MODEL_DIR's own weights at full capacity)",
-    "metric": "vqa_score or accuracy",
+    "metric": "vqa_score or accuracy; text models: vqa_score_generated (the greedy answer's VQA score)",
     "target_ratio": "SmartTrim's measured mean GMACs ratio on the evaluated inputs: the cost every baseline is "
                     "calibrated to (matched cost)",
+    "target_tokens": "text models: SmartTrim's mean kept image tokens on the evaluated inputs, the second view's "
+                     "target (baseline-tokens rows); else null",
     "methods": f"one row per method, every one on the evaluated inputs: {_ROW}",
     "methods[].name": "full (reference), smarttrim, smarttrim t=<threshold> (--thresholds), or the baseline's name",
     "methods[].family": "full, smarttrim, or the baseline's name (one line per family in the chart)",
-    "methods[].role": "reference, smarttrim, smarttrim-sweep or baseline",
+    "methods[].role": "reference, smarttrim, smarttrim-sweep, baseline (at matched GMACs) or baseline-tokens (text "
+                      "models: at matched mean kept image tokens, named '<baseline> (tokens)'; not in comparison)",
     "methods[].n": "inputs evaluated",
     "methods[].accuracy": "score (percent) with accuracy_se its standard error over the inputs",
     "methods[].accuracy_se": "standard error of accuracy",
-    "methods[].gmacs_mean": "mean GMACs per input (cost model, fvcore convention), with gmacs_std/_p10/_p50/_p90",
+    "methods[].gmacs_mean": "mean GMACs per input (cost model, fvcore convention; text models: the prefill), with "
+                            "gmacs_std/_p10/_p50/_p90",
     "methods[].gmacs_ratio": "gmacs_mean / the reference's full-capacity mean",
     "methods[].gmacs_reduction": "1 / gmacs_ratio",
-    "methods[].image_tokens_mean": "image tokens alive after the last image-stream token decision (mean)",
+    "methods[].image_tokens_mean": "image tokens kept: alive after the last token decision on the model's image "
+                                   "streams (mean; backbones/base.py image_streams)",
+    "methods[].image_tokens_full": "image tokens of an untrimmed input",
+    "methods[].target_tokens": "baseline-tokens rows: the mean kept image tokens calibrated to; else null",
     "methods[].threshold": "SmartTrim rows: keep threshold; else null",
     "methods[].target_ratio": "baselines: the GMACs ratio calibrated to (target_ratio or one of --ratios); else null",
     "methods[].matched": "baselines: |gmacs_ratio - target_ratio| <= settings.match_tol; else null",
     "methods[].calibration": "baselines: {target, ratio (on the calibration inputs), param, evaluations, tolerance, "
-                             "reached}; else null",
+                             "reached}; baseline-tokens: {target_tokens, tokens, param, evaluations, tolerance "
+                             "(half a token), reached}; else null",
     "methods[].params": "baselines: the calibrated setting (keep ratio, heads dropped, image size); else null",
     "methods[].paired": "baselines: {margin (SmartTrim - this, points, same inputs), margin_se, wins, losses, ties, "
                         "n}: SmartTrim at settings.threshold against this row; else null",
-    "methods[].per_input": "{score (0-1), gmacs} per evaluated input, in inputs.evaluated order",
+    "methods[].per_input": "{score (0-1), gmacs, image_tokens (kept), text (text models: the generated answer)} "
+                           "per evaluated input, in inputs.evaluated order",
     "comparison": "SmartTrim against the baselines at its cost: the rows with target_ratio = target_ratio whose "
                   "measured ratio is at most target_ratio + settings.match_tol (matched, or cheaper: a coarse grid)",
     "comparison.best_baseline": "name of the best-scoring of those (null: every baseline spent more)",
@@ -155,13 +166,15 @@ def render(report: dict, console) -> None:
                     f"matched cost {report['target_ratio']:.3f} of the full GMACs)", title_justify="left")
     for col, just in (("method", "left"), ("target", "right"), (f"{report['metric']} (%)", "right"),
                       ("SmartTrim − method (paired)", "right"), ("mean GMACs", "right"), ("ratio", "right"),
-                      ("matched", "center")):
+                      ("image tokens", "right"), ("matched", "center")):
         t.add_column(col, justify=just, no_wrap=col == "method")
     for r in report["methods"]:
         p = r.get("paired")
-        t.add_row(r["name"], _f(r.get("target_ratio"), "{:.3f}"), f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
+        tgt = _f(r.get("target_ratio"), "{:.3f}") if r.get("target_tokens") is None else f"{r['target_tokens']:.1f} tok"
+        t.add_row(r["name"], tgt, f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])}",
                   "–" if not p else f"{_f(p['margin'], '{:+.2f}')} ± {_f(p['margin_se'])}",
                   _f(r["gmacs_mean"], "{:.4g}"), _f(r["gmacs_ratio"], "{:.3f}"),
+                  _f(r.get("image_tokens_mean"), "{:.1f}"),
                   "–" if r.get("matched") is None else ("yes" if r["matched"] else "[red]no[/]"))
     console.print(t)
     ref = report["reference"]

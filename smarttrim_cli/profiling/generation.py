@@ -91,6 +91,23 @@ def chat_processor(source):
     return load_chat_processor(sub if (sub / "processor_config.json").is_file() else source)
 
 
+def prompt_inputs(loaded, name: str):
+    """(processor, collate, instruction) building a text model's generation inputs for dataset ``name``: one
+    chat prompt per item, the short-answer instruction on VQA-like sets (profile and compare share them)."""
+    from ..data.generative import VQA_SHORT_ANSWER, GenerativeCollate
+
+    instruction = VQA_SHORT_ANSWER if name in VQA_LIKE else None
+    processor = chat_processor(loaded.source)
+    return processor, GenerativeCollate(processor, mode="generate", instruction=instruction), instruction
+
+
+def answer_text(processor, new_ids) -> str:
+    """The first answer of ``generate``'s output (the new tokens only), decoded."""
+    from ..data.generative import generated_texts
+
+    return generated_texts(processor, new_ids, 0)[0]
+
+
 @contextmanager
 def recording(model):
     """``model.generate`` builds its context without ``record``; record there too (decisions, for the check
@@ -149,7 +166,6 @@ def measure_speed(gen: Generator, singles, batches, n_new, warmup, device) -> di
 
 def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start):
     from ..backbones import family_of
-    from ..data.generative import VQA_SHORT_ANSWER, GenerativeCollate, generated_texts
     from ..data.vqa_answers import normalize_answer
     from ..metrics import generated_exact_match, generated_vqa_score
 
@@ -158,9 +174,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
     cfg = model.config
     threshold = float(model.threshold if s.threshold is None else s.threshold)
     name, split, ds = open_split(s, loaded)
-    instruction = VQA_SHORT_ANSWER if name in VQA_LIKE else None
-    processor = chat_processor(loaded.source)
-    collate = GenerativeCollate(processor, mode="generate", instruction=instruction)
+    processor, collate, instruction = prompt_inputs(loaded, name)
     n = len(ds)
     n_new = int(s.max_new_tokens)
     fv_n = n if s.fvcore_limit is None else min(n, int(s.fvcore_limit))
@@ -175,7 +189,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
 
     def answer(gen, b):
         ids = gen(b, n_new)
-        return generated_texts(processor, ids, 0)[0], ids  # generate returns the new tokens only
+        return answer_text(processor, ids), ids  # generate returns the new tokens only
 
     rows, items = [], []
     with progress_bar(console) as prog, torch.no_grad():
