@@ -474,11 +474,17 @@ def evaluate_control(p: Prepared, limit: int, console=None) -> dict:
     from . import load
     from .profiling.compare import EvalSet
 
+    from .profiling.compare_generation import is_text
+
     loaded = load(p.root / control_name(), mode="full")
     ctl = loaded.model
-    ev = EvalSet.build(loaded, val_dataset(p, loaded), limit=limit, batch_size=p.budget["baselines"]["batch_size"])
+    if is_text(ctl):  # prompts one by one, generated answers: compare's text evaluation
+        ev, _ = eval_data(p, loaded, limit, 1, 1)
+    else:
+        ev = EvalSet.build(loaded, val_dataset(p, loaded), limit=limit, batch_size=p.budget["baselines"]["batch_size"])
     ev.set_full_gmacs(ctl)
-    return ev.evaluate("equal-steps control", lambda b: ctl.run(b, mode="full", record=True), family="control")
+    return ev.evaluate("equal-steps control", lambda b: ctl.run(b, mode="full", record=True), family="control",
+                       gen=lambda b, **kw: ctl.generate(b, mode="full", **kw))
 
 
 def run_demo(s: DemoSettings, console=None, say=print) -> dict:
@@ -512,13 +518,13 @@ def run_demo(s: DemoSettings, console=None, say=print) -> dict:
                                        show=(4 if s.dataset == "scenes" else 2) if bb.overlays else 0,
                                        threads=s.threads,
                                        out_dir=root / "profile", command="smarttrim demo"), console=console)
-    control = bb.evaluate_control(p0, pr["limit"])
+    control = evaluate_control(p0, pr["limit"])
     timings["profile"] = time.time() - t
 
     # 6: training-free baselines at the trimmed model's cost
     t = time.time()
     base_rows = None
-    if s.baselines and bb.baselines:
+    if s.baselines:
         say("[5/7] baselines on the base model, calibrated to the trimmed model's mean GMACs, same inputs")
         base_rows = run_baselines(p, prof.report["flops"]["ratio"], pr["limit"], console=console)
     timings["baselines"] = time.time() - t
@@ -548,8 +554,17 @@ def eval_data(p: Prepared, loaded, limit: int, calib_inputs: int, batch_size: in
     """(evaluation set of the first ``limit`` validation inputs — the profiled ones —, calibration batches:
     the next ``calib_inputs`` inputs, or the first ones when the split is too small: benchmarks/pareto.py's rule).
     ``loaded``: the model_dir.LoadedModel whose labels, tokenizer and image size the inputs are for."""
+    from .profiling import compare_generation as cg
     from .profiling.compare import split_inputs
 
+    if cg.is_text(loaded.model):  # decoder VLMs: each prompt alone, scored on its generated answer (compare's sets)
+        from types import SimpleNamespace
+
+        ns = SimpleNamespace(dataset=p.dataset, data_dir=p.common["data_dir"], split=p.val_split, skip_bad=False,
+                             limit=limit, calib_limit=calib_inputs,
+                             max_new_tokens=p.budget["trim"].get("max_new_tokens"))
+        ev, cal = cg.split_inputs(ns, loaded, limit + calib_inputs)[3:]
+        return ev, cal.batches
     ev, cal = split_inputs(loaded, val_dataset(p, loaded), limit, calib_inputs, batch_size, overlap_ok=True)
     return ev, cal.batches
 
@@ -569,13 +584,16 @@ def run_baselines(p: Prepared, target_ratio: float, limit: int, console=None) ->
     from . import load
     from .atomic import atomic_path
     from .profiling import compare, objects
+    from .profiling.compare_runner import baselines_for
 
     root = p.root
     b = p.budget["baselines"]
     base = load(root / "base", mode="hard")
     trimmed = load(root / "trimmed", mode="hard").model
     ev, cal = eval_data(p, base, limit, b["calib_inputs"], b["batch_size"])
+    # the family's training-free baselines (METER: compare's defaults; LLaVA: those acting on its image tokens)
     res = compare.compare_models(trimmed, base.model, ev, cal, target=target_ratio, full_name="full (base)",
+                                 names=baselines_for(base.model, None),
                                  smarttrim_info={"target_ratio": p.settings.target_ratio}, console=console)
     full, rows = res["full"], [res["smarttrim"]] + res["baselines"]
     for r in [full] + rows:  # summary rows; the per-input scores are `smarttrim compare`'s
@@ -654,14 +672,6 @@ def _summary(s, root, base, prof, exp, timings, wall, base_rows=None, control=No
     }
 
 
-def _llava_control(p: Prepared, limit: int, console=None) -> dict:
-    """The control's generated-answer score from its own fine-tune's last validation (its val_limit inputs, not
-    the profiled ones: the generative baselines evaluation is `smarttrim compare`'s, not merged yet)."""
-    res = json.loads((p.root / f".{control_name()}.done.json").read_text()).get("result") or {}
-    last = res.get("final") or {}
-    return {"accuracy": None if last.get("score") is None else 100.0 * last["score"], "inputs": last.get("n")}
-
-
 @dataclass(frozen=True)
 class Backbone:
     """What the demo's model depends on: everything else (stages, caching, finetune/profile/export) is shared."""
@@ -670,12 +680,10 @@ class Backbone:
     budgets: Callable
     recipe: Callable           # dataset -> recipe file
     build_init: Callable       # (settings, root, data_dir, size, questions, labels, say) -> the init stage's result
-    evaluate_control: Callable
     task: str = "vqa"
     target_ratio: float = 0.33
     key: dict = dataclasses.field(default_factory=dict)            # added to the stage keys
     control_extra: dict = dataclasses.field(default_factory=dict)
-    baselines: bool = True     # the training-free baselines stage (compare) applies
     dir_prefix: str = ""
     overlays: bool = True      # profile --show (classification heads only)
 
@@ -683,13 +691,13 @@ class Backbone:
 def _llava() -> Backbone:
     from . import demo_llava as dl
 
-    return Backbone(dl.model_size, dl.budgets, lambda d: "llava.yaml", dl.build_init, _llava_control,
+    return Backbone(dl.model_size, dl.budgets, lambda d: "llava.yaml", dl.build_init,
                     task="generate", target_ratio=dl.TARGET_RATIO, key={"backbone": "llava"},
                     # the recipe's `no_trim:` (train the backbone) does not reach a config resolved with trim on
-                    control_extra={"train_backbone": True}, baselines=False, dir_prefix="llava-",
+                    control_extra={"train_backbone": True}, dir_prefix="llava-",
                     overlays=False)
 
 
 # --backbone: the one place the demo's model family is chosen; meter's key is empty, so its caches are unchanged
-BACKBONES = {"meter": Backbone(_meter_size, _meter_budgets, RECIPES.__getitem__, _build_meter_init, evaluate_control),
+BACKBONES = {"meter": Backbone(_meter_size, _meter_budgets, RECIPES.__getitem__, _build_meter_init),
              "llava": _llava()}

@@ -24,8 +24,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content
 # (easy-VQA), 256 at 128 px (scenes).
 _NORMAL = dict(vision_width=64, vision_layers=2, vision_heads=4, vision_intermediate=128,
                text_hidden=160, text_layers=3, text_heads=4, text_intermediate=320, patch_size=8)
+# quick: 3 LM layers, so that FastV (prunes after LM layer K=2) has a layer to run on
 _QUICK = dict(vision_width=16, vision_layers=1, vision_heads=2, vision_intermediate=32,
-              text_hidden=48, text_layers=1, text_heads=2, text_intermediate=96, patch_size=4)
+              text_hidden=48, text_layers=3, text_heads=2, text_intermediate=96, patch_size=4)
 SIZES = {"easyvqa": {"normal": dict(_NORMAL, image_size=64), "quick": dict(_QUICK, image_size=32)},
          "scenes": {"normal": dict(_NORMAL, image_size=128), "quick": dict(_QUICK, image_size=48)},
          "vqa": {"normal": dict(_NORMAL, image_size=64), "quick": dict(_QUICK, image_size=32)}}

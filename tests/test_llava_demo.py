@@ -40,6 +40,11 @@ def test_llava_demo_quick_end_to_end(tmp_path, dataset):
     assert g["prefill_gmacs"]["trimmed"]["mean"] < g["prefill_gmacs"]["full"]["mean"]  # ...and the prefill costs less
     assert s["trimmed"]["gmacs"] < s["full"]["gmacs"]
     assert s["onnx_validation_ok"] is True and (out / "model.onnx").is_file()
+    # compare's training-free baselines on the base model's image tokens, at the trimmed model's cost
+    names = [b["name"] for b in s["baselines"]]
+    assert names[:2] == ["full (base)", "smarttrim"] and "fastv" in names, names
+    assert all(b["accuracy"] is not None and b["gmacs_mean"] > 0 for b in s["baselines"])
+    assert isinstance(s["control"]["score"], float)
     assert s["control"]["steps"] == demo.budgets(demo.DemoSettings(quick=True, backbone="llava"))["trim"]["max_steps"]
     # the "existing VLM" is a real transformers LLaVA directory; every stage's output is a model directory
     from transformers import LlavaForConditionalGeneration
