@@ -23,6 +23,10 @@ counting / attribute / left-right questions). The scenes model sees 128 px image
 the easy-VQA model at 64 px with 8 px patches, while the objects stay big enough (13-21 px) to cover a
 patch or more.
 
+``--backbone`` (``BACKBONES``) picks the model the stages work on: ``meter`` (above) or ``llava`` (demo_llava.py: a
+small Hugging Face LLaVA answering in words; its control and baselines are evaluated as `smarttrim compare` does
+for text models). Only the model builder, sizes, budgets, recipe and task differ; the stages are these.
+
 ``prepare`` (stages 0-3) and ``train_trimmed`` are importable: benchmarks/pareto.py builds on them.
 """
 from __future__ import annotations
@@ -31,8 +35,8 @@ import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from .errors import SmartTrimError
 # the demo's training-free baselines are those `smarttrim compare` runs by default, evaluated by its code
@@ -115,7 +119,8 @@ class DemoSettings:
 def default_out_dir(s: DemoSettings) -> Path:
     from .model_dir import workspace
 
-    return workspace() / (f"demo-{BACKBONES[s.backbone].dir_prefix}{s.dataset}" + ("" if s.size == "normal" else f"-{s.size}"))
+    return workspace() / (f"demo-{BACKBONES[s.backbone].dir_prefix}{s.dataset}"
+                          + ("" if s.size == "normal" else f"-{s.size}"))
 
 
 def _splits(dataset: str) -> tuple[str, str]:
@@ -473,7 +478,6 @@ def evaluate_control(p: Prepared, limit: int, console=None) -> dict:
     evaluation code of the baselines."""
     from . import load
     from .profiling.compare import EvalSet
-
     from .profiling.compare_generation import is_text
 
     loaded = load(p.root / control_name(), mode="full")

@@ -1,4 +1,4 @@
-"""smarttrim demo [--quick | --long] [--fresh] [--dataset easyvqa|scenes|vqa] [--data-dir DIR]"""
+"""smarttrim demo [--quick | --long] [--fresh] [--dataset easyvqa|scenes|vqa] [--data-dir DIR] [--backbone B]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +35,8 @@ def demo(
     backbone: str = typer.Option("meter", "--backbone", help="meter (a small METER, answers classified) or llava "
                                  "(a small LLaVA-1.5-architecture Hugging Face model, answers generated in words)."),
 ):
-    """The whole pipeline on data that needs no download: train a small METER as the 'existing VLM',
-    attach trimmers, fine-tune them with self-distillation, profile, export to ONNX, one table."""
+    """The whole pipeline on data that needs no download: train a small METER (or, --backbone llava, a small
+    LLaVA answering in words) as the 'existing VLM', attach trimmers, fine-tune them with self-distillation, profile, export to ONNX, one table."""
     from ..demo import BACKBONES, DemoSettings, run_demo
 
     if target_ratio is None:
