@@ -34,11 +34,12 @@ for _d in SIZES.values():
     _d["long"] = _d["normal"]
 TARGET_RATIO = 0.6  # of the full prefill GMACs (recipes/llava.yaml's default); the floor sits near 0.3-0.4
 
-# Budgets, from the base stage's per-step time measured here (normal sizes, batch 32, 1 torch thread, 2 shared
-# cores at load average ~3.5): easy-VQA (64 image tokens) 0.31 s/step, ~100 inputs/s; scenes (256 image tokens)
-# 1.1 s/step, ~29 inputs/s. Base: ~5 min on either; scenes gets far fewer inputs than the METER demo's scenes run,
-# so expect a weaker base model there. quick: a few steps, the numbers mean nothing.
-_NORMAL_BUDGETS = dict(base={"epochs": 4, "limit": 8000, "val_limit": 200, "lr": 1e-3, "batch_size": 32,
+# Budgets, from the per-step times measured here (normal sizes, batch 32, 1 torch thread, 2 shared cores at load
+# average 3.5-5.5): base easy-VQA 0.31-0.54 s/step (64 image tokens), scenes 1.1 s/step (256); trim and control
+# 0.29 s/step on easy-VQA. A 4-epoch easy-VQA base run (1000 steps, 9.3 min) was at its best validation score after
+# epoch 1 (exact match 68%, then 64-65%), hence 2 epochs. Scenes gets far fewer inputs than the METER demo's
+# scenes run: expect a weaker base model there. quick: a few steps, the numbers mean nothing.
+_NORMAL_BUDGETS = dict(base={"epochs": 2, "limit": 8000, "val_limit": 200, "lr": 1e-3, "batch_size": 32,
                              "max_new_tokens": 3, "workers": 0},
                        trim={"epochs": 1, "limit": 4000, "val_limit": 200, "batch_size": 32, "max_new_tokens": 3,
                              "workers": 0},

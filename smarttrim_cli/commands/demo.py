@@ -99,8 +99,10 @@ def demo(
     g = res.get("generation")
     if g:
         console.print(f"kept image tokens: {fmt(g['image_tokens']['kept']['mean'], '{:.1f}')} of "
-                      f"{g['image_tokens']['full']} on average (the tower and the text tokens are not trimmed)",
-                      highlight=False)
+                      f"{g['image_tokens']['full']} on average (the tower and the text tokens are not trimmed); "
+                      f"exact match of the generated answers: {fmt(g['exact_match']['full'])}% original, "
+                      f"{fmt(g['exact_match']['trimmed'])}% trimmed (the VQA score above counts one annotator's "
+                      "answer as 0.3 where a dataset has only one, as easy-VQA does)", highlight=False)
     if res.get("objects"):
         ob = res["objects"]
         console.print("kept image tokens by objects in the image: " + ", ".join(
