@@ -29,7 +29,7 @@ def _run(out, dataset):
 def test_llava_demo_quick_end_to_end(tmp_path, dataset):
     out = tmp_path / "demo"
     text, s = _run(out, dataset)
-    assert "ONNX validation: passed" in text and "kept image tokens" in text
+    assert "ONNX validation: passed" in text and "kept image tokens" in text and "exact match" in text
     assert s["settings"]["backbone"] == "llava" and s["metric"] == "vqa_score_generated"
     for k in ("full", "trimmed"):
         assert isinstance(s[k]["score"], float) and 0 <= s[k]["score"] <= 100, k
