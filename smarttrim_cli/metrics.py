@@ -26,13 +26,19 @@ def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ---- generated answers (decoder VLMs): scored on VQA's normalised strings, as the official evaluation does
 
+VQA_ANNOTATORS = 10  # VQAv2's answers per question: what the soft score's leave-one-out averaging assumes
+
+
 def generated_vqa_score(text: str, answers: Sequence[str]) -> float:
     """VQA soft score of one generated answer against the annotators' answers (``"Two."`` vs ten ``"2"`` ->
-    1.0; an answer 2 of 10 gave -> 0.6). NaN without answers: the score is undefined, not 0."""
+    1.0; an answer 2 of 10 gave -> 0.6). Fewer than ten answers are not VQAv2 annotations (easy-VQA's one answer,
+    a prompts row's accepted answers): 1.0 when the answer matches any of them, else 0 — the soft score would
+    count easy-VQA's only answer as 0.3. NaN without answers: the score is undefined, not 0."""
     if not answers:
         return float("nan")
     pred = normalize_answer(text)
-    return soft_score(sum(normalize_answer(a) == pred for a in answers))
+    n = sum(normalize_answer(a) == pred for a in answers)
+    return soft_score(n) if len(answers) >= VQA_ANNOTATORS else float(n > 0)
 
 
 def generated_exact_match(text: str, answers: Sequence[str]) -> float:

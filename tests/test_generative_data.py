@@ -201,6 +201,9 @@ def test_generated_answer_scores():
     assert generated_vqa_score("Two.", ["2"] * 10) == 1.0
     assert generated_vqa_score("a cat", ["cat", "cat"] + ["dog"] * 8) == 0.6
     assert generated_vqa_score("zebra", ["2"] * 10) == 0.0
+    # fewer than ten answers (easy-VQA's one, a prompts row's accepted ones): a match scores 1, not the soft 0.3
+    assert generated_vqa_score("Circle.", ["circle"]) == 1.0
+    assert generated_vqa_score("red", ["blue", "red"]) == 1.0 and generated_vqa_score("teal", ["circle"]) == 0.0
     s = vqa_score_generated(["Two.", "cat", "zebra"], [["2"] * 10, ["cat", "cat"] + ["dog"] * 8, ["2"] * 10])
     assert s.dtype == torch.float32 and s.tolist() == pytest.approx([1.0, 0.6, 0.0])
     em = exact_match_generated(["Dog!", "cat", "3"], [["cat", "cat"] + ["dog"] * 8, ["cat", "dog"], ["2"]])
