@@ -112,7 +112,7 @@ def markdown(out: dict) -> str:
                     "–" if r["vs_control"] is None else f"{r['vs_control']:+.2f}", f"{1 / r['ratio']['mean']:.2f}×"]
         else:
             tail = ["–"] * 4
-        lines.append(f"| {r['variant']} (`{r['sets'] or 'recipe'}`) | " + " | ".join(cells + tail) + " |")
+        lines.append(f"| {r['variant']} (`{r['sets'] or 'no --set'}`) | " + " | ".join(cells + tail) + " |")
     return "\n".join(lines) + "\n"
 
 
