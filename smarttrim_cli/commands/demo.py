@@ -36,8 +36,8 @@ def demo(
                                  "(a small LLaVA-1.5-architecture Hugging Face model, answers generated in words)."),
 ):
     """The whole pipeline on data that needs no download: train a small METER (or, --backbone llava, a small
-    LLaVA answering in words) as the 'existing VLM', attach trimmers, fine-tune them (with self-distillation where the recipe asks: not easy-VQA's or scenes'), profile, export to
-    ONNX, one table."""
+    LLaVA answering in words) as the 'existing VLM', attach trimmers, fine-tune them (self-distillation where the
+    recipe asks for it: not easy-VQA's or scenes'), profile, export to ONNX, one table."""
     from ..demo import BACKBONES, DemoSettings, run_demo
 
     if target_ratio is None:
