@@ -191,10 +191,12 @@ class LlavaModel(TrimmableModel):
 
     @torch.no_grad()
     def generate(self, batch: dict, mode: str | None = None, max_new_tokens: int = 20, threshold=None, forced=None,
-                 keep_ratio=None, policy=None, **generate_kwargs):
+                 keep_ratio=None, policy=None, record: bool = False, **generate_kwargs):
         """Prefill with the (trimmed, position-preserving, left-packed) prompt and decode with transformers'
-        ``generate``. -> the new token ids (B, T) only. ``mode``: "hard" or "full"."""
-        ctx = self.make_context(mode=mode, threshold=threshold, forced=forced, keep_ratio=keep_ratio, policy=policy)
+        ``generate``. -> the new token ids (B, T) only. ``mode``: "hard" or "full"; ``record``: the prefill's
+        decisions and costs in ``last_ctx``."""
+        ctx = self.make_context(mode=mode, threshold=threshold, forced=forced, keep_ratio=keep_ratio, policy=policy,
+                                record=record)
         if ctx.mode == "soft":
             raise SmartTrimError("generate: mode must be hard or full (soft mode is for training)")
         p = self.prefill(batch["input_ids"], batch.get("attention_mask"), batch["pixel_values"], ctx, pack=True)

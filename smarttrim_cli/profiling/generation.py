@@ -15,8 +15,6 @@ import datetime as _dt
 import math
 import sys
 import time
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,28 +106,18 @@ def answer_text(processor, new_ids) -> str:
     return generated_texts(processor, new_ids, 0)[0]
 
 
-@contextmanager
-def recording(model):
-    """``model.generate`` builds its context without ``record``; record there too (decisions, for the check
-    that generate kept what the costed forward kept), only while profiling per input (not while timing)."""
-    model.make_context = partial(type(model).make_context, model, record=True)
-    try:
-        yield
-    finally:
-        del model.make_context
-
-
 class Generator:
     """One model's greedy ``generate`` on collated batches (``trimmed``: hard mode at ``threshold``)."""
 
-    def __init__(self, model, trimmed: bool, threshold: float):
-        self.model, self.trimmed, self.threshold = model, trimmed, threshold
+    def __init__(self, model, trimmed: bool, threshold: float, record: bool = False):
+        # record: the prefill's decisions in model.last_ctx (per-input profiling, not timing)
+        self.model, self.trimmed, self.threshold, self.record = model, trimmed, threshold, record
 
     def __call__(self, b, n, force=False):
         kw = {"min_new_tokens": n} if force else {}
         if self.trimmed:
             return self.model.generate(b, mode="hard", threshold=self.threshold, max_new_tokens=n, do_sample=False,
-                                       **kw)
+                                       record=self.record, **kw)
         return self.model.generate(b, mode="full", max_new_tokens=n, do_sample=False, **kw)
 
 
@@ -181,6 +169,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
     out_dir = Path(s.out_dir) if s.out_dir else default_out_dir()
     full_gen = Generator(ref_model or model, False, threshold)
     trim_gen = Generator(model, True, threshold)
+    trim_rec = Generator(model, True, threshold, record=True)
     same_gen = Generator(model, False, threshold)
     N = family_of(model).image_tokens(cfg)
 
@@ -201,8 +190,7 @@ def run_generation(s, loaded, ref, ref_model, device, threads, console, t_start)
             _, cf = model.run(mb, mode="full", record=True)
             _, ch = model.run(mb, mode="hard", threshold=threshold, record=True)
             t_full, _ = answer(full_gen, b)
-            with recording(model):
-                t_trim, _ = answer(trim_gen, b)
+            t_trim, _ = answer(trim_rec, b)
             kept = kept_tokens(model.last_ctx)
             if kept != kept_tokens(ch):  # generate and the costed forward must take one decision
                 raise SmartTrimError(f"input {i}: generate kept {kept} image tokens, the prefill forward "
