@@ -98,7 +98,7 @@ def collect(args) -> dict:
 
 def markdown(out: dict) -> str:
     ctl = out["control"]
-    lines = [f"{out['dataset']} at target {out['ratio'] if 'ratio' in out else out['target_ratio']:g}: "
+    lines = [f"{out['dataset']} at target {out['target_ratio']:g}: "
              f"{out['val_inputs']} validation inputs; full (base) {out['full']:.2f}"
              + (f", equal-steps control {ctl:.2f}" if ctl is not None else ""), "",
              "| variant (`--set`) | " + " | ".join(f"seed {s}" for s in out["seeds"])
