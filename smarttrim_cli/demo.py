@@ -105,11 +105,15 @@ class DemoSettings:
     quick: bool = False
     long: bool = False
     fresh: bool = False
-    target_ratio: float = 0.33
+    target_ratio: float | None = None   # None: the backbone's (BACKBONES[backbone].target_ratio)
     seed: int = 0
     threads: int | None = None
     baselines: bool = True
     backbone: str = "meter"
+
+    def __post_init__(self):
+        if self.target_ratio is None:  # an unknown backbone is reported by validate(), not here
+            self.target_ratio = BACKBONES[self.backbone].target_ratio if self.backbone in BACKBONES else 0.33
 
     @property
     def size(self) -> str:

@@ -117,3 +117,11 @@ def test_cli_backbone_option(monkeypatch):
             runner.invoke(app, ["demo", "--quick", *extra], catch_exceptions=False)
     assert asdict(seen[0]) == asdict(seen[1]) and seen[0].target_ratio == 0.33
     assert seen[2].backbone == "llava" and seen[2].target_ratio == demo.BACKBONES["llava"].target_ratio
+
+
+def test_library_settings_take_the_backbones_target():
+    # the library, not only the CLI, defaults a llava demo to its own budget (0.33 suits METER, not LLaVA)
+    assert demo.BACKBONES["llava"].target_ratio != 0.33
+    assert demo.DemoSettings(backbone="llava").target_ratio == demo.BACKBONES["llava"].target_ratio
+    assert demo.DemoSettings().target_ratio == 0.33
+    assert demo.DemoSettings(backbone="llava", target_ratio=0.5).target_ratio == 0.5

@@ -38,10 +38,8 @@ def demo(
     """The whole pipeline on data that needs no download: train a small METER (or, --backbone llava, a small
     LLaVA answering in words) as the 'existing VLM', attach trimmers, fine-tune them (self-distillation where the
     recipe asks for it: not easy-VQA's or scenes'), profile, export to ONNX, one table."""
-    from ..demo import BACKBONES, DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo
 
-    if target_ratio is None:
-        target_ratio = BACKBONES[backbone].target_ratio if backbone in BACKBONES else 0.33
     s = DemoSettings(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                      out_dir=str(out_dir) if out_dir else None, quick=quick, long=long, fresh=fresh,
                      target_ratio=target_ratio, seed=seed, threads=threads, baselines=baselines,
