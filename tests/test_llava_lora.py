@@ -236,6 +236,27 @@ def test_lora_settings_are_recorded_and_resume_safe_defaults():
                           task="generate", family="llava")
     assert cfg.lora_rank == 8 and cfg.lora_targets == "q_proj,k_proj,v_proj,o_proj" and not cfg.train_backbone
     # a run without LoRA keeps the cache key it had before the settings existed
-    assert not any(k.startswith("lora") for k in run_settings(None, {}, task="generate", family="llava"))
+    plain = run_settings(None, {}, task="generate", family="llava")
+    assert plain and not any(k.startswith("lora") or k == "lr_mult_lora" for k in plain)
     assert run_settings(None, {"lora_rank": 8}, task="generate", family="llava")["lora_rank"] == 8
     assert json.loads(json.dumps(cfg.to_dict()))["lora_alpha"] == 16.0
+    assert cfg.update({"lora_targets": ["q_proj", "o_proj"]}, "recipe").lora_targets == "q_proj,o_proj"  # YAML list
+
+
+def test_readme_lora_command_runs_on_the_llava_recipe(model_dir, data, root, tmp_path):
+    """The README's --set syntax, on the bundled recipe (train_backbone false): a loadable merged directory."""
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["finetune", str(model_dir), "--dataset", "prompts", "--data-dir", str(data), "-o",
+                                 str(out), "--max-steps", "1", "--batch-size", "2", "--limit", "2", "--workers", "0",
+                                 "--no-progress", "--set", "max_new_tokens=2", "--set", "calibrate=false",
+                                 "--set", "eval_before=false", "--set", "lora_rank=8", "--set", "lora_alpha=16",
+                                 "--set", "lora_targets=q_proj,k_proj,v_proj,o_proj"],
+                           env={"SMARTTRIM_HOME": str(root / "home")})
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "finetune_summary.json").read_text())["config"]
+    assert (cfg["lora_rank"], cfg["lora_targets"], cfg["train_backbone"]) == (8, "q_proj,k_proj,v_proj,o_proj", False)
+    start, end = (smarttrim_cli.load(d).model.state_dict() for d in (model_dir, out))
+    assert start.keys() == end.keys()
+    moved = [k for k in start if not torch.equal(start[k], end[k]) and not k.startswith("token_trimmers.")]
+    assert all(k.startswith("hf.model.language_model.layers.") for k in moved)  # not the tower's q/k/v
+    assert {k.split(".")[-2] for k in moved} == {"q_proj", "k_proj", "v_proj", "o_proj"}  # merged there, only
