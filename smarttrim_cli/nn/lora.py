@@ -57,8 +57,10 @@ class LoRALinear(nn.Module):
 
     def merged_linear(self) -> nn.Linear:
         """A new plain layer with the adapted weight (this one is left as it is)."""
-        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        # skip_init: no random init of a weight about to be overwritten (a 7B model's layers are large)
+        lin = nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,
+                                 bias=self.base.bias is not None, device=self.base.weight.device,
+                                 dtype=self.base.weight.dtype)
         with torch.no_grad():
             w = self.base.weight if self.is_merged else self.base.weight + self.delta().to(self.base.weight.dtype)
             lin.weight.copy_(w)
