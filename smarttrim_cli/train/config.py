@@ -44,7 +44,7 @@ class TrainConfig:
     decay_power: float = 1.0
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     amp: str = "auto"                   # auto (CUDA: bf16 if supported, else fp16) | bf16 | fp16 | off
-    train_backbone: bool = True         # False: only the trimmers learn
+    train_backbone: bool = True         # False: only the trimmers learn (and LoRA adapters, lora_rank > 0)
     lora_rank: int = 0                  # > 0: LoRA adapters of this rank on the language model's lora_targets
                                         # (families that declare one: LLaVA), which learn with the trimmers while
                                         # every other weight stays frozen (needs train_backbone false); 0 = off
@@ -230,8 +230,8 @@ BOOKKEEPING = frozenset({"workers", "save_every", "log_every"})
 # fields added after run_settings keys were first cached (demo, pareto), with their defaults: left out of a run's
 # settings while at the default, so a run that does not use them keeps the key (and the cached model) it had
 LATER_DEFAULTS = {"teacher_task_weight": 0.0, "distill_schedule": "constant", "distill_weight_end": 0.0,
-                  "targets": "data", "max_new_tokens": 16, "lora_rank": 0, "lora_alpha": 16.0, "lr_mult_lora": 10.0, "lora_dropout": 0.0,
-                  "lora_targets": "q_proj,v_proj"}
+                  "targets": "data", "max_new_tokens": 16, "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                  "lora_targets": "q_proj,v_proj", "lr_mult_lora": 10.0}
 
 
 def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:
