@@ -346,6 +346,11 @@ class TrimmableModel(nn.Module):
     def trimmer_parameters(self):
         return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
 
+    def lora_module(self):
+        """The language model whose linear layers LoRA may adapt (training setting lora_rank > 0), or None: the
+        family supports no LoRA."""
+        return None
+
     def attention_weights(self, name: str, which: str = "self") -> AttnWeights:
         """q/k weights of the attention at position ``name`` (``<stream>_<i>``): ``self``, or ``cross``
         (the attention through which the stream reads the tokens of the stream it guides)."""

@@ -122,6 +122,9 @@ class LlavaModel(TrimmableModel):
             raise SmartTrimError("llava: token fusion (--fuse) is not supported; dropped image tokens are removed")
         return super().attach_trimmers(trim)
 
+    def lora_module(self):
+        return self.hf.model.language_model  # the decoder layers (q_proj ... down_proj); not the tower or projector
+
     # ----- the sequence the LM sees ----------------------------------------------------------------------
     def _layout(self, ids, mask):
         c = self.config

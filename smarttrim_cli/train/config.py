@@ -35,6 +35,7 @@ class TrainConfig:
     lr_mult_cross_modal: float = 5.0    # cross-modal encoder (METER's lr_mult_cross_modal)
     lr_mult_head: float = 10.0          # task head (METER's lr_mult_head)
     lr_mult_trimmer: float = 50.0       # token and head trimmers
+    lr_mult_lora: float = 10.0          # LoRA adapters (lora_rank > 0): LoRA wants a larger step than full tuning
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-8
@@ -43,7 +44,13 @@ class TrainConfig:
     decay_power: float = 1.0
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     amp: str = "auto"                   # auto (CUDA: bf16 if supported, else fp16) | bf16 | fp16 | off
-    train_backbone: bool = True         # False: only the trimmers learn
+    train_backbone: bool = True         # False: only the trimmers learn (and LoRA adapters, lora_rank > 0)
+    lora_rank: int = 0                  # > 0: LoRA adapters of this rank on the language model's lora_targets
+                                        # (families that declare one: LLaVA), which learn with the trimmers while
+                                        # every other weight stays frozen (needs train_backbone false); 0 = off
+    lora_alpha: float = 16.0            # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0           # dropout on the adapters' input
+    lora_targets: str = "q_proj,v_proj"  # comma-separated names of the linears to adapt, in every decoder layer
     # SmartTrim objective
     trim: bool = True                   # False = plain fine-tune (--no-trim): full mode, task loss only
     target_ratio: float = 0.5           # final FLOPs ratio (trimmed / full)
@@ -131,10 +138,26 @@ class TrainConfig:
             raise SmartTrimError(f"targets must be data or self, got {self.targets!r}")
         if self.max_new_tokens < 1:
             raise SmartTrimError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.check_lora()
         if self.teacher_task_weight > 0 and self.teacher != "self":
             raise SmartTrimError(f"teacher_task_weight trains the teacher, so it needs teacher=self "
                                  f"(teacher={self.teacher} is frozen)")
         return self
+
+    def check_lora(self):
+        if self.lora_rank < 0:
+            raise SmartTrimError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if not self.lora_rank:
+            return
+        if self.lora_alpha <= 0:
+            raise SmartTrimError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SmartTrimError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.lora_targets, str) or not any(t.strip() for t in self.lora_targets.split(",")):
+            raise SmartTrimError(f"lora_targets must name linear layers, e.g. q_proj,v_proj; got {self.lora_targets!r}")
+        if self.train_backbone:
+            raise SmartTrimError(f"lora_rank={self.lora_rank} adapts a frozen language model, but train_backbone is "
+                                 "true (full fine-tuning); set train_backbone=false, or lora_rank=0")
 
 
 def _coerce(key, value, default, source):
@@ -160,6 +183,8 @@ def _coerce(key, value, default, source):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
+        if key == "lora_targets" and isinstance(value, (list, tuple)):  # a YAML list in a recipe
+            return ",".join(str(v) for v in value)
         if default is None and isinstance(value, str):  # optional fields: int/str
             if key in ("max_steps", "limit", "val_limit", "eval_batch_size"):
                 return int(value)
@@ -205,7 +230,8 @@ BOOKKEEPING = frozenset({"workers", "save_every", "log_every"})
 # fields added after run_settings keys were first cached (demo, pareto), with their defaults: left out of a run's
 # settings while at the default, so a run that does not use them keeps the key (and the cached model) it had
 LATER_DEFAULTS = {"teacher_task_weight": 0.0, "distill_schedule": "constant", "distill_weight_end": 0.0,
-                  "targets": "data", "max_new_tokens": 16}
+                  "targets": "data", "max_new_tokens": 16, "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                  "lora_targets": "q_proj,v_proj", "lr_mult_lora": 10.0}
 
 
 def run_settings(recipe=None, overrides: dict | None = None, **kw) -> dict:

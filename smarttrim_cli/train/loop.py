@@ -210,11 +210,13 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
     for p in model.trimmer_parameters():
         p.requires_grad_(rule.trains_trimmers)
     if not cfg.train_backbone:
-        if not rule.trains_trimmers:
+        if not rule.trains_trimmers and not cfg.lora_rank:
             raise SmartTrimError(f"--freeze-backbone with {'--no-trim' if not rule.trims else rule.name} "
                                  "leaves nothing to train")
         for p in model.backbone_parameters():
             p.requires_grad_(False)
+    if cfg.lora_rank:
+        add_lora(model, cfg, src)
     model.to(dev).train()
 
     # batch geometry
@@ -284,6 +286,20 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
                all_reduce=all_reduce, state_dir=ck.state_dir_for(output), t_start=t_start, processor=processor)
 
 
+def add_lora(model, cfg: TrainConfig, src):
+    """lora_rank > 0: adapters on the family's language model (the rest stays frozen: config checks). Added
+    before the teacher "start" copy is made, whose adapters stay at B = 0 (its weights are the start's), and
+    before a resume loads the checkpoint, whose state dict holds the adapters."""
+    from ..nn.lora import apply_lora
+
+    lm = model.lora_module()
+    if lm is None:
+        raise SmartTrimError(f"{src}: lora_rank={cfg.lora_rank}: the {model.family} family supports no LoRA (it "
+                             "declares no language model); use lora_rank=0")
+    apply_lora(lm, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed,
+               where=f"the {model.family} language model")
+
+
 def param_groups(model, cfg: TrainConfig):
     """METER's groups: uni-modal encoders at lr, cross-modal encoder x lr_mult_cross_modal, task head x
     lr_mult_head, plus the trimmers x lr_mult_trimmer; no weight decay on biases and norms (1-D)."""
@@ -295,6 +311,8 @@ def param_groups(model, cfg: TrainConfig):
             continue
         if name.startswith(("token_trimmers.", "head_trimmers.")):
             kind, mult = "trimmer", cfg.lr_mult_trimmer
+        elif ".lora_A" in name or ".lora_B" in name:
+            kind, mult = "lora", cfg.lr_mult_lora
         elif id(p) in head_ids:
             kind, mult = "head", cfg.lr_mult_head
         elif "cross_modal" in name:
@@ -522,6 +540,7 @@ def derived_entries(r: Run, mode: str) -> dict:
 def write_model(r: Run, summary: dict) -> Path:
     """Rank 0: the model directory (selected weights, labels, provenance, the run's summary), its summary and log."""
     from ..model_dir import save_model_dir
+    from ..nn.lora import merged
 
     model = r.model
     pre_out = dict(r.loaded.preprocess)
@@ -530,10 +549,11 @@ def write_model(r: Run, summary: dict) -> Path:
     derived = derived_entries(r, summary["mode"])
     was_training = model.training
     model.eval()
-    out = save_model_dir(model.cpu(), r.output, tokenizer=r.processor or r.loaded.tokenizer, labels=r.labels,
-                         provenance=derived["provenance"],
-                         extra={"preprocess": pre_out, "reference": derived["reference"], "finetune": finetune_section,
-                                **r.rule.model_sections(summary)})
+    with merged(model.cpu()):  # LoRA folded into the weights: the directory holds the family's own layout
+        out = save_model_dir(model, r.output, tokenizer=r.processor or r.loaded.tokenizer, labels=r.labels,
+                             provenance=derived["provenance"],
+                             extra={"preprocess": pre_out, "reference": derived["reference"],
+                                    "finetune": finetune_section, **r.rule.model_sections(summary)})
     model.to(r.info.device).train(was_training)
     ck.write_json(Path(out) / "finetune_summary.json", summary)
     ck.write_jsonl(Path(out) / "finetune_log.jsonl", r.history)

@@ -36,7 +36,9 @@ def distill_weight_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 def teacher_model(model, cfg: TrainConfig):
     """The distillation teacher's weights: ``model`` itself (teacher "self": its full-capacity pass) or a
-    frozen copy of it as it is now, in eval mode (teacher "start"; build it before training moves the weights)."""
+    frozen copy of it as it is now, in eval mode (teacher "start"; build it before training moves the weights).
+    With LoRA (lora_rank > 0) teacher "self" runs the same adapted weights as the student; the "start" copy holds
+    the adapters at B = 0, frozen, so it stays the starting model."""
     return copy.deepcopy(model).eval().requires_grad_(False) if cfg.teacher == "start" else model
 
 
