@@ -193,3 +193,36 @@ def test_scenes_folder_compares_with_object_counts(model_dir, tmp_path):
     assert rep["inputs"]["calibration"] == [3, 4] and [m["name"] for m in rows_of(rep, "baseline")] == ["random", "pool"]
     st = rows_of(rep, "smarttrim")[0]
     assert sum(b["n"] for b in st["by_objects"]) == 3
+
+
+def test_fixed_keep_cost_is_the_trimmers_at_a_fixed_ratio_measured_by_hand(by_hand):
+    """compare.fixed_keep_cost: the GMACs ratio keeping a share of the image tokens gives (what turns an image-token
+    keep ratio into SmartTrim's GMACs target), against each input's full and fixed-ratio forwards by hand."""
+    import math
+
+    from smarttrim_cli.errors import SmartTrimError
+    from smarttrim_cli.profiling.compare import fixed_keep_cost
+    from smarttrim_cli.trim.cost import total_macs
+
+    _, m, rows = by_hand
+    batches = [r["batch"] for r in rows]
+    N = m.config.image_tokens
+    got = {k: fixed_keep_cost(m, batches, k) for k in (0.25, 0.5, 1.0)}
+    for k, c in got.items():
+        full, trim, kept = [], [], []
+        with torch.no_grad():
+            for b in batches:
+                full.append(float(total_macs(m.run(b, mode="full", record=True)[1].records)))
+                _, ctx = m.run(b, mode="hard", keep_ratio=k, record=True)
+                trim.append(float(total_macs(ctx.records)))
+                kept.append(int(ctx.decisions["tok:image_0"].sum()))
+        assert c["gmacs_ratio"] == pytest.approx(sum(trim) / sum(full), rel=1e-9)
+        assert c["gmacs_full_mean"] == pytest.approx(np.mean(full) / 1e9, rel=1e-9)
+        assert c["image_tokens_mean"] == pytest.approx(np.mean(kept)) and c["image_tokens_full"] == N
+        assert c["n_inputs"] == len(batches) and c["keep_ratio"] == k
+        # top-k of the trimmer's scores, plus the first token the family always keeps when it is not among them
+        assert all(math.ceil(k * N) <= n <= min(N, math.ceil(k * N) + 1) for n in kept)
+    # fewer image tokens, a cheaper prefill; keeping all of them costs the full model plus the trimmer
+    assert got[0.25]["gmacs_ratio"] < got[0.5]["gmacs_ratio"] < 1.0 < got[1.0]["gmacs_ratio"] < 1.05
+    with pytest.raises(SmartTrimError, match="keep ratio"):
+        fixed_keep_cost(m, batches, 0.0)

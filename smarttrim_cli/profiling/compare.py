@@ -128,6 +128,39 @@ class EvalSet:
         return row
 
 
+def fixed_keep_cost(model, batches, keep_ratio: float, streams=None, n_full: int | None = None) -> dict:
+    """What keeping ``keep_ratio`` of the tokens at each of the model's own token trimmers costs on ``batches``:
+    each batch's hard forward with the trimmers at that fixed ratio (``TrimContext.keep_ratio``: top-k of the
+    trimmer's scores, the trimmer's own cost counted, as a trained SmartTrim pays it) against its untrimmed
+    forward, both by the cost model. Turns an image-token keep ratio into the GMACs target SmartTrim trains to.
+    ``streams``: where kept image tokens are counted (default the family's image streams); ``n_full``: the
+    untrimmed image-token count (default the family's). -> {keep_ratio, gmacs_ratio (ratio of the means, as
+    ``summarize``'s), gmacs_mean, gmacs_full_mean, image_tokens_mean, image_tokens_full, n_inputs}."""
+    from ..backbones import family_of
+
+    if not 0.0 < float(keep_ratio) <= 1.0:
+        raise SmartTrimError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+    if not model.token_trimmers:
+        raise SmartTrimError("fixed_keep_cost: the model has no token trimmers to run at a fixed ratio")
+    streams = image_streams(model) if streams is None else tuple(streams)
+    n_full = int(family_of(model).image_tokens(model.config) if n_full is None else n_full)
+    full, trim, toks = [], [], []
+    with torch.no_grad():
+        for b in batches:
+            _, cf = model.run(b, mode="full", record=True)
+            _, ct = model.run(b, mode="hard", keep_ratio=float(keep_ratio), record=True)
+            full.append(torch.as_tensor(total_macs(cf.records), dtype=torch.float64).reshape(-1).cpu())
+            trim.append(torch.as_tensor(total_macs(ct.records), dtype=torch.float64).reshape(-1).cpu())
+            t = image_tokens_final(ct, streams)
+            toks.append(t.double() if t is not None else torch.full_like(trim[-1], float(n_full)))
+    if not full:
+        raise SmartTrimError("fixed_keep_cost: no inputs")
+    f, t, k = torch.cat(full), torch.cat(trim), torch.cat(toks)
+    return {"keep_ratio": float(keep_ratio), "gmacs_ratio": float(t.sum() / f.sum()),
+            "gmacs_mean": float(t.mean()) / 1e9, "gmacs_full_mean": float(f.mean()) / 1e9,
+            "image_tokens_mean": float(k.mean()), "image_tokens_full": n_full, "n_inputs": int(f.numel())}
+
+
 def split_positions(size: int, limit: int | None, calib_limit: int, overlap_ok: bool = False) -> tuple:
     """(evaluated count, calibration start, calibration count) of split_inputs' rule over ``size`` inputs."""
     n = size if limit is None else min(size, int(limit))
