@@ -127,6 +127,11 @@ def test_hard_equals_soft_given_the_same_decisions(tower):
     assert bool((ch.decisions["tok:vision_1"][:, :f + 1] == 1).all())  # [CLS] and the first image token kept
     rows = text_rows(b)
     assert (hard[rows] - soft[rows]).abs().max() < 1e-5
+    with torch.no_grad():  # alone, hard mode slices out the dropped heads (in a batch, only those no input keeps)
+        for i in range(len(PROMPTS)):
+            bi, keep = one(b, i), b["attention_mask"][i] > 0
+            alone, _ = m.run(bi, mode="hard", forced={k: v[i:i + 1] for k, v in forced.items()})
+            assert (alone[0][rows[i][keep]] - soft[i][rows[i]]).abs().max() < 1e-5, i
     # the cost records agree too (soft: sums of the same masks)
     assert torch.allclose(total_macs(ch.records), total_macs(cs.records))
 
