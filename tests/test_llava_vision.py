@@ -269,3 +269,26 @@ def test_onnx_image_graph_with_tower_trimmers_equals_pytorch_hard(clip, tmp_path
                 _, ctx = model.run(bi, mode="hard", threshold=thr, record=True)
             tower_dropped += int(ctx.decisions["tok:vision_1"].sum() < ctx.decisions["tok:vision_1"].numel())
     assert tower_dropped >= 3
+
+
+def test_label_free_finetune_trains_the_tower_trimmers_and_leaves_the_model_frozen(tmp_path, monkeypatch):
+    """``recipes/llava.yaml`` with tower trimmers attached: the tower's trimmers learn with the image trimmer, the
+    language model, tower and projector stay bit-identical."""
+    from smarttrim_cli.train.loop import finetune
+
+    from test_llava_finetune import SETTINGS, write_prompts
+
+    src = write_tiny_llava(tmp_path / "src", seed=6)
+    monkeypatch.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    attach(src, out_dir=tmp_path / "attached", token_layers={"vision": [1]}, head_layers={"vision": [1]})
+    data = write_prompts(tmp_path / "prompts", 8)
+    res = finetune(tmp_path / "attached", tmp_path / "out", progress=False, device="cpu",
+                   overrides={**SETTINGS, "data_dir": str(data), "epochs": 2, "limit": 8, "val_limit": 4})
+    start = smarttrim_cli.load(tmp_path / "attached").model.state_dict()
+    end = smarttrim_cli.load(res.output).model.state_dict()
+    assert start.keys() == end.keys()
+    for pre in ("token_trimmers.vision_1.", "head_trimmers.vision_1.", "token_trimmers.image_0."):
+        assert any(not torch.equal(start[k], end[k]) for k in end if k.startswith(pre)), pre
+    frozen = [k for k in end if not k.startswith(("token_trimmers.", "head_trimmers."))]
+    assert len(frozen) > 50 and all(torch.equal(start[k], end[k]) for k in frozen)
