@@ -62,12 +62,16 @@ def varied(m, b, seed=0):
     return m
 
 
+def tower_tokens(m) -> int:
+    """Tokens of the tower's sequence: the patches, and [CLS] for CLIP."""
+    v = m.hf.config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (1 if v.model_type == "clip_vision_model" else 0)
+
+
 def forced_decisions(m, B, seed=3):
     """Random decisions for every trimmer position (token masks over original positions, head masks)."""
     g = torch.Generator().manual_seed(seed)
-    n_tok = m.hf.config.vision_config.image_size // m.hf.config.vision_config.patch_size
-    n_tok = n_tok * n_tok + (1 if m.hf.config.vision_config.model_type == "clip_vision_model" else 0)
-    out = {k: (torch.rand(B, n_tok, generator=g) > 0.4).float() for k in TOK[:2]}
+    out = {k: (torch.rand(B, tower_tokens(m), generator=g) > 0.4).float() for k in TOK[:2]}
     out[TOK[2]] = (torch.rand(B, m.config.image_tokens, generator=g) > 0.3).float()
     out.update({k: (torch.rand(B, m.config.vision_heads, generator=g) > 0.5).float() for k in HEAD})
     return out
@@ -292,3 +296,36 @@ def test_label_free_finetune_trains_the_tower_trimmers_and_leaves_the_model_froz
         assert any(not torch.equal(start[k], end[k]) for k in end if k.startswith(pre)), pre
     frozen = [k for k in end if not k.startswith(("token_trimmers.", "head_trimmers."))]
     assert len(frozen) > 50 and all(torch.equal(start[k], end[k]) for k in frozen)
+
+
+def test_profile_reports_a_tower_trimmed_model_with_its_fvcore_check(clip, tmp_path, monkeypatch):
+    """``smarttrim profile`` on a model trimming inside the tower: the report's cost equals fvcore's and the kept
+    image tokens are the last image decision's (image_0: the tower's drops included)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llava_data import by_hand, write_images, write_prompts
+
+    src, out = clip
+    d, data = tmp_path / "model", tmp_path / "prompts"
+    shutil.copytree(out, d)  # the attached directory (its whole processor), with input-dependent trimmers
+    loaded = smarttrim_cli.load(d)
+    varied(loaded.model, tiny_inputs(src, PROMPTS))
+    save_file({k: v.detach().contiguous() for k, v in loaded.model.state_dict().items()}, str(d / "model.safetensors"))
+    data.mkdir()
+    write_images(data, len(PROMPTS))
+    write_prompts(data, PROMPTS, [["red"], ["yes"], ["circle"]])
+    monkeypatch.setenv("SMARTTRIM_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(app, ["profile", str(d), "--dataset", "prompts", "--data-dir", str(data), "--out",
+                                 str(tmp_path / "rep"), "--max-new-tokens", "2", "--iters", "1", "--warmup", "0",
+                                 "--throughput-batches", "1", "--fvcore-limit", "2"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["flops"]["fvcore_check"]["max_rel_diff"] < 1e-9
+    _, rows = by_hand(d, data, 2)
+    per = rep["per_input"]
+    assert [p["image_tokens_final"] for p in per] == [h["kept"] for h in rows]
+    tower = [int(h["ctx"].decisions["tok:vision_1"].sum()) for h in rows]
+    assert min(tower) < tower_tokens(loaded.model), tower  # the tower trimmed these inputs
+    assert rep["flops"]["trimmed"]["mean"] < rep["flops"]["full"]["mean"]

@@ -5,6 +5,15 @@ projected image features, guided by the prompt (the masked mean of its text-toke
 excluded), so each input keeps its own number of image tokens. The first image token is always kept (base.py's
 rule: no input loses its image entirely).
 
+Opt-in, inside the vision tower (stream ``vision``, ``--token-layers vision=...`` / ``--head-layers vision=...``;
+the default placement is image_0 alone): token trimmers before chosen tower layers and head trimmers in them, as
+in the paper's uni-modal encoders, guided by the same prompt guide. The tower then runs layer by layer here
+(``trim_tower``) from transformers' modules (embeddings, CLIP's pre-LayerNorm, the encoder layers up to
+``vision_feature_layer``), attention on the shared core (nn/attention.py), equal to ``get_image_features`` with
+nothing dropped. [CLS] and the first image token are never dropped; a token dropped in the tower never reaches
+the projector and is a dropped image token in the LM's sequence (hard: absent; soft: keep 0 carried into
+image_0's mask); the survivors keep their index in the image run, hence their LM position ids.
+
 Layout (the choice this module makes): **kept tokens keep their original position ids**, the ones the untrimmed
 sequence gives them (``cumsum(attention_mask) - 1``, as transformers' ``generate`` numbers a left-padded prompt),
 so RoPE sees distances of the layout the model was trained on; dropped tokens leave gaps. Per mode:
