@@ -329,3 +329,30 @@ def test_profile_reports_a_tower_trimmed_model_with_its_fvcore_check(clip, tmp_p
     tower = [int(h["ctx"].decisions["tok:vision_1"].sum()) for h in rows]
     assert min(tower) < tower_tokens(loaded.model), tower  # the tower trimmed these inputs
     assert rep["flops"]["trimmed"]["mean"] < rep["flops"]["full"]["mean"]
+
+
+@pytest.mark.parametrize("name", ["pool", "visionzip", "divprune", "dart", "fastv"])
+def test_image_token_baselines_act_after_the_projector_only(clip, name):
+    """On a model trimming inside the tower, the image-token baselines still decide at image_0 (the tokens entering
+    the LM) and give what they give on the same model without tower trimmers."""
+    from smarttrim_cli.backbones.llava import default_trim_config
+    from smarttrim_cli.baselines import get_baseline
+
+    src, out = clip
+    b = tiny_inputs(src, PROMPTS)
+    tower = smarttrim_cli.load(out).model
+    plain = smarttrim_cli.load(out).model
+    plain.attach_trimmers(default_trim_config(plain.config))
+    assert tower.tower_trimmed() and not plain.tower_trimmed()
+    got = {}
+    for key, m in (("tower", tower), ("plain", plain)):
+        bl = get_baseline(name)
+        bl.keep_ratio = 0.5
+        with torch.no_grad():
+            got[key] = bl.apply(m).run(b, record=True)
+    (lt, ct), (lp, cp) = got["tower"], got["plain"]
+    assert set(ct.decisions) == {"tok:image_0"}
+    assert torch.equal(ct.decisions["tok:image_0"].bool(), cp.decisions["tok:image_0"].bool())
+    assert 0 < ct.decisions["tok:image_0"].sum() < ct.decisions["tok:image_0"].numel()
+    rows = text_rows(b)
+    assert (lt[rows] - lp[rows]).abs().max() < 1e-5
