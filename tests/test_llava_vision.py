@@ -273,6 +273,12 @@ def test_onnx_image_graph_with_tower_trimmers_equals_pytorch_hard(clip, tmp_path
                 _, ctx = model.run(bi, mode="hard", threshold=thr, record=True)
             tower_dropped += int(ctx.decisions["tok:vision_1"].sum() < ctx.decisions["tok:vision_1"].numel())
     assert tower_dropped >= 3
+    rep = run_export(d, tmp_path / "legacy.onnx", exporter="legacy", timing=False)  # the kept counts stay dynamic
+    assert rep.ok and rep.export.exporter == "legacy", rep.failure_line()
+    sess = ort.InferenceSession(str(tmp_path / "legacy.onnx"), providers=["CPUExecutionProvider"])
+    for thr in (0.3, 0.8):
+        np.testing.assert_array_equal(ort_kept(model, sess, one(b, 0), thr)["image_positions"][0],
+                                      torch_kept(model, one(b, 0), thr)[2])
 
 
 def test_label_free_finetune_trains_the_tower_trimmers_and_leaves_the_model_frozen(tmp_path, monkeypatch):
