@@ -221,6 +221,7 @@ def test_attach_cli_vision_options_then_load_is_bit_exact(tmp_path):
     r = CliRunner().invoke(app, ["attach", str(src), "-o", str(out), "--token-layers", "vision=1",
                                  "--head-layers", "vision=1"])
     assert r.exit_code == 0, r.output
+    assert "head trimmers" in r.output and "1: vision [1]" in r.output and "co-attention" not in r.output
     trim = json.loads((out / "config.json").read_text())["trim"]
     assert trim["token_layers"] == {"image": [0], "vision": [1]} and trim["head_layers"] == {"vision": [1]}
     a, c = smarttrim_cli.load(out).model, smarttrim_cli.load(out).model
