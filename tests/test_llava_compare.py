@@ -151,9 +151,9 @@ def test_image_tokens_final_reads_the_image_streams_of_the_contract(by_hand):
 
     _, m, rows = by_hand
     ctx = rows[0]["ctx"]
-    assert image_streams(m) == ("image",)
+    assert image_streams(m) == ("vision", "image")  # the tower's (opt-in, no trimmers here), then the projected
     assert image_tokens_final(ctx, image_streams(m)).tolist() == [rows[0]["kept"]]
-    assert image_tokens_final(ctx, ("vision", "ximage")) is None  # another family's names count nothing here
+    assert image_tokens_final(ctx, ("vision", "ximage")) is None  # streams without decisions count nothing
     ctx.decisions["tok:image_1"] = torch.ones(1, 3, dtype=torch.bool)  # a later position of the stream wins
     try:
         assert image_tokens_final(ctx, image_streams(m)).tolist() == [3]

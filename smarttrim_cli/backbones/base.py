@@ -239,6 +239,7 @@ class Stream:
     n_orig: int = 0
     key_bias: torch.Tensor | None = None  # (B, n) extra additive key bias, e.g. log token sizes (ToMe)
     size: torch.Tensor | None = None      # (B, n) original tokens each slot stands for (token fusion only)
+    reserved: int = 1            # leading tokens never dropped ([CLS]; LLaVA's tower: [CLS] and the first image token)
 
     @classmethod
     def start(cls, x, valid, mode: str, all_valid: bool):
@@ -279,9 +280,10 @@ class Stream:
         self.all_valid = self.x.shape[0] == 1  # batch of one: every gathered token is real
 
 
-def _cls_kept(mask: torch.Tensor) -> torch.Tensor:
-    """Force token 0 ([CLS]) kept without in-place writes (autograd and export friendly)."""
-    return torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+def _cls_kept(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """Force the first ``n`` tokens ([CLS]) kept without in-place writes (autograd and export friendly). Kept
+    always, they stay the first ``n`` slots after every gather, so hard and soft mode reserve the same tokens."""
+    return torch.cat([torch.ones_like(mask[:, :n]), mask[:, n:]], dim=1)
 
 
 class TrimmableModel(nn.Module):
@@ -408,7 +410,7 @@ class TrimmableModel(nn.Module):
             else:
                 m = st_keep(logits, ctx.tau, self.training, ctx.threshold, ctx.gumbel_noise(key, logits))
             before = alive.sum(1).clamp_min(1.0)
-            kept = s.soft_keep * _cls_kept(m * s.valid)
+            kept = s.soft_keep * _cls_kept(m * s.valid, s.reserved)
             ctx.decisions[key] = kept.detach()
             self._soft_keep(s, alive, kept, logits, fuse, ctx, key)
             ctx.keep_fraction[key] = s.soft_keep.sum(1) / before
@@ -420,7 +422,7 @@ class TrimmableModel(nn.Module):
                 keep = keep_topk(logits, s.valid, ctx.keep_ratio, reserve_cls=False)
             else:
                 keep = above_threshold(logits, ctx.threshold)
-            keep = _cls_kept(keep & (s.valid > 0))
+            keep = _cls_kept(keep & (s.valid > 0), s.reserved)
             if ctx.record:
                 ctx.decisions[key] = s.kept_positions(keep)
             if fuse:

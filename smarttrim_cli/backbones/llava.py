@@ -5,6 +5,15 @@ projected image features, guided by the prompt (the masked mean of its text-toke
 excluded), so each input keeps its own number of image tokens. The first image token is always kept (base.py's
 rule: no input loses its image entirely).
 
+Opt-in, inside the vision tower (stream ``vision``, ``--token-layers vision=...`` / ``--head-layers vision=...``;
+the default placement is image_0 alone): token trimmers before chosen tower layers and head trimmers in them, as
+in the paper's uni-modal encoders, guided by the same prompt guide. The tower then runs layer by layer here
+(``trim_tower``) from transformers' modules (embeddings, CLIP's pre-LayerNorm, the encoder layers up to
+``vision_feature_layer``), attention on the shared core (nn/attention.py), equal to ``get_image_features`` with
+nothing dropped. [CLS] and the first image token are never dropped; a token dropped in the tower never reaches
+the projector and is a dropped image token in the LM's sequence (hard: absent; soft: keep 0 carried into
+image_0's mask); the survivors keep their index in the image run, hence their LM position ids.
+
 Layout (the choice this module makes): **kept tokens keep their original position ids**, the ones the untrimmed
 sequence gives them (``cumsum(attention_mask) - 1``, as transformers' ``generate`` numbers a left-padded prompt),
 so RoPE sees distances of the layout the model was trained on; dropped tokens leave gaps. Per mode:
@@ -29,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmartTrimError
-from ..nn.attention import NEG
+from ..nn.attention import NEG, multi_head_attention
 from ..preprocess import CLIP_MEAN, CLIP_STD
 from ..trim.config import TrimConfig
 from ..trim.context import LayerCost, TrimContext, count
@@ -55,6 +64,27 @@ class LlavaConfig(FamilyConfig):
     boundaries: int = 1                      # trimmer positions on the image stream (after the projector)
     max_text_len: int = 64                   # text tokens of the prompt used for cost summaries
     extra: dict = field(default_factory=dict)
+
+    # the vision tower's geometry, read from ``hf`` (not stored: directories written before the stream existed
+    # load unchanged)
+    @property
+    def _vision(self) -> dict:
+        return self.hf.get("vision_config") or {}
+
+    @property
+    def vision_layers(self) -> int:
+        """Tower layers up to ``vision_feature_layer`` (the ``vision`` stream's positions; hidden_states[0] is the
+        embeddings)."""
+        k = int(self.hf.get("vision_feature_layer", -2))
+        return k if k >= 0 else int(self._vision.get("num_hidden_layers", 24)) + 1 + k
+
+    @property
+    def vision_hidden(self) -> int:
+        return int(self._vision.get("hidden_size", 1024))
+
+    @property
+    def vision_heads(self) -> int:
+        return int(self._vision.get("num_attention_heads", 16))
 
 
 def default_trim_config(cfg: LlavaConfig) -> TrimConfig:
@@ -104,9 +134,24 @@ def soft_mask(keyw: torch.Tensor, valid: torch.Tensor, dtype) -> torch.Tensor:
     return torch.where(allowed, bias.unsqueeze(1), torch.finfo(dtype).min).unsqueeze(1)
 
 
+def _tower_layer(layer, x, heads: int, key_add=None, policy=None, gate=None, idx=None):
+    """One CLIP/SigLIP encoder layer (pre-LN) from transformers' own modules, its attention on the shared core
+    (nn/attention.py: padding mask, soft keep policy, head gate / kept head indices)."""
+    a = layer.self_attn
+    h = layer.layer_norm1(x)
+    x = x + multi_head_attention(h, h, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                                 a.v_proj.weight, a.v_proj.bias, a.out_proj.weight, a.out_proj.bias, heads,
+                                 key_add, policy, gate, idx)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
 class LlavaModel(TrimmableModel):
     family = "llava"
-    streams = {"image": StreamSpec(layers="boundaries", width="text_hidden", guide="text_hidden", tokens=True,
+    # forward order: the tower's tokens, then the projected image tokens (reports count the last decision)
+    streams = {"vision": StreamSpec(layers="vision_layers", width="vision_hidden", guide="text_hidden",
+                                    heads="vision_heads", image=True,
+                                    note="the vision tower's layers up to vision_feature_layer, opt-in"),
+               "image": StreamSpec(layers="boundaries", width="text_hidden", guide="text_hidden", tokens=True,
                                    self_attention=False, image=True,
                                    note="one position: the projected image tokens entering the language model")}
     input_names = ("input_ids", "attention_mask", "pixel_values")
@@ -146,25 +191,87 @@ class LlavaModel(TrimmableModel):
         out = self.hf.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         return torch.stack(list(out.pooler_output))
 
+    # ----- the image tokens: tower (run here where it is trimmed), projector -------------------------------
+    def tower_trimmed(self) -> bool:
+        """Whether trimmers sit inside the vision tower (the ``vision`` stream, opt-in)."""
+        return any(k.startswith("vision_") for k in (*self.token_trimmers, *self.head_trimmers))
+
+    def _feature_start(self) -> int:
+        """Index of the first feature token in the tower's sequence: the "default" strategy drops token 0
+        ([CLS] for CLIP), as transformers' ``get_image_features`` does."""
+        return 1 if self.hf.config.vision_feature_select_strategy == "default" else 0
+
+    def image_stream(self, pixel_values, guide, ctx: TrimContext, dtype=None) -> Stream:
+        """The projected image tokens (fp32) as the ``image`` stream, before ``image_0``: transformers'
+        ``get_image_features`` when the tower is untrimmed (or in full mode), else the tower run here layer by layer.
+        Tokens dropped in the tower are absent (hard) or have keep 0 (soft); the others keep their index in the
+        image run, so the LM's layout (and position ids) is the untrimmed one. ``dtype``: the LM's (None: the
+        tower's)."""
+        if ctx.mode == "full" or not self.tower_trimmed():
+            feats = self.image_features(pixel_values)
+            feats = feats if dtype is None else feats.to(dtype)
+            B, N, _ = feats.shape
+            self._record_vision(ctx, B, N, feats.device)
+            return Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        v = self.trim_tower(pixel_values, guide, ctx)
+        f = self._feature_start()
+        x = self.hf.model.multi_modal_projector(v.x[:, f:])  # hard: dropped tokens never reach the projector
+        x = (x if dtype is None else x.to(dtype)).float()
+        keep = None if v.soft_keep is None else v.soft_keep[:, f:].float()
+        N = v.n_orig - f
+        s = Stream(x, v.valid[:, f:].float(), v.pos[:, f:] - f, torch.full_like(v.n_full, N), keep, v.all_valid, N)
+        self._record_projector(ctx, s.count(), s.n_full)
+        return s
+
+    def trim_tower(self, pixel_values, guide, ctx: TrimContext) -> Stream:
+        """The vision tower up to ``vision_feature_layer`` from transformers' modules (embeddings, CLIP's
+        pre-LayerNorm, encoder layers), trimmed inside: token trimmer ``vision_<i>`` decides which tokens enter
+        layer i, head trimmer ``vision_<i>`` gates its heads, both guided by the prompt (``guide``). -> the stream
+        at the feature layer; ``pos``: index in the tower's sequence ([CLS] first for CLIP), which always keeps
+        its first ``_feature_start() + 1`` tokens ([CLS], and the first image token as ``image_0`` does)."""
+        vt = self.hf.model.vision_tower
+        x = vt.embeddings(pixel_values)
+        pre = getattr(vt, "pre_layrnorm", None)  # CLIP's; SigLIP has none
+        if pre is not None:
+            x = pre(x)
+        B, n, _ = x.shape
+        self._record_embed(ctx, B, x.device)
+        s = Stream.start(x, torch.ones(B, n, device=x.device), ctx.mode, all_valid=True)
+        s.reserved = self._feature_start() + 1
+        c, dims = self.config, self._vision_dims()
+        for i, layer in enumerate(vt.encoder.layers[:c.vision_layers]):
+            self.token_step(f"vision_{i}", s, guide, ctx)
+            gate, idx, h = self.head_step(f"vision_{i}", self._tower_summary(s, pre is not None), guide, ctx)
+            s.x = _tower_layer(layer, s.x, c.vision_heads, s.key_add(), s.soft_keep, gate, idx)
+            ctx.add(LayerCost(f"vision_{i}", "clip_block", dims, n=s.count(), n_full=s.n_full, h=h))
+        return s
+
+    @staticmethod
+    def _tower_summary(s: Stream, cls: bool) -> torch.Tensor:
+        """The tower's own summary for a head trimmer: [CLS] (CLIP), else the mean of the live tokens (SigLIP)."""
+        if cls:
+            return s.x[:, 0]
+        w = (s.soft_keep if s.soft_keep is not None else s.valid).unsqueeze(-1).to(s.x.dtype)
+        return (s.x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
     def prefill(self, input_ids, attention_mask, pixel_values, ctx: TrimContext, pack: bool = False) -> Prefill:
         """Trim (per ``ctx``) and build the LM's inputs. ``pack``: left-packed even in full mode (generate)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         valid, is_img, img_idx, pos = self._layout(input_ids, attention_mask)
         text = self.hf.get_input_embeddings()(input_ids)
-        feats = self.image_features(pixel_values).to(text.dtype)
-        B, N, _ = feats.shape
-        self._record_vision(ctx, B, N, feats.device)
         # the trimmer decides in fp32 whatever the model's dtype (bf16 -> fp32 -> bf16 leaves the features exact)
         tmask = (valid & ~is_img).unsqueeze(-1).float()
         guide = (text.float() * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
-        s = Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        s = self.image_stream(pixel_values, guide, ctx, text.dtype)
+        B, N = s.x.shape[0], s.n_orig
         self.token_step("image_0", s, guide, ctx)
         if ctx.mode == "hard":  # back to the (B, N) layout: kept rows in place, the rest unused
             kept_img = s.kept_positions() > 0
-            feats = torch.zeros_like(feats).scatter(1, s.pos.unsqueeze(-1).expand(-1, -1, feats.shape[-1]),
-                                                    s.x.to(feats.dtype))
+            feats = s.x.new_zeros(B, N, s.x.shape[-1]).to(text.dtype).scatter(
+                1, s.pos.unsqueeze(-1).expand(-1, -1, s.x.shape[-1]), s.x.to(text.dtype))
         else:
+            feats = s.x.to(text.dtype)
             kept_img = torch.ones(B, N, dtype=torch.bool, device=feats.device)
         embeds = torch.where(is_img.unsqueeze(-1), gather_rows(feats, img_idx), text)
         n_full = count(valid)
@@ -208,31 +315,45 @@ class LlavaModel(TrimmableModel):
                                 max_new_tokens=max_new_tokens, **generate_kwargs)
 
     # ----- cost records (trim/cost.py) ----------------------------------------------------------------------
-    def _record_vision(self, ctx, B, N, device):
-        """The tower up to the feature layer (what the features depend on: fvcore's count of the traced graph;
-        transformers also runs the layers after it, whose output nothing reads), then the projector."""
+    def _vision_dims(self) -> dict:
+        v = self.hf.config.vision_config
+        return {"d": v.hidden_size, "dff": v.intermediate_size, "dh": v.hidden_size // v.num_attention_heads,
+                "H": v.num_attention_heads}
+
+    def _tower_tokens(self) -> int:
+        v = self.hf.config.vision_config
+        return (v.image_size // v.patch_size) ** 2 + (1 if v.model_type == "clip_vision_model" else 0)
+
+    def _record_embed(self, ctx, B, device):
+        """The patch embedding and CLIP's pre-LayerNorm: before any tower trimmer, always untrimmed."""
         if not ctx.record:
             return
-        hc = self.hf.config
-        v = hc.vision_config
+        v = self.hf.config.vision_config
         n_patch = (v.image_size // v.patch_size) ** 2
-        clip = v.model_type == "clip_vision_model"
-        n_tok = n_patch + (1 if clip else 0)
-        k = hc.vision_feature_layer
-        layers = k if k >= 0 else v.num_hidden_layers + 1 + k  # hidden_states[0] is the embeddings
         ones = torch.ones(B, device=device)
-        dims = {"d": v.hidden_size, "dff": v.intermediate_size, "dh": v.hidden_size // v.num_attention_heads,
-                "H": v.num_attention_heads}
         ctx.add(LayerCost("vision_patch", "linear", {"din": 3 * v.patch_size ** 2, "dout": v.hidden_size},
                           n=ones * n_patch, n_full=ones * n_patch))
-        if clip:  # CLIP's pre-LayerNorm
+        if v.model_type == "clip_vision_model":  # CLIP's pre-LayerNorm
+            n_tok = self._tower_tokens()
             ctx.add(LayerCost("vision_pre_ln", "ln", {"d": v.hidden_size}, n=ones * n_tok, n_full=ones * n_tok))
-        for i in range(layers):
-            ctx.add(LayerCost(f"vision_{i}", "clip_block", dims, n=ones * n_tok, n_full=ones * n_tok))
+
+    def _record_projector(self, ctx, n, n_full):
         proj = self.hf.model.multi_modal_projector
         for lin in (proj.linear_1, proj.linear_2):
             ctx.add(LayerCost("projector", "linear", {"din": lin.in_features, "dout": lin.out_features},
-                              n=ones * N, n_full=ones * N))
+                              n=n, n_full=n_full))
+
+    def _record_vision(self, ctx, B, N, device):
+        """The untrimmed tower up to the feature layer (what the features depend on: fvcore's count of the traced
+        graph; transformers also runs the layers after it, whose output nothing reads), then the projector."""
+        if not ctx.record:
+            return
+        self._record_embed(ctx, B, device)
+        ones = torch.ones(B, device=device)
+        n_tok, dims = self._tower_tokens(), self._vision_dims()
+        for i in range(self.config.vision_layers):
+            ctx.add(LayerCost(f"vision_{i}", "clip_block", dims, n=ones * n_tok, n_full=ones * n_tok))
+        self._record_projector(ctx, ones * N, ones * N)
 
     def _record_lm(self, ctx, p: Prefill, with_head: bool):
         if not ctx.record:
@@ -260,9 +381,7 @@ class LlavaModel(TrimmableModel):
     def trim_image(self, pixel_values, guide, ctx: TrimContext) -> Stream:
         """The image tokens through the trimmer alone (``prefill``'s first half): ``s.x`` the kept projected
         features (fp32), ``s.pos`` their indices in the image run."""
-        feats = self.image_features(pixel_values)
-        B, N, _ = feats.shape
-        s = Stream.start(feats.float(), torch.ones(B, N, device=feats.device), ctx.mode, all_valid=True)
+        s = self.image_stream(pixel_values, guide.float(), ctx)
         self.token_step("image_0", s, guide.float(), ctx)
         return s
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.base import _cls_kept
+from ..backbones.base import _cls_kept, image_streams
 from ..errors import SmartTrimError
 from .common import Applied, Policy, RatioBaseline, add_overhead, token_positions
 
@@ -42,6 +42,17 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     s = torch.cat([torch.full_like(score[:, :1], float("inf")), score[:, 1:].float()], dim=1)
     rank = s.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     return rank < k
+
+
+def image_positions(model, layers=None) -> list[str]:
+    """Where the rules act: ``layers``, default the model's token positions on its last image stream (backbones/
+    base.py ``image_streams``, forward order): where the projected image tokens enter the language model (LLaVA's
+    ``image_0``, not the positions of its opt-in trimmers inside the vision tower)."""
+    names = token_positions(model, layers)
+    streams = image_streams(model)
+    if layers is None and streams:
+        names = [n for n in names if n.rsplit("_", 1)[0] == streams[-1]]
+    return names
 
 
 def per_input(ctx, s, name: str, macs) -> None:
@@ -145,7 +156,7 @@ class ImageBaseline(RatioBaseline):
         return {}
 
     def policy(self, model):
-        return self.Policy(token_positions(model, self.layers), self.keep_ratio, **self.policy_kwargs())
+        return self.Policy(image_positions(model, self.layers), self.keep_ratio, **self.policy_kwargs())
 
     def apply(self, model) -> Applied:
         return ImageApplied(model, {"policy": self.policy(model)}, baseline=self)

@@ -66,7 +66,9 @@ def attach(
     fmt = lambda d: "; ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
     t.add_row("token trimmers", f"{s['n_token_trimmers']}: {fmt(s['token_trimmers'])}"
               + (f"; dropped tokens fused ({s.get('fuse_mode', 'single')})" if s.get("fuse") else ""))
-    t.add_row("head trimmers", f"{s['n_head_trimmers']}: {fmt(s['head_trimmers'])} (co-attention: self + cross)")
+    co = any(len(res.model.streams[k].head_subs) > 1 for k in s["head_trimmers"])  # one per attention of a layer
+    t.add_row("head trimmers", f"{s['n_head_trimmers']}: {fmt(s['head_trimmers'])}"
+              + (" (co-attention: self + cross)" if co else ""))
     t.add_row("parameters added", f"{s['params_added']:,} ({s['params_added_pct']:.2f}% of {s['params_backbone']:,})")
     t.add_row("full model, one input", f"{s['full_gmacs']:.2f} GMACs (fvcore convention; text of {s['text_tokens']} tokens)")
     t.add_row("ignored unused keys", str(len(res.info["ignored_keys"])))

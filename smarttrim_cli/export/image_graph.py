@@ -1,4 +1,5 @@
-"""The image side of a wrapped decoder VLM (LLaVA) as one ONNX graph: vision tower + projector + token trimmer.
+"""The image side of a wrapped decoder VLM (LLaVA) as one ONNX graph: vision tower + projector + token trimmer
+(and the trimmers inside the tower, where attached: the model's own ``trim_image``).
 
 Inputs: ``pixel_values`` (1, 3, H, W), ``guide`` (1, D): the masked mean of the prompt's text-token embeddings
 (export/image_prefill.prompt_guide, from the LM's embedding table), ``threshold`` (0-d float). Outputs:
@@ -47,7 +48,7 @@ class ImageTrimGraph(nn.Module):
         self.m = model
         self.image_token_id, self.image_tokens = int(image_token_id), int(image_tokens)
         self.token_layers = [k for k in model.token_trimmers]
-        self.head_layers = []
+        self.head_layers = [k for k in model.head_trimmers]  # LLaVA's tower heads (stream vision), if attached
 
     def forward(self, pixel_values, guide, threshold):
         ctx = self.m.make_context(mode="hard", threshold=threshold, record=True)

@@ -39,7 +39,9 @@ class TokenTrimmer(nn.Module):
         nn.init.constant_(self.fc2.bias, init_keep)
 
     def forward(self, x: torch.Tensor, alive: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        xn = self.norm_x(x)
+        # decide in the trimmer's dtype whatever the stream's (a bf16 vision tower, fp32 trimmers)
+        xn = self.norm_x(x.to(self.norm_x.weight.dtype))
+        c = c.to(self.norm_c.weight.dtype)
         a = alive.unsqueeze(-1).to(xn.dtype)
         g = (xn * a).sum(1) / a.sum(1).clamp_min(1.0)
         n = x.shape[1]
