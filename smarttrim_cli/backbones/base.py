@@ -348,6 +348,10 @@ class TrimmableModel(nn.Module):
     def trimmer_parameters(self):
         return [p for n, p in self.named_parameters() if n.startswith(("token_trimmers.", "head_trimmers."))]
 
+    def unused_parameters(self):
+        """Parameters no forward ever reaches (the loop freezes them: DDP runs without find_unused_parameters)."""
+        return []
+
     def lora_module(self):
         """The language model whose linear layers LoRA may adapt (training setting lora_rank > 0), or None: the
         family supports no LoRA."""

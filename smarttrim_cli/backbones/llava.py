@@ -167,6 +167,15 @@ class LlavaModel(TrimmableModel):
             raise SmartTrimError("llava: token fusion (--fuse) is not supported; dropped image tokens are removed")
         return super().attach_trimmers(trim)
 
+    def unused_parameters(self):
+        """The tower's layers after ``vision_feature_layer`` and its post-LayerNorm: the LM reads hidden_states at
+        the feature layer, so no loss reaches them."""
+        vt = self.hf.model.vision_tower
+        mods = list(vt.encoder.layers[self.config.vision_layers:])
+        if getattr(vt, "post_layernorm", None) is not None:
+            mods.append(vt.post_layernorm)
+        return [p for m in mods for p in m.parameters()]
+
     def lora_module(self):
         return self.hf.model.language_model  # the decoder layers (q_proj ... down_proj); not the tower or projector
 

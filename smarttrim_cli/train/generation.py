@@ -36,6 +36,9 @@ class NextToken(Objective):
         x, lab, _ = shifted(logits, target)
         return F.cross_entropy(x.reshape(-1, x.shape[-1]), lab.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def loss_count(self, target):
+        return (target[:, 1:] != IGNORE_INDEX).sum()
+
     def distill_loss(self, student, teacher, target=None):
         if target is None:
             raise SmartTrimError("text distillation needs the labels (answer positions)")

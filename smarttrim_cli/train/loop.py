@@ -217,6 +217,11 @@ def setup(loaded, src: Path, cfg: TrainConfig, rec, info: D.DistInfo, output: Pa
             p.requires_grad_(False)
     if cfg.lora_rank:
         add_lora(model, cfg, src)
+    # parameters no loss reaches (LLaVA's tower layers after vision_feature_layer): frozen, else a trained backbone
+    # under DDP (find_unused_parameters=False) fails at its second step ("Expected to have finished reduction");
+    # in one process they get no gradient and AdamW skips them, so freezing changes nothing there
+    for p in model.unused_parameters():
+        p.requires_grad_(False)
     model.to(dev).train()
 
     # batch geometry

@@ -72,6 +72,12 @@ class Objective:
     def task_loss(self, logits, target):
         raise NotImplementedError
 
+    def loss_count(self, target):
+        """How many terms ``task_loss`` / ``distill_loss`` average over in this batch, where that is not the batch
+        size (a text objective: its answer tokens), else None. Under DDP, TrainStep reweights each rank's means by
+        it, so that the step's loss is the mean over the global batch's terms."""
+        return None
+
     def distill_loss(self, student, teacher, target=None):
         """``target``: the step's labels (a text objective distils on the answer tokens only)."""
         raise NotImplementedError

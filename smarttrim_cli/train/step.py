@@ -66,9 +66,10 @@ class TrainStep(nn.Module):
         inputs, target, index = self.objective.train_batch(m, inputs, target, index, rule.step)
         if pixel_values2 is not None:
             inputs["pixel_values2"] = pixel_values2
+        share = self._rank_share(target)
         if not rule.distills:
             logits = m(**inputs, ctx=rule.student_context(m, index))
-            lt = self.objective.task_loss(logits, target)
+            lt = self.objective.task_loss(logits, target) * share
             _, parts = rule.penalties(None, logits)
             return lt, {"task": lt.detach(), **parts}
         self._feats.clear()
@@ -81,15 +82,15 @@ class TrainStep(nn.Module):
                 teacher = tm(**inputs, ctx=tm.make_context(mode="full"))
         ctx = rule.student_context(m, index)
         logits = m(**inputs, ctx=ctx)
-        lt = self.objective.task_loss(logits, target)
+        lt = self.objective.task_loss(logits, target) * share
         parts = {"task": lt.detach()}
         loss = lt
         if teacher is not None:
-            ld = self.objective.distill_loss(logits, teacher, target)  # detaches the teacher's logits
+            ld = self.objective.distill_loss(logits, teacher, target) * share  # detaches the teacher's logits
             loss = loss + alpha * ld
             parts["distill"] = ld.detach()
             if cfg.teacher_task_weight > 0:
-                ltt = self.objective.task_loss(teacher, target)
+                ltt = self.objective.task_loss(teacher, target) * share
                 loss = loss + cfg.teacher_task_weight * ltt
                 parts["teacher_task"] = ltt.detach()
         terms, rparts = rule.penalties(ctx, logits)
@@ -103,3 +104,16 @@ class TrainStep(nn.Module):
             loss = loss + cfg.feature_weight * lf
             parts["feature"] = lf.detach()
         return loss, parts
+
+    def _rank_share(self, target):
+        """1, or under DDP with an objective that averages over a batch-dependent count (a text objective: the
+        answer tokens) this rank's count x world / the global count. DDP averages the ranks' gradients, so the
+        ranks' per-token means would weigh a rank's few tokens like another's many, and 2 processes would not give
+        1 process's run with the same global batch (a mean over all its answer tokens); weighted, they do."""
+        n = self.objective.loss_count(target)
+        all_reduce = getattr(self.rule, "all_reduce", None)
+        if n is None or all_reduce is None:
+            return 1.0
+        t = torch.stack([n.float(), torch.ones((), device=n.device)])  # -> (global count, world size)
+        all_reduce(t)
+        return n.float() * t[1] / t[0].clamp_min(1.0)  # a tensor: no device sync
