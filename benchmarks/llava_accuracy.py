@@ -33,7 +33,6 @@ objects (Spearman rho > 0.1 on every run). Not a test: the script prints plainly
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,8 +43,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
+from pareto import save_report  # noqa: E402  (run as a script: its folder is on the path)
 from smarttrim_cli.demo import (DemoSettings, control_name, control_overrides, control_stage, eval_data,  # noqa: E402
                                 evaluate_control, prepare, recipe_trim, train_control, train_trimmed, with_trimmers)
 
@@ -275,7 +274,6 @@ def goals(results: list[dict]) -> dict:
 
 
 def write_outputs(out: dict, outdir: Path, ev) -> dict:
-    from smarttrim_cli.atomic import atomic_path
     from smarttrim_cli.profiling import compare, objects
 
     outdir.mkdir(parents=True, exist_ok=True)
@@ -297,12 +295,7 @@ def write_outputs(out: dict, outdir: Path, ev) -> dict:
         objects.lines_chart(outdir / f"{stem}_objects.png", series, full_value=ev.n_image_tokens,
                             title=f"LLaVA demo, {out['dataset']}: SmartTrim's kept image tokens against objects")
         out["files"]["objects_png"] = str(outdir / f"{stem}_objects.png")
-    md = markdown(out)
-    with atomic_path(outdir / f"{stem}.md") as tmp:
-        tmp.write_text(md)
-    with atomic_path(outdir / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps(out, indent=2, default=str))
-    print(md)
+    save_report(outdir, stem, out, markdown(out))
     return out
 
 

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RATIOS = (1.0, 0.5, 0.25, 0.11)
 BATCHES = (1, 8)

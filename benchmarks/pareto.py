@@ -327,7 +327,6 @@ def run(args) -> dict:
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = f"pareto_{args.dataset}" + ("_quick" if args.quick else "")
-    from smarttrim_cli.atomic import atomic_path
 
     title = (f"{args.dataset}: accuracy vs mean GMACs ({len(ev)} {p.val_split} inputs; every fine-tune "
              f"{_steps_text(out['steps'])} from the same base)")
@@ -341,13 +340,19 @@ def run(args) -> dict:
         objects.lines_chart(outdir / f"{stem}_objects.png", series, full_value=ev.n_image_tokens,
                             title=f"{args.dataset}: kept image tokens against objects at {1 / near:.1f}x fewer GMACs")
         out["files"]["objects_png"] = str(outdir / f"{stem}_objects.png")
-    md = markdown(out)
+    save_report(outdir, stem, out, markdown(out))
+    return out
+
+
+def save_report(outdir: Path, stem: str, out: dict, md: str) -> None:
+    """<stem>.md and <stem>.json (each written whole or not at all), and the table on stdout."""
+    from smarttrim_cli.atomic import atomic_path
+
     with atomic_path(outdir / f"{stem}.md") as tmp:
         tmp.write_text(md)
     with atomic_path(outdir / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2, default=str))
     print(md)
-    return out
 
 
 def _steps_text(steps):

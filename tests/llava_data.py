@@ -16,6 +16,19 @@ from tiny_hf import center_token_trimmers
 from tiny_llava import SPECIAL, WORDS, tiny_inputs, write_tiny_llava
 
 
+def attached_word_llava(root: Path, **kw) -> Path:
+    """``root/attached``: a tiny LLaVA whose vocabulary is the word tokenizer's (``write_tiny_llava`` options in
+    ``kw``), attached with fresh trimmers (seed 0); SMARTTRIM_HOME under ``root``."""
+    import pytest
+
+    src = write_tiny_llava(root / "src", vocab=len(SPECIAL + WORDS), **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMARTTRIM_HOME", str(root / "home"))
+        torch.manual_seed(0)
+        attach(src, out_dir=root / "attached")
+    return root / "attached"
+
+
 def trimmed_llava(base: Path, prompts, monkeypatch_env) -> Path:
     """A tiny LLaVA attached (``base/model``) whose trimmer keeps some image tokens and drops others, varying with
     the input (random tiny trimmers keep all or nothing), and whose LM can only emit words (answers are text).

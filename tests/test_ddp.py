@@ -124,15 +124,10 @@ def test_meter_smarttrim_torchrun_2_processes_equals_1(tmp_path):
 # ----- LLaVA: the generative objective ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from smarttrim_cli.attach import attach
-    from tiny_llava import SPECIAL, WORDS, write_tiny_llava
+    from llava_data import attached_word_llava
 
     root = tmp_path_factory.mktemp("ddp_llava")
-    src = write_tiny_llava(root / "src", image_size=32, patch=4, vocab=len(SPECIAL + WORDS))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMARTTRIM_HOME", str(root / "home"))
-        torch.manual_seed(0)
-        attach(src, out_dir=root / "attached")
+    attached_word_llava(root, image_size=32, patch=4)
     return root
 
 

@@ -15,7 +15,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import smarttrim_cli
-from smarttrim_cli.attach import attach
 from smarttrim_cli.cli import app
 from smarttrim_cli.data import load_chat_processor, open_dataset
 from smarttrim_cli.data.generative import IGNORE_INDEX
@@ -25,7 +24,8 @@ from smarttrim_cli.train.generation import NextToken, TextCollate
 from smarttrim_cli.train.loop import finetune
 from smarttrim_cli.trim.cost import macs_ratio
 
-from tiny_llava import SPECIAL, WORDS, write_tiny_llava
+from llava_data import attached_word_llava
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTIONS = ["what color is the shape ?", "is there a red circle in the image ?", "what is in the image ?",
@@ -58,12 +58,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(root):
-    src = write_tiny_llava(root / "src", image_size=32, patch=4, vocab=len(SPECIAL + WORDS))  # 64 image tokens
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMARTTRIM_HOME", str(root / "home"))
-        torch.manual_seed(0)
-        attach(src, out_dir=root / "attached")
-    return root / "attached"
+    return attached_word_llava(root, image_size=32, patch=4)  # 64 image tokens
 
 
 @pytest.fixture(scope="module")

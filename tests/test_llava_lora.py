@@ -12,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 import smarttrim_cli
-from smarttrim_cli.attach import attach
 from smarttrim_cli.cli import app
 from smarttrim_cli.errors import SmartTrimError
 from smarttrim_cli.nn.lora import apply_lora, lora_layers, merged
@@ -20,8 +19,8 @@ from smarttrim_cli.train import step as step_mod
 from smarttrim_cli.train.checkpointing import load_state
 from smarttrim_cli.train.loop import finetune
 
-from llava_data import write_images, write_prompts
-from tiny_llava import SPECIAL, WORDS, tiny_inputs, write_tiny_llava
+from llava_data import attached_word_llava, write_images, write_prompts
+from tiny_llava import tiny_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTIONS = ["what color is the shape ?", "what shape is there ?", "is there a red circle in the image ?",
@@ -41,12 +40,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(root):
-    src = write_tiny_llava(root / "src", vocab=len(SPECIAL + WORDS))  # 16 x 16 images: 16 image tokens
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMARTTRIM_HOME", str(root / "home"))
-        torch.manual_seed(0)
-        attach(src, out_dir=root / "attached")
-    return root / "attached"
+    return attached_word_llava(root)  # 16 x 16 images: 16 image tokens
 
 
 @pytest.fixture(scope="module")
