@@ -37,7 +37,7 @@ def demo(
 ):
     """The whole pipeline on data that needs no download: train a small METER (or, --backbone llava, a small
     LLaVA answering in words) as the 'existing VLM', attach trimmers, fine-tune them (self-distillation where the
-    recipe asks for it: not easy-VQA's or scenes'), profile, export to ONNX, one table."""
+    recipe asks for it: scenes', not easy-VQA's), profile, export to ONNX, one table."""
     from ..demo import DemoSettings, run_demo
 
     s = DemoSettings(dataset=dataset, data_dir=str(data_dir) if data_dir else None,
