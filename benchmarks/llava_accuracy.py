@@ -36,7 +36,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from pareto import save_report  # noqa: E402  (run as a script: its folder is on the path)
+from pareto import _say, command_line, save_report  # noqa: E402  (run as a script: its folder is on the path)
 from smarttrim_cli.demo import (DemoSettings, control_name, control_overrides, control_stage, eval_data,  # noqa: E402
                                 evaluate_control, prepare, recipe_trim, train_control, train_trimmed, with_trimmers)
 
@@ -98,10 +97,6 @@ def plan(keep: list[float], seeds: list[int], seeds_keep: list[float] | None) ->
 def run_name(k: float, seed: int, place: str = "") -> str:
     """The cached SmartTrim run's folder: pareto's naming, with the keep ratio and seed n > 0 as ``-seed<n>``."""
     return f"smarttrim-k{k:g}{place}" + (f"-seed{seed}" if seed else "")
-
-
-def _say(msg):
-    print(f"== {msg}", flush=True)
 
 
 def run(args) -> dict:
@@ -187,8 +182,7 @@ def run(args) -> dict:
 
     out = {
         "benchmark": "llava_accuracy", "dataset": args.dataset, "quick": args.quick, "backbone": BACKBONE,
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py")
-                                         else sys.argv[0]] + sys.argv[1:]),
+        "command": command_line(),
         "keep_ratios": keep, "seeds": seeds, "runs_plan": [{"keep_ratio": k, "seed": sd} for k, sd in runs_plan],
         "keep_costs": {f"{k:g}": {**c, "gmacs_target": targets[k]} for k, c in costs.items()},
         "eval_inputs": len(ev), "eval_split": p.val_split, "calibration_inputs": len(cal),

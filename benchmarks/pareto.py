@@ -180,6 +180,12 @@ def _say(msg):
     print(f"== {msg}", flush=True)
 
 
+def command_line() -> str:
+    """How this benchmark was invoked, the script relative to the repository (what a report records)."""
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
+                                + sys.argv[1:])
+
+
 def run(args) -> dict:
     from smarttrim_cli import load
     from smarttrim_cli.baselines.evit_finetuned import EViTFinetuned, EViTRule, keep_ratio_for
@@ -314,8 +320,7 @@ def run(args) -> dict:
     verdict = goals(args.dataset, ratios, rows, full, control)
     out = {
         "benchmark": "pareto", "dataset": args.dataset, "quick": args.quick,
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
-                                        + sys.argv[1:]),
+        "command": command_line(),
         "ratios": ratios, "steps": steps or p.budget["trim"], "eval_inputs": len(ev), "eval_split": p.val_split,
         "calibration_inputs": sum(len(b["target"]) for b in cal), "demo_folder": str(p.root),
         "model_size": p.base_key["size"], "base_model_val": _brief(p.base_stage.result()),

@@ -277,7 +277,7 @@ class LlavaModel(TrimmableModel):
         self.token_step("image_0", s, guide, ctx)
         if ctx.mode == "hard":  # back to the (B, N) layout: kept rows in place, the rest unused
             kept_img = s.kept_positions() > 0
-            feats = s.x.new_zeros(B, N, s.x.shape[-1]).to(text.dtype).scatter(
+            feats = s.x.new_zeros(B, N, s.x.shape[-1], dtype=text.dtype).scatter(
                 1, s.pos.unsqueeze(-1).expand(-1, -1, s.x.shape[-1]), s.x.to(text.dtype))
         else:
             feats = s.x.to(text.dtype)

@@ -137,6 +137,7 @@ def fixed_keep_cost(model, batches, keep_ratio: float, streams=None, n_full: int
     untrimmed image-token count (default the family's). -> {keep_ratio, gmacs_ratio (ratio of the means, as
     ``summarize``'s), gmacs_mean, gmacs_full_mean, image_tokens_mean, image_tokens_full, n_inputs}."""
     from ..backbones import family_of
+    from ..baselines.common import full_costs
 
     if not 0.0 < float(keep_ratio) <= 1.0:
         raise SmartTrimError(f"keep ratio must be in (0, 1], got {keep_ratio}")
@@ -144,12 +145,12 @@ def fixed_keep_cost(model, batches, keep_ratio: float, streams=None, n_full: int
         raise SmartTrimError("fixed_keep_cost: the model has no token trimmers to run at a fixed ratio")
     streams = image_streams(model) if streams is None else tuple(streams)
     n_full = int(family_of(model).image_tokens(model.config) if n_full is None else n_full)
-    full, trim, toks = [], [], []
+    batches = list(batches)
+    full = [f.cpu() for f in full_costs(model, batches)]  # the denominators the baselines calibrate against
+    trim, toks = [], []
     with torch.no_grad():
         for b in batches:
-            _, cf = model.run(b, mode="full", record=True)
             _, ct = model.run(b, mode="hard", keep_ratio=float(keep_ratio), record=True)
-            full.append(torch.as_tensor(total_macs(cf.records), dtype=torch.float64).reshape(-1).cpu())
             trim.append(torch.as_tensor(total_macs(ct.records), dtype=torch.float64).reshape(-1).cpu())
             t = image_tokens_final(ct, streams)
             toks.append(t.double() if t is not None else torch.full_like(trim[-1], float(n_full)))
